@@ -1,0 +1,2689 @@
+#!/usr/bin/env python3
+"""Intent Bus: a durable job queue in one file, on SQLite, behind a curl-friendly HTTP API.
+
+    python3 intentbus.py serve            # http://127.0.0.1:8080, database ./intentbus.db
+    python3 intentbus.py --help           # admin commands: stats, list, show, retry, cancel, ...
+
+The file is built in four layers, each in its own section, in this order:
+
+1. Storage      schema and every SQL statement, behind the Storage class; one writer thread
+                batches writes into group commits.
+2. Queue rules  claims, leases, fencing, backoff, routing, dead-lettering, long polling, tokens.
+                Plain Python: no SQL, no HTTP.
+3. HTTP         one route table, JSON in and out, authentication, limits, error mapping.
+4. CLI          argparse subcommands: serve, and the admin commands.
+
+Standard library only; Python 3.9+.
+"""
+
+import argparse
+import base64
+import collections
+import datetime
+import hashlib
+import hmac
+import io
+import ipaddress
+import json
+import math
+import os
+import random
+import re
+import secrets
+import signal
+import socket
+import socketserver
+import sqlite3
+import ssl
+import sys
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+__version__ = "0.1.0"
+
+# RETURNING is avoided so that Debian 11 / Ubuntu 20.04 era SQLite still works; UPSERT is used.
+MIN_SQLITE = (3, 24, 0)
+
+STATUSES = ("open", "claimed", "fulfilled", "dead", "cancelled")
+FINISHED = ("fulfilled", "dead", "cancelled")
+OUTCOMES = ("fulfilled", "failed", "lease_expired", "released", "cancelled")
+HISTORY_KEEP = 20
+MAX_LEASE_TOTAL = 12 * 3600.0   # a claim may be extended to at most 12 h in all, as in SQS
+ROLES = ("submit", "work", "admin")
+
+
+def log(message, **fields):
+    """One line on stderr, with a UTC timestamp. Callers never pass secrets."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
+    extra = "".join(" %s=%s" % (k, v) for k, v in fields.items() if v is not None)
+    sys.stderr.write("%sZ %s%s\n" % (stamp, message, extra))
+    sys.stderr.flush()
+
+
+def dumps(value):
+    """Compact JSON, refusing NaN and Infinity (they are not JSON)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+# =====================================================================================
+# 1. Storage: the schema and all SQL.
+# =====================================================================================
+
+class StorageError(Exception):
+    """SQLite failed under a write; nothing of that write was kept."""
+
+
+class StorageFull(StorageError):
+    """The disk, or the --max-db-mb limit, is full. Reads keep working."""
+
+
+class StorageCorrupt(Exception):
+    """PRAGMA quick_check did not answer ok."""
+
+
+MIGRATIONS = [
+    # version 1
+    """
+    CREATE TABLE routes (
+        -- A route is one (namespace, goal, requires) combination. Claims look up the few routes a
+        -- worker may take and then read the claim index per route, so intents that no worker can
+        -- take are never scanned.
+        id        INTEGER PRIMARY KEY,
+        namespace TEXT NOT NULL,
+        goal      TEXT NOT NULL,
+        requires  TEXT NOT NULL,            -- sorted JSON list of capabilities
+        UNIQUE (namespace, goal, requires)
+    );
+    CREATE TABLE intents (
+        id               INTEGER PRIMARY KEY AUTOINCREMENT,   -- never reused, even after pruning
+        namespace        TEXT NOT NULL,
+        route            INTEGER NOT NULL,
+        goal             TEXT NOT NULL,
+        payload          TEXT NOT NULL,     -- compact JSON
+        priority         INTEGER NOT NULL,
+        requires         TEXT NOT NULL,     -- sorted JSON list
+        status           TEXT NOT NULL,
+        delayed          INTEGER NOT NULL,  -- 1 while open with run_at still in the future
+        run_at           REAL NOT NULL,
+        created_at       REAL NOT NULL,
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        max_attempts     INTEGER NOT NULL,
+        lease            REAL NOT NULL,
+        backoff          REAL NOT NULL,
+        worker           TEXT,
+        token            TEXT,
+        claimed_at       REAL,
+        lease_expires_at REAL,
+        finished_at      REAL,
+        result           TEXT,
+        error            TEXT,
+        history          TEXT NOT NULL DEFAULT '[]',
+        idempotency_key  TEXT,
+        request_hash     TEXT,
+        submitted_by     TEXT
+    );
+    -- The claim path: only ready open intents are in it, so it stays small as the table grows.
+    CREATE INDEX intents_claim ON intents (route, priority DESC, id)
+        WHERE status = 'open' AND delayed = 0;
+    CREATE INDEX intents_delayed ON intents (run_at) WHERE status = 'open' AND delayed = 1;
+    CREATE INDEX intents_lease ON intents (lease_expires_at) WHERE status = 'claimed';
+    CREATE INDEX intents_finished ON intents (finished_at) WHERE finished_at IS NOT NULL;
+    CREATE INDEX intents_status ON intents (status, id);
+    CREATE UNIQUE INDEX intents_idempotency ON intents (namespace, idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    CREATE TABLE workers (
+        namespace TEXT NOT NULL,
+        name      TEXT NOT NULL,
+        caps      TEXT NOT NULL,
+        last_seen REAL NOT NULL,
+        PRIMARY KEY (namespace, name)
+    );
+    CREATE TABLE api_tokens (
+        name              TEXT PRIMARY KEY,
+        hash              TEXT NOT NULL UNIQUE,   -- sha256 of the secret; the secret is never stored
+        role              TEXT NOT NULL,
+        namespace         TEXT,                   -- NULL: every namespace (admin only)
+        goals             TEXT,                   -- JSON list, or NULL for any goal
+        require_signature INTEGER NOT NULL DEFAULT 0,
+        created_at        REAL NOT NULL,
+        last_used_at      REAL
+    );
+    """,
+]
+
+INTENT_COLUMNS = (
+    "id, namespace, route, goal, payload, priority, requires, status, delayed, run_at, created_at, "
+    "attempts, max_attempts, lease, backoff, worker, token, claimed_at, lease_expires_at, "
+    "finished_at, result, error, history, idempotency_key, request_hash, submitted_by")
+UPDATABLE = frozenset(
+    "status delayed run_at attempts worker token claimed_at lease_expires_at finished_at "
+    "result error history".split())
+
+PARK = object()   # returned by a write op that waits to be requeued (a long-polling claim)
+
+_QUEUED, _RUNNING, _PARKED, _DONE, _CANCELLED = range(5)
+
+
+class _Op:
+    """One unit of work for the writer thread, with the caller's wait handle."""
+    __slots__ = ("fn", "state", "value", "error", "event")
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.state = _QUEUED
+        self.value = None
+        self.error = None
+        self.event = threading.Event()
+
+
+def _is_full(error):
+    return getattr(error, "sqlite_errorcode", None) == 13 or "full" in str(error)
+
+
+class Storage:
+    """The SQLite file. All SQL lives here.
+
+    Writes run on one writer thread, which takes every write waiting at that moment and runs
+    them in one transaction with one commit (group commit): many requests share one fsync, and
+    no request can ever meet "database is locked" from another thread of this process. Each
+    write gets its own SAVEPOINT, so one failing write does not undo its neighbours. Reads use a
+    small pool of their own connections (WAL lets them run beside the writer).
+
+    Without start_writer() (the admin commands), write() runs inline in its own transaction.
+    """
+
+    MAX_BATCH = 512
+    BUSY_TIMEOUT_MS = 30000   # another process (an admin command) may hold the write lock briefly
+
+    def __init__(self, path, sync="full", max_db_mb=None):
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise SystemExit(
+                "intentbus needs SQLite %s or newer; this Python is linked against SQLite %s"
+                % (".".join(map(str, MIN_SQLITE)), sqlite3.sqlite_version))
+        if sync not in ("full", "normal"):
+            raise ValueError("sync must be full or normal")
+        self.path = path
+        self.sync = sync
+        self.max_db_mb = max_db_mb
+        if path != ":memory:" and not os.path.exists(path):
+            # Created owner-only; SQLite gives the -wal and -shm files the same mode.
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        self._wconn = self._connect()
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
+        self._pending = collections.deque()
+        self._batch = None
+        self._after_commit = []
+        self._thread = None
+        self._stopping = False
+        self._readers = []
+        self.current_op = None
+        self.on_external_change = []   # callbacks, run on the writer thread inside a transaction
+        self.on_rollback = []          # callbacks, run on the writer thread after a failed batch
+        self.on_op_rollback = []       # callbacks, run after one write's savepoint was undone
+        self._data_version = self._wconn.execute("PRAGMA data_version").fetchone()[0]
+
+    # ----- connections ---------------------------------------------------------------
+
+    def _connect(self):
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                               timeout=self.BUSY_TIMEOUT_MS / 1000.0)
+        conn.execute("PRAGMA busy_timeout = %d" % self.BUSY_TIMEOUT_MS)
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal" and self.path != ":memory:":
+            raise SystemExit("intentbus: could not put %s in WAL mode (got %s)" % (self.path, mode))
+        conn.execute("PRAGMA synchronous = %s" % self.sync.upper())
+        conn.execute("PRAGMA foreign_keys = OFF")
+        if self.max_db_mb:
+            page = conn.execute("PRAGMA page_size").fetchone()[0]
+            conn.execute("PRAGMA max_page_count = %d" % max(1, int(self.max_db_mb * 1048576 // page)))
+        return conn
+
+    def _reader(self):
+        with self._lock:
+            if self._readers:
+                return self._readers.pop()
+        return self._connect()
+
+    def _give_back(self, conn):
+        with self._lock:
+            if len(self._readers) < 16:
+                self._readers.append(conn)
+                return
+        conn.close()
+
+    def _read(self, sql, args=()):
+        conn = self._reader()
+        try:
+            return conn.execute(sql, args).fetchall()
+        finally:
+            self._give_back(conn)
+
+    def _read_one(self, sql, args=()):
+        rows = self._read(sql, args)
+        return rows[0] if rows else None
+
+    # ----- schema ------------------------------------------------------------------
+
+    def schema_version(self):
+        return self._wconn.execute("PRAGMA user_version").fetchone()[0]
+
+    def migrate(self):
+        """Bring the file up to the newest schema, one version at a time."""
+        conn = self._wconn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise SystemExit("intentbus: %s has schema version %d, newer than this release "
+                                 "knows (%d); upgrade intentbus.py" % (self.path, version, len(MIGRATIONS)))
+            for number in range(version, len(MIGRATIONS)):
+                statement = ""
+                for line in MIGRATIONS[number].splitlines(True):
+                    statement += line
+                    if sqlite3.complete_statement(statement):
+                        conn.execute(statement)
+                        statement = ""
+                conn.execute("PRAGMA user_version = %d" % (number + 1))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
+
+    def quick_check(self):
+        rows = self._wconn.execute("PRAGMA quick_check").fetchall()
+        if [r[0] for r in rows] != ["ok"]:
+            raise StorageCorrupt("; ".join(str(r[0]) for r in rows[:5]))
+
+    def integrity_check(self):
+        return [r[0] for r in self._read("PRAGMA integrity_check")]
+
+    def backup(self, target_path):
+        """A consistent copy of the live database, with SQLite's online backup API."""
+        if os.path.exists(target_path):
+            raise FileExistsError(target_path)
+        os.close(os.open(target_path, os.O_CREAT | os.O_WRONLY, 0o600))
+        target = sqlite3.connect(target_path)
+        source = self._reader()
+        try:
+            source.backup(target, pages=1024)
+        finally:
+            self._give_back(source)
+            target.close()
+
+    # ----- the writer ----------------------------------------------------------------
+
+    @property
+    def has_writer(self):
+        return self._thread is not None
+
+    def start_writer(self):
+        self._thread = threading.Thread(target=self._write_loop, name="intentbus-writer", daemon=True)
+        self._thread.start()
+
+    def close(self):
+        """Finish every queued write, then checkpoint and close the file cleanly."""
+        if self._thread is not None:
+            with self._cv:
+                self._stopping = True
+                self._cv.notify()
+            self._thread.join()
+            self._thread = None
+        with self._lock:
+            readers, self._readers = self._readers, []
+        for conn in readers:
+            conn.close()
+        try:
+            self._wconn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            pass
+        self._wconn.close()
+
+    def write(self, fn, timeout=None):
+        """Run fn() inside a write transaction and return what it returns (or raise what it raised)."""
+        if self._thread is None:
+            return self._write_inline(fn)
+        op = self.enqueue(_Op(fn))
+        op.event.wait(timeout)
+        if op.error is not None:
+            raise op.error
+        return op.value
+
+    def enqueue(self, op):
+        with self._cv:
+            if self._stopping:
+                raise StorageError("the server is shutting down")
+            self._pending.append(op)
+            self._cv.notify()
+        return op
+
+    def cancel(self, op):
+        """Withdraw a parked op. False if it is queued, running or done: then it will finish soon."""
+        with self._lock:
+            if op.state == _PARKED:
+                op.state = _CANCELLED
+                return True
+            return False
+
+    def requeue(self, op):
+        """Wake a parked op. On the writer thread, it runs in the transaction under way."""
+        with self._cv:
+            if op.state != _PARKED:
+                return
+            op.state = _QUEUED
+            if self._batch is not None and threading.current_thread() is self._thread:
+                self._batch.append(op)
+            else:
+                self._pending.append(op)
+                self._cv.notify()
+
+    def finish_parked(self, op, value):
+        """Answer a parked op without running it (used at shutdown)."""
+        with self._lock:
+            if op.state != _PARKED:
+                return
+            op.state = _DONE
+        op.value = value
+        op.event.set()
+
+    def after_commit(self, callback):
+        """Run callback once the current write is durable (inline writes: right away)."""
+        if self._thread is None:
+            callback()
+        else:
+            self._after_commit.append(callback)
+
+    def _write_inline(self, fn):
+        conn = self._wconn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._check_data_version()
+            value = fn()
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise (StorageFull if _is_full(e) else StorageError)(str(e))
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return value
+
+    def _undo_op(self, mark):
+        self._wconn.execute("ROLLBACK TO op")
+        self._wconn.execute("RELEASE op")
+        del self._after_commit[mark:]
+        for callback in self.on_op_rollback:
+            callback()
+
+    def _write_loop(self):
+        while True:
+            with self._cv:
+                while not self._pending and not self._stopping:
+                    self._cv.wait()
+                if not self._pending:
+                    return
+                batch = self._pending
+                self._pending = collections.deque()
+            self._run_batch(batch)
+
+    def _run_batch(self, batch):
+        conn = self._wconn
+        done = []
+        self._batch = batch
+        self._after_commit = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            self._check_data_version()
+            count = 0
+            while batch:
+                if count >= self.MAX_BATCH:
+                    with self._cv:   # keep transactions short: the rest goes in the next one
+                        self._pending.extendleft(reversed(batch))
+                        batch.clear()
+                    break
+                op = batch.popleft()
+                with self._lock:
+                    if op.state == _CANCELLED:
+                        continue
+                    op.state = _RUNNING
+                count += 1
+                self.current_op = op
+                mark = len(self._after_commit)
+                conn.execute("SAVEPOINT op")
+                try:
+                    value = op.fn()
+                except sqlite3.Error as e:
+                    if not conn.in_transaction:   # SQLite already undid the whole transaction
+                        done.append(op)
+                        raise
+                    self._undo_op(mark)
+                    op.error = (StorageFull if _is_full(e) else StorageError)(str(e))
+                    done.append(op)
+                    continue
+                except Exception as e:   # a refusal (LeaseLost, Invalid...) or a bug: undo this op only
+                    self._undo_op(mark)
+                    op.error = e
+                    done.append(op)
+                    continue
+                conn.execute("RELEASE op")
+                if value is PARK:
+                    with self._lock:
+                        if op.state == _RUNNING:
+                            op.state = _PARKED
+                    continue
+                op.value = value
+                done.append(op)
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            failure = (StorageFull if _is_full(e) else StorageError)(str(e))
+            for op in done:
+                op.value = None
+                if op.error is None or not isinstance(op.error, StorageError):
+                    op.error = failure
+            with self._cv:   # ops not yet run go on in the next transaction
+                self._pending.extendleft(reversed(batch))
+                batch.clear()
+            self._after_commit = []
+            for callback in self.on_rollback:
+                callback()
+        finally:
+            self._batch = None
+            self.current_op = None
+        for callback in self._after_commit:
+            callback()
+        self._after_commit = []
+        with self._lock:
+            for op in done:
+                op.state = _DONE
+        for op in done:
+            op.event.set()
+
+    def attempt(self, fn):
+        """Run fn() in a savepoint of the current write: if it raises, only its changes are undone."""
+        conn = self._wconn
+        mark = len(self._after_commit)
+        conn.execute("SAVEPOINT attempt")
+        try:
+            value = fn()
+        except BaseException:
+            conn.execute("ROLLBACK TO attempt")
+            conn.execute("RELEASE attempt")
+            del self._after_commit[mark:]
+            for callback in self.on_op_rollback:
+                callback()
+            raise
+        conn.execute("RELEASE attempt")
+        return value
+
+    def _check_data_version(self):
+        """Another process (an admin command) wrote to the file: tell the queue rules."""
+        version = self._wconn.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._data_version:
+            self._data_version = version
+            for callback in self.on_external_change:
+                callback()
+
+    # ----- routes ------------------------------------------------------------------
+
+    def load_routes(self):
+        return self._wconn.execute("SELECT id, namespace, goal, requires FROM routes").fetchall()
+
+    def add_route(self, namespace, goal, requires_json):
+        conn = self._wconn
+        conn.execute("INSERT OR IGNORE INTO routes (namespace, goal, requires) VALUES (?, ?, ?)",
+                     (namespace, goal, requires_json))
+        return conn.execute("SELECT id FROM routes WHERE namespace = ? AND goal = ? AND requires = ?",
+                            (namespace, goal, requires_json)).fetchone()[0]
+
+    # ----- intents: writes (on the writer thread) --------------------------------------
+
+    def insert_intent(self, row):
+        cur = self._wconn.execute(
+            "INSERT INTO intents (namespace, route, goal, payload, priority, requires, status, "
+            "delayed, run_at, created_at, max_attempts, lease, backoff, idempotency_key, "
+            "request_hash, submitted_by) VALUES (?, ?, ?, ?, ?, ?, 'open', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (row["namespace"], row["route"], row["goal"], row["payload"], row["priority"],
+             row["requires"], row["delayed"], row["run_at"], row["created_at"], row["max_attempts"],
+             row["lease"], row["backoff"], row["idempotency_key"], row["request_hash"],
+             row["submitted_by"]))
+        return cur.lastrowid
+
+    def intent_for_update(self, intent_id):
+        """The whole row, read inside the write transaction (so it cannot change underneath)."""
+        cur = self._wconn.execute("SELECT %s FROM intents WHERE id = ?" % INTENT_COLUMNS, (intent_id,))
+        row = cur.fetchone()
+        return _row_dict(cur, row) if row else None
+
+    def intent_by_idempotency_key(self, namespace, key):
+        cur = self._wconn.execute(
+            "SELECT %s FROM intents WHERE namespace = ? AND idempotency_key = ?" % INTENT_COLUMNS,
+            (namespace, key))
+        row = cur.fetchone()
+        return _row_dict(cur, row) if row else None
+
+    def claimable(self, route, limit):
+        """The best ready intents of one route: highest priority first, then first come."""
+        return self._wconn.execute(
+            "SELECT id, priority FROM intents INDEXED BY intents_claim "
+            "WHERE route = ? AND status = 'open' AND delayed = 0 "
+            "ORDER BY priority DESC, id LIMIT ?", (route, limit)).fetchall()
+
+    def claim_intent(self, intent_id, worker, token, now, lease):
+        """Hand an open intent to a worker for `lease` seconds (None: the intent's own lease).
+        Returns the claimed row, or None if it was not open."""
+        conn = self._wconn
+        cur = conn.execute(
+            "UPDATE intents SET status = 'claimed', attempts = attempts + 1, worker = ?, token = ?, "
+            "claimed_at = ?, lease_expires_at = ? + coalesce(?, lease) WHERE id = ? AND status = 'open'",
+            (worker, token, now, now, lease, intent_id))
+        if cur.rowcount != 1:
+            return None
+        return conn.execute(
+            "SELECT id, goal, payload, priority, requires, attempts, max_attempts, lease, "
+            "lease_expires_at, route FROM intents WHERE id = ?", (intent_id,)).fetchone()
+
+    def update_intent(self, intent_id, **columns):
+        bad = set(columns) - UPDATABLE
+        if bad:
+            raise ValueError("not updatable: %s" % ", ".join(sorted(bad)))
+        names = sorted(columns)
+        self._wconn.execute(
+            "UPDATE intents SET %s WHERE id = ?" % ", ".join("%s = ?" % n for n in names),
+            [columns[n] for n in names] + [intent_id])
+
+    def expired_leases(self, now, limit):
+        cur = self._wconn.execute(
+            "SELECT %s FROM intents WHERE status = 'claimed' AND lease_expires_at <= ? "
+            "ORDER BY lease_expires_at LIMIT ?" % INTENT_COLUMNS, (now, limit))
+        return [_row_dict(cur, row) for row in cur.fetchall()]
+
+    def due_delayed(self, now, limit):
+        """Delayed intents whose run_at has come: (id, route) pairs."""
+        return self._wconn.execute(
+            "SELECT id, route FROM intents WHERE status = 'open' AND delayed = 1 AND run_at <= ? "
+            "ORDER BY run_at LIMIT ?", (now, limit)).fetchall()
+
+    def next_deadline(self):
+        """The earliest lease expiry or delayed run_at, or None."""
+        conn = self._wconn
+        lease = conn.execute("SELECT min(lease_expires_at) FROM intents "
+                             "WHERE status = 'claimed'").fetchone()[0]
+        due = conn.execute("SELECT min(run_at) FROM intents "
+                           "WHERE status = 'open' AND delayed = 1").fetchone()[0]
+        times = [t for t in (lease, due) if t is not None]
+        return min(times) if times else None
+
+    def matching_ids(self, statuses, goal, namespace, limit):
+        sql = "SELECT id FROM intents WHERE status IN (%s)" % ",".join("?" * len(statuses))
+        args = list(statuses)
+        if goal is not None:
+            sql += " AND goal = ?"
+            args.append(goal)
+        if namespace is not None:
+            sql += " AND namespace = ?"
+            args.append(namespace)
+        sql += " ORDER BY id LIMIT ?"
+        args.append(limit)
+        return [r[0] for r in self._wconn.execute(sql, args).fetchall()]
+
+    def prune(self, statuses, before, limit):
+        """Delete up to limit finished intents of these statuses finished before a time."""
+        cur = self._wconn.execute(
+            "DELETE FROM intents WHERE id IN (SELECT id FROM intents INDEXED BY intents_finished "
+            "WHERE finished_at < ? AND status IN (%s) LIMIT ?)" % ",".join("?" * len(statuses)),
+            [before] + list(statuses) + [limit])
+        return cur.rowcount
+
+    def count_unfinished(self, namespace):
+        return self._wconn.execute(
+            "SELECT count(*) FROM intents WHERE namespace = ? AND status IN ('open', 'claimed')",
+            (namespace,)).fetchone()[0]
+
+    def unfinished_by_namespace(self):
+        return dict(self._wconn.execute(
+            "SELECT namespace, count(*) FROM intents WHERE status IN ('open', 'claimed') "
+            "GROUP BY namespace").fetchall())
+
+    def save_worker(self, namespace, name, caps_json, now):
+        self._wconn.execute(
+            "INSERT INTO workers (namespace, name, caps, last_seen) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (namespace, name) DO UPDATE SET caps = excluded.caps, "
+            "last_seen = excluded.last_seen", (namespace, name, caps_json, now))
+
+    # ----- intents: reads (own connections, any thread) --------------------------------
+
+    def get_intent(self, intent_id):
+        conn = self._reader()
+        try:
+            cur = conn.execute("SELECT %s FROM intents WHERE id = ?" % INTENT_COLUMNS, (intent_id,))
+            row = cur.fetchone()
+            return _row_dict(cur, row) if row else None
+        finally:
+            self._give_back(conn)
+
+    def list_intents(self, status=None, goal=None, namespace=None, submitted_by=None,
+                     after=0, limit=100):
+        sql = "SELECT %s FROM intents WHERE id > ?" % INTENT_COLUMNS
+        args = [after]
+        for column, value in (("status", status), ("goal", goal), ("namespace", namespace),
+                              ("submitted_by", submitted_by)):
+            if value is not None:
+                sql += " AND %s = ?" % column
+                args.append(value)
+        sql += " ORDER BY id LIMIT ?"
+        args.append(limit)
+        conn = self._reader()
+        try:
+            cur = conn.execute(sql, args)
+            return [_row_dict(cur, row) for row in cur.fetchall()]
+        finally:
+            self._give_back(conn)
+
+    def count_by_goal_and_status(self, namespace=None):
+        if namespace is None:
+            return self._read("SELECT goal, status, count(*) FROM intents GROUP BY goal, status")
+        return self._read("SELECT goal, status, count(*) FROM intents WHERE namespace = ? "
+                          "GROUP BY goal, status", (namespace,))
+
+    def oldest_ready_run_at(self, namespace=None):
+        sql = "SELECT min(run_at) FROM intents WHERE status = 'open' AND delayed = 0"
+        if namespace is None:
+            return self._read_one(sql)[0]
+        return self._read_one(sql + " AND namespace = ?", (namespace,))[0]
+
+    def holdings(self, namespace=None):
+        sql = "SELECT worker, count(*) FROM intents WHERE status = 'claimed'"
+        if namespace is None:
+            return dict(self._read(sql + " GROUP BY worker"))
+        return dict(self._read(sql + " AND namespace = ? GROUP BY worker", (namespace,)))
+
+    def workers_since(self, since, namespace=None):
+        sql = "SELECT namespace, name, caps, last_seen FROM workers WHERE last_seen >= ?"
+        if namespace is None:
+            return self._read(sql + " ORDER BY name", (since,))
+        return self._read(sql + " AND namespace = ? ORDER BY name", (since, namespace))
+
+    # ----- API tokens ----------------------------------------------------------------
+
+    def load_tokens(self):
+        keys = ("name", "hash", "role", "namespace", "goals", "require_signature")
+        return [dict(zip(keys, row)) for row in self._read("SELECT %s FROM api_tokens" % ", ".join(keys))]
+
+    def list_tokens(self):
+        keys = ("name", "role", "namespace", "goals", "require_signature", "created_at", "last_used_at")
+        return [dict(zip(keys, row)) for row in
+                self._read("SELECT %s FROM api_tokens ORDER BY name" % ", ".join(keys))]
+
+    def add_token(self, name, token_hash, role, namespace, goals_json, require_signature, now):
+        try:
+            self._wconn.execute(
+                "INSERT INTO api_tokens (name, hash, role, namespace, goals, require_signature, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (name, token_hash, role, namespace, goals_json, int(require_signature), now))
+        except sqlite3.IntegrityError:
+            raise ValueError("a token named %r already exists" % name)
+
+    def revoke_token(self, name):
+        return self._wconn.execute("DELETE FROM api_tokens WHERE name = ?", (name,)).rowcount
+
+    def touch_tokens(self, last_used):
+        self._wconn.executemany("UPDATE api_tokens SET last_used_at = ? WHERE name = ?",
+                                [(t, n) for n, t in last_used.items()])
+
+
+def _row_dict(cursor, row):
+    return {d[0]: v for d, v in zip(cursor.description, row)}
+
+
+# =====================================================================================
+# 2. Queue rules: claims, leases, fencing, backoff, routing, dead-lettering, long polling.
+# =====================================================================================
+
+class QueueError(Exception):
+    """A refusal. The HTTP layer maps each kind to a status and a code."""
+    code = "invalid"
+
+    def __init__(self, message, code=None):
+        Exception.__init__(self, message)
+        self.message = message
+        if code:
+            self.code = code
+
+
+class Invalid(QueueError):
+    code = "invalid"
+
+
+class TooLarge(QueueError):
+    code = "too_large"
+
+
+class NotFound(QueueError):
+    code = "not_found"
+
+
+class LeaseLost(QueueError):
+    code = "lease_lost"
+
+
+class Conflict(QueueError):
+    code = "conflict"
+
+
+class Forbidden(QueueError):
+    code = "forbidden"
+
+
+class QuotaExceeded(QueueError):
+    code = "quota_exceeded"
+
+
+class ShuttingDown(QueueError):
+    code = "unavailable"
+
+
+NAME_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
+CAP_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}\Z")
+WORKER_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,128}\Z")
+KEY_RE = re.compile(r"[\x21-\x7e]{1,256}\Z")
+MAX_INT = 2 ** 53    # the largest integer every JSON reader represents exactly
+MAX_ERROR = 8192
+
+
+class Scope:
+    """What the caller may see: a namespace (None: every one), its own intents only, some goals."""
+    __slots__ = ("name", "role", "namespace", "goals", "own_only")
+
+    def __init__(self, name="root", role="admin", namespace=None, goals=None, own_only=False):
+        self.name = name
+        self.role = role
+        self.namespace = namespace
+        self.goals = frozenset(goals) if goals else None
+        self.own_only = own_only
+
+    def sees(self, row):
+        if self.namespace is not None and row["namespace"] != self.namespace:
+            return False
+        if self.own_only and row["submitted_by"] != self.name:
+            return False
+        if self.goals is not None and row["goal"] not in self.goals:
+            return False
+        return True
+
+
+ROOT = Scope()
+
+
+class Route:
+    __slots__ = ("id", "namespace", "goal", "requires")
+
+    def __init__(self, route_id, namespace, goal, requires):
+        self.id = route_id
+        self.namespace = namespace
+        self.goal = goal
+        self.requires = frozenset(requires)
+
+
+class ClaimRequest:
+    __slots__ = ("worker", "caps", "goals", "max", "lease", "deadline", "namespace", "op")
+
+    def __init__(self, worker, caps, goals, max_count, lease, deadline, namespace):
+        self.worker = worker
+        self.caps = frozenset(caps)
+        self.goals = frozenset(goals) if goals else None
+        self.max = max_count
+        self.lease = lease
+        self.deadline = deadline
+        self.namespace = namespace
+        self.op = None
+
+    def accepts(self, route):
+        return ((self.namespace is None or route.namespace == self.namespace)
+                and (self.goals is None or route.goal in self.goals)
+                and route.requires <= self.caps)
+
+
+# ----- validation: one checker per kind of field; messages name the field -----------
+
+def _number(body, field, low, high, default=None, integer=False):
+    value = body.get(field, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (integer and not isinstance(value, int)) or \
+            (isinstance(value, float) and not math.isfinite(value)):
+        raise Invalid("'%s' must be %s" % (field, "an integer" if integer else "a number"))
+    if not low <= value <= high:
+        raise Invalid("'%s' must be between %s and %s, not %s" % (field, low, high, value))
+    return value
+
+
+def _name(body, field, pattern, default=None, what="1-128 characters of A-Z a-z 0-9 _ . : -"):
+    value = body.get(field, default)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not pattern.match(value):
+        raise Invalid("'%s' must be %s" % (field, what))
+    return value
+
+
+def _names(body, field, pattern, most, what):
+    value = body.get(field)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) and pattern.match(v) for v in value):
+        raise Invalid("'%s' must be a list of names, each %s" % (field, what))
+    if len(value) > most:
+        raise Invalid("'%s' may hold at most %d names, not %d" % (field, most, len(value)))
+    return sorted(set(value))
+
+
+def _json_size(value, field, limit):
+    try:
+        text = dumps(value)
+    except ValueError:
+        raise Invalid("'%s' must be JSON (NaN and Infinity are not)" % field)
+    if len(text.encode("utf-8")) > limit:
+        raise TooLarge("'%s' is %d bytes of JSON; the limit is %d" % (
+            field, len(text.encode("utf-8")), limit))
+    return text
+
+
+def _only(body, allowed, what):
+    if not isinstance(body, dict):
+        raise Invalid("%s must be a JSON object" % what)
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise Invalid("unknown field '%s' in %s" % (unknown[0], what))
+
+
+SUBMIT_FIELDS = frozenset("goal payload priority requires delay run_at max_attempts lease backoff "
+                          "idempotency_key".split())
+CLAIM_FIELDS = frozenset("worker caps goals max wait lease".split())
+
+
+class Queue:
+    """The rules of the bus. Every state change runs as one write op on the storage writer."""
+
+    def __init__(self, store, lease=60.0, backoff_base=10.0, backoff_max=3600.0,
+                 max_payload=8192, max_result=65536, keep_done=7 * 86400.0,
+                 keep_dead=30 * 86400.0, max_open=None, clock=time.time, rng=random.random):
+        self.store = store
+        self.lease = lease
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.max_payload = max_payload
+        self.max_result = max_result
+        self.keep_done = keep_done
+        self.keep_dead = keep_dead
+        self.max_open = max_open
+        self.clock = clock
+        self.rng = rng
+        self.closing = False
+        self.wakeup = None           # set by the Sweeper: wakeup(when) asks for a tick by then
+        self._routes = None          # id -> Route, loaded lazily on the writer thread
+        self._route_ids = {}         # (namespace, goal, requires_json) -> id
+        self._eligible = {}          # claim filter -> [Route]
+        self._parked = []            # long-polling claims waiting for work
+        self._open_counts = None     # namespace -> unfinished count (only with max_open)
+        self._watch_lock = threading.Lock()
+        self._watchers = {}          # intent id -> [Event]: GET ?wait long polls
+        self._workers = {}           # (namespace, name) -> [caps, last_seen, last_saved]
+        self._routes_dirty = False    # a route was added in a write that may still be undone
+        store.on_external_change.append(self._external_change)
+        store.on_rollback.append(self._forget_caches)
+        store.on_op_rollback.append(self._op_undone)
+
+    def _op_undone(self):
+        if self._routes_dirty:   # the undone write may have added a route: reload from the file
+            self._routes = None
+            self._eligible = {}
+
+    # ----- caches (writer thread only) -----------------------------------------------
+
+    def _forget_caches(self):
+        self._routes = None
+        self._eligible = {}
+        self._open_counts = None
+        for request in list(self._parked):
+            self.store.requeue(request.op)
+        self._parked = []
+
+    def _external_change(self):
+        """An admin command changed the file: routes, counts and claimable work may differ."""
+        self._forget_caches()
+        with self._watch_lock:
+            events = [e for es in self._watchers.values() for e in es]
+        for event in events:
+            event.set()
+        if self.wakeup:
+            self.wakeup(0)
+
+    def _all_routes(self):
+        if self._routes is None:
+            self._routes_dirty = False
+            self._routes = {}
+            self._route_ids = {}
+            for route_id, namespace, goal, requires in self.store.load_routes():
+                self._routes[route_id] = Route(route_id, namespace, goal, json.loads(requires))
+                self._route_ids[(namespace, goal, requires)] = route_id
+            self._eligible = {}
+        return self._routes
+
+    def _route_for(self, namespace, goal, requires):
+        routes = self._all_routes()
+        requires_json = dumps(requires)
+        route_id = self._route_ids.get((namespace, goal, requires_json))
+        if route_id is None:
+            route_id = self.store.add_route(namespace, goal, requires_json)
+            routes[route_id] = Route(route_id, namespace, goal, requires)
+            self._route_ids[(namespace, goal, requires_json)] = route_id
+            self._eligible = {}
+            if not self._routes_dirty:
+                self._routes_dirty = True
+                self.store.after_commit(self._routes_committed)
+        return routes[route_id]
+
+    def _routes_committed(self):
+        self._routes_dirty = False
+
+    def _became_ready(self, route):
+        """Work appeared on a route: run the parked claims that can take it, in this transaction."""
+        if not self._parked:
+            return
+        still = []
+        for request in self._parked:
+            if request.op.state != _PARKED:
+                continue
+            if request.accepts(route):
+                self.store.requeue(request.op)
+            else:
+                still.append(request)
+        self._parked = still
+
+    def _unfinished(self, namespace, delta):
+        if self.max_open is None:
+            return
+        if self._open_counts is None:
+            self._open_counts = collections.defaultdict(int, self.store.unfinished_by_namespace())
+        self._open_counts[namespace] += delta
+
+    def _finished(self, intent_id):
+        def notify():
+            with self._watch_lock:
+                events = self._watchers.pop(intent_id, ())
+            for event in events:
+                event.set()
+        self.store.after_commit(notify)
+
+    # ----- submit ------------------------------------------------------------------
+
+    def validate(self, body, now):
+        """Check one submitted intent. Returns the normalized fields; raises Invalid or TooLarge."""
+        _only(body, SUBMIT_FIELDS, "an intent")
+        goal = _name(body, "goal", NAME_RE)
+        if goal is None:
+            raise Invalid("'goal' is required")
+        spec = {
+            "goal": goal,
+            "payload": _json_size(body.get("payload"), "payload", self.max_payload),
+            "priority": _number(body, "priority", -MAX_INT, MAX_INT, 0, integer=True),
+            "requires": _names(body, "requires", CAP_RE, 16, "1-64 characters of A-Z a-z 0-9 _ . : -"),
+            "max_attempts": _number(body, "max_attempts", 1, 100, 3, integer=True),
+            "lease": _number(body, "lease", 0.1, MAX_LEASE_TOTAL, self.lease),
+            "backoff": _number(body, "backoff", 0, 86400, self.backoff_base),
+            "idempotency_key": _name(body, "idempotency_key", KEY_RE,
+                                     what="1-256 printable ASCII characters"),
+        }
+        delay = _number(body, "delay", 0, 366 * 86400)
+        run_at = _number(body, "run_at", 0, 2 ** 40)
+        if delay is not None and run_at is not None:
+            raise Invalid("give 'delay' or 'run_at', not both")
+        spec["run_at"] = now + delay if delay is not None else max(now, run_at or now)
+        # The hash covers what the client sent, so a repeat with the same relative delay matches.
+        spec["request_hash"] = hashlib.sha256(dumps(
+            [goal, spec["payload"], spec["priority"], spec["requires"], delay, run_at,
+             spec["max_attempts"], body.get("lease"), body.get("backoff")]).encode()).hexdigest()
+        return spec
+
+    def submit(self, bodies, scope=ROOT):
+        """Submit intents, all or nothing. Returns (created_any, [intent views])."""
+        now = self.clock()
+        specs = [self.validate(body, now) for body in bodies]
+        namespace = scope.namespace or "default"
+        if scope.goals is not None:
+            for spec in specs:
+                if spec["goal"] not in scope.goals:
+                    raise Forbidden("this token may not submit goal '%s'" % spec["goal"])
+        return self.store.write(lambda: self._submit_now(specs, namespace, scope.name, now))
+
+    def _submit_now(self, specs, namespace, submitted_by, now):
+        rows, created = [], 0
+        if self.max_open is not None:
+            self._unfinished(namespace, 0)
+        earliest = None
+        for spec in specs:
+            if spec["idempotency_key"] is not None:
+                existing = self.store.intent_by_idempotency_key(namespace, spec["idempotency_key"])
+                if existing is not None:
+                    if existing["request_hash"] != spec["request_hash"]:
+                        raise Conflict("idempotency key '%s' was used for a different intent (id %s)"
+                                       % (spec["idempotency_key"], existing["id"]),
+                                       code="idempotency_conflict")
+                    rows.append(existing)
+                    continue
+            if self.max_open is not None:
+                if self._open_counts[namespace] + created >= self.max_open:
+                    raise QuotaExceeded("namespace '%s' already has %d unfinished intents "
+                                        "(--max-open)" % (namespace, self.max_open))
+            route = self._route_for(namespace, spec["goal"], spec["requires"])
+            delayed = spec["run_at"] > now
+            row = dict(spec, namespace=namespace, route=route.id, requires=dumps(spec["requires"]),
+                       delayed=int(delayed), created_at=now, submitted_by=submitted_by)
+            intent_id = self.store.insert_intent(row)
+            created += 1
+            if delayed:
+                earliest = spec["run_at"] if earliest is None else min(earliest, spec["run_at"])
+            else:
+                self._became_ready(route)
+            rows.append(self.store.intent_for_update(intent_id))
+        self._unfinished(namespace, created)   # only now: nothing below can undo this write
+        if earliest is not None and self.wakeup:
+            self.wakeup(earliest)
+        return created > 0, [intent_view(r) for r in rows]
+
+    # ----- claim -------------------------------------------------------------------
+
+    def claim(self, body, scope=ROOT):
+        """Claim up to max intents; with wait, long-poll until some arrive. Returns a list."""
+        _only(body, CLAIM_FIELDS, "a claim")
+        worker = _name(body, "worker", WORKER_RE, "anonymous",
+                       what="1-128 characters of A-Z a-z 0-9 _ . : @ -")
+        caps = _names(body, "caps", CAP_RE, 64, "1-64 characters of A-Z a-z 0-9 _ . : -")
+        goals = _names(body, "goals", NAME_RE, 1000, "1-128 characters of A-Z a-z 0-9 _ . : -")
+        max_count = _number(body, "max", 1, 100, 1, integer=True)
+        wait = _number(body, "wait", 0, 60, 0)
+        lease = _number(body, "lease", 0.1, MAX_LEASE_TOTAL)
+        if scope.goals is not None:
+            if goals and not set(goals) <= scope.goals:
+                raise Forbidden("this token may claim only goals %s" % ", ".join(sorted(scope.goals)))
+            goals = goals or sorted(scope.goals)
+        if self.closing:
+            return []
+        now = self.clock()
+        request = ClaimRequest(worker, caps, goals, max_count, lease, now + wait, scope.namespace)
+        self._seen(scope.namespace or "default", worker, caps, now)
+        if not self.store.has_writer:   # admin commands and storage tests: no long polling
+            request.deadline = now
+            return self.store.write(lambda: self._claim_now(request))
+        op = request.op = _Op(lambda: self._claim_now(request))
+        self.store.enqueue(op)
+        if not op.event.wait(wait) and self.store.cancel(op):
+            return []
+        op.event.wait()
+        if op.error is not None:
+            raise op.error
+        return op.value
+
+    def _claim_now(self, request):
+        now = self.clock()
+        routes = self._eligible_routes(request)
+        candidates = []
+        for route in routes:
+            candidates.extend(self.store.claimable(route.id, request.max))
+        if len(routes) > 1:
+            candidates.sort(key=lambda c: (-c[1], c[0]))
+        claimed = []
+        for intent_id, _priority in candidates[:request.max]:
+            token = secrets.token_urlsafe(24)   # 192 bits
+            row = self.store.claim_intent(intent_id, request.worker, token, now, request.lease)
+            if row is None:
+                continue
+            lease, expires = request.lease or row[7], row[8]
+            claimed.append({
+                "id": str(row[0]), "goal": row[1], "payload": json.loads(row[2]),
+                "priority": row[3], "requires": json.loads(row[4]), "attempt": row[5],
+                "max_attempts": row[6], "token": token, "lease": lease,
+                "lease_expires_at": expires})
+        if claimed:
+            if self.wakeup:
+                self.wakeup(min(c["lease_expires_at"] for c in claimed))
+            return claimed
+        if request.deadline > now and not self.closing:
+            if len(self._parked) > 64:   # drop the long polls that gave up
+                self._parked = [r for r in self._parked if r.op.state == _PARKED]
+            self._parked.append(request)
+            return PARK
+        return []
+
+    def _eligible_routes(self, request):
+        key = (request.namespace, request.goals, request.caps)
+        routes = self._eligible.get(key)
+        if routes is None:
+            routes = [r for r in self._all_routes().values() if request.accepts(r)]
+            if len(self._eligible) > 4096:
+                self._eligible = {}
+            self._eligible[key] = routes
+        return routes
+
+    def _seen(self, namespace, worker, caps, now):
+        """Remember the worker for /stats; saved to the file at most every 10 s per worker."""
+        entry = self._workers.get((namespace, worker))
+        if entry is None or entry[0] != caps or now - entry[2] > 10:
+            self._workers[(namespace, worker)] = [caps, now, now]
+            save = _Op(lambda: self.store.save_worker(namespace, worker, dumps(caps), now))
+            if self.store.has_writer:
+                self.store.enqueue(save)   # nobody waits for it
+            else:
+                self.store.write(save.fn)
+        else:
+            entry[1] = now
+
+    # ----- fenced operations: only the current token may act --------------------------
+
+    def _held(self, intent_id, token, scope, now):
+        """The claimed row, if token is its current lease token; otherwise NotFound or LeaseLost."""
+        row = self._row(intent_id, scope)
+        if not isinstance(token, str) or not token:
+            raise Invalid("'token' is required")
+        if row["status"] != "claimed" or not hmac.compare_digest(
+                row["token"].encode(), token.encode("utf-8", "replace")):
+            raise LeaseLost("intent %s is not held with this token (it is %s)" % (
+                intent_id, row["status"]))
+        if row["lease_expires_at"] <= now:
+            raise LeaseLost("the lease on intent %s expired at %.3f" % (intent_id, row["lease_expires_at"]))
+        return row
+
+    def _row(self, intent_id, scope):
+        row = self.store.intent_for_update(_intent_id(intent_id))
+        if row is None or not scope.sees(row):
+            raise NotFound("no intent %s" % intent_id)
+        return row
+
+    def _end_attempt(self, row, now, outcome, error=None):
+        history = json.loads(row["history"])
+        history.append({"attempt": row["attempts"], "worker": row["worker"], "start": row["claimed_at"],
+                        "end": now, "outcome": outcome, "error": error})
+        return dumps(history[-HISTORY_KEEP:])
+
+    def fulfill(self, intent_id, token, result=None, scope=ROOT):
+        text = _json_size(result, "result", self.max_result)
+        return self.store.write(lambda: intent_view(self._fulfill_now(intent_id, token, text, scope)))
+
+    def _fulfill_now(self, intent_id, token, result_text, scope):
+        now = self.clock()
+        row = self._held(intent_id, token, scope, now)
+        changes = dict(status="fulfilled", result=result_text, finished_at=now, token=None,
+                       lease_expires_at=None, history=self._end_attempt(row, now, "fulfilled"))
+        self.store.update_intent(row["id"], **changes)
+        self._unfinished(row["namespace"], -1)
+        self._finished(row["id"])
+        row.update(changes)
+        return row
+
+    def fulfill_many(self, items, scope=ROOT):
+        """Acknowledge many claims in one transaction; each item succeeds or fails on its own."""
+        if not isinstance(items, list) or not 1 <= len(items) <= 1000:
+            raise Invalid("'intents' must be a list of 1 to 1000 {id, token, result} objects")
+        checked = []
+        for item in items:
+            if not isinstance(item, dict) or not set(item) <= {"id", "token", "result"}:
+                raise Invalid("each item of 'intents' must be an object with id, token and result")
+            checked.append((item.get("id"), item.get("token"),
+                            _json_size(item.get("result"), "result", self.max_result)))
+
+        def run():
+            outcomes = []
+            for intent_id, token, text in checked:
+                try:
+                    self.store.attempt(lambda: self._fulfill_now(intent_id, token, text, scope))
+                except QueueError as e:
+                    outcomes.append({"id": str(intent_id), "ok": False,
+                                     "error": {"code": e.code, "message": e.message}})
+                else:
+                    outcomes.append({"id": str(intent_id), "ok": True, "status": "fulfilled"})
+            return outcomes
+        return self.store.write(run)
+
+    def fail(self, intent_id, token, error=None, retry=True, scope=ROOT):
+        if error is not None and not isinstance(error, str):
+            error = dumps(error)
+        if error is not None and len(error) > MAX_ERROR:
+            raise TooLarge("'error' is %d characters; the limit is %d" % (len(error), MAX_ERROR))
+        if not isinstance(retry, bool):
+            raise Invalid("'retry' must be true or false")
+
+        def run():
+            now = self.clock()
+            row = self._held(intent_id, token, scope, now)
+            return intent_view(self._attempt_failed(row, now, "failed", error or "failed", retry))
+        return self.store.write(run)
+
+    def _attempt_failed(self, row, now, outcome, error, retry=True):
+        """A failed attempt: back to open after a backoff while attempts remain, otherwise dead."""
+        changes = dict(error=error, token=None, lease_expires_at=None,
+                       history=self._end_attempt(row, now, outcome, error))
+        if retry and row["attempts"] < row["max_attempts"]:
+            delay = min(self.backoff_max, row["backoff"] * 2 ** (row["attempts"] - 1))
+            delay *= 0.75 + 0.5 * self.rng()        # jitter, so retries of a burst spread out
+            changes.update(status="open", worker=None, run_at=now + delay, delayed=int(delay > 0))
+            self.store.update_intent(row["id"], **changes)
+            if delay > 0:
+                if self.wakeup:
+                    self.wakeup(now + delay)
+            else:
+                self._became_ready(self._all_routes()[row["route"]])
+        else:
+            changes.update(status="dead", finished_at=now)
+            self.store.update_intent(row["id"], **changes)
+            self._unfinished(row["namespace"], -1)
+            self._finished(row["id"])
+        row.update(changes)
+        return row
+
+    def extend(self, intent_id, token, lease=None, scope=ROOT):
+        lease = _number({"lease": lease}, "lease", 0.1, MAX_LEASE_TOTAL)
+
+        def run():
+            now = self.clock()
+            row = self._held(intent_id, token, scope, now)
+            expires = now + (lease or row["lease"])
+            if expires - row["claimed_at"] > MAX_LEASE_TOTAL:
+                raise Conflict("a claim may be held for at most %d s in all" % MAX_LEASE_TOTAL,
+                               code="lease_limit")
+            self.store.update_intent(row["id"], lease_expires_at=expires)
+            row["lease_expires_at"] = expires
+            return intent_view(row)
+        return self.store.write(run)
+
+    def release(self, intent_id, token, scope=ROOT):
+        def run():
+            now = self.clock()
+            return intent_view(self._release_now(self._held(intent_id, token, scope, now), now))
+        return self.store.write(run)
+
+    def _release_now(self, row, now):
+        """Back to open at once, and the attempt is given back (a graceful worker shutdown)."""
+        changes = dict(status="open", attempts=row["attempts"] - 1, worker=None, token=None,
+                       lease_expires_at=None, run_at=now, delayed=0,
+                       history=self._end_attempt(row, now, "released"))
+        self.store.update_intent(row["id"], **changes)
+        self._became_ready(self._all_routes()[row["route"]])
+        row.update(changes)
+        return row
+
+    def release_undelivered(self, claimed, scope=ROOT):
+        """A claim answer could not be written to the worker: give those intents straight back."""
+        def run():
+            now = self.clock()
+            for item in claimed:
+                row = self.store.intent_for_update(int(item["id"]))
+                if row and row["status"] == "claimed" and row["token"] == item["token"]:
+                    self._release_now(row, now)
+        try:
+            self.store.write(run)
+        except (QueueError, StorageError):
+            pass   # the lease will expire instead
+
+    # ----- admin operations ------------------------------------------------------------
+
+    def cancel(self, intent_id, scope=ROOT):
+        def run():
+            now = self.clock()
+            row = self._row(intent_id, scope)
+            if row["status"] not in ("open", "claimed"):
+                raise Conflict("intent %s is %s; only open or claimed intents can be cancelled"
+                               % (intent_id, row["status"]))
+            changes = dict(status="cancelled", finished_at=now, token=None, lease_expires_at=None,
+                           worker=None, delayed=0)
+            if row["status"] == "claimed":
+                changes["history"] = self._end_attempt(row, now, "cancelled", "cancelled")
+            self.store.update_intent(row["id"], **changes)
+            self._unfinished(row["namespace"], -1)
+            self._finished(row["id"])
+            row.update(changes)
+            return intent_view(row)
+        return self.store.write(run)
+
+    def retry(self, intent_id, scope=ROOT):
+        def run():
+            row = self._row(intent_id, scope)
+            if row["status"] not in ("dead", "cancelled"):
+                raise Conflict("intent %s is %s; only dead or cancelled intents can be retried"
+                               % (intent_id, row["status"]))
+            return intent_view(self._redrive(row, self.clock()))
+        return self.store.write(run)
+
+    def _redrive(self, row, now):
+        changes = dict(status="open", attempts=0, run_at=now, delayed=0, finished_at=None,
+                       worker=None, token=None, lease_expires_at=None, result=None)
+        self.store.update_intent(row["id"], **changes)
+        self._unfinished(row["namespace"], +1)
+        self._became_ready(self._all_routes()[row["route"]])
+        row.update(changes)
+        return row
+
+    def retry_matching(self, status="dead", goal=None, scope=ROOT):
+        """Redrive every dead (or cancelled) intent, optionally of one goal. Returns the count."""
+        if status not in ("dead", "cancelled"):
+            raise Invalid("'status' must be dead or cancelled")
+        if goal is not None and not NAME_RE.match(str(goal)):
+            raise Invalid("'goal' must be 1-128 characters of A-Z a-z 0-9 _ . : -")
+        total = 0
+        while True:   # in chunks, so that claims are not held up behind one huge transaction
+            def run():
+                now = self.clock()
+                count = 0
+                for intent_id in self.store.matching_ids([status], goal, scope.namespace, 500):
+                    row = self.store.intent_for_update(intent_id)
+                    if scope.sees(row):
+                        self._redrive(row, now)
+                        count += 1
+                return count
+            count = self.store.write(run)
+            total += count
+            if count < 500:
+                return total
+
+    # ----- reads ---------------------------------------------------------------------
+
+    def get(self, intent_id, wait=None, scope=ROOT):
+        """The whole intent; with wait, long-poll until it is fulfilled, dead or cancelled."""
+        intent_id = _intent_id(intent_id)
+        wait = _number({"wait": wait}, "wait", 0, 60) or 0
+        deadline = time.monotonic() + wait
+        while True:
+            event = threading.Event()
+            if wait:
+                with self._watch_lock:
+                    self._watchers.setdefault(intent_id, []).append(event)
+            row = self.store.get_intent(intent_id)
+            if row is None or not scope.sees(row):
+                self._unwatch(intent_id, event)
+                raise NotFound("no intent %s" % intent_id)
+            remaining = deadline - time.monotonic()
+            if row["status"] in FINISHED or remaining <= 0 or self.closing:
+                self._unwatch(intent_id, event)
+                return intent_view(row)
+            event.wait(remaining)
+            self._unwatch(intent_id, event)
+
+    def _unwatch(self, intent_id, event):
+        with self._watch_lock:
+            events = self._watchers.get(intent_id)
+            if events and event in events:
+                events.remove(event)
+                if not events:
+                    del self._watchers[intent_id]
+
+    def list(self, status=None, goal=None, limit=100, after=None, scope=ROOT):
+        if status is not None and status not in STATUSES:
+            raise Invalid("'status' must be one of %s" % ", ".join(STATUSES))
+        if goal is not None and not (isinstance(goal, str) and NAME_RE.match(goal)):
+            raise Invalid("'goal' must be 1-128 characters of A-Z a-z 0-9 _ . : -")
+        limit = _number({"limit": limit}, "limit", 1, 1000, 100, integer=True)
+        cursor = 0 if after in (None, "") else _intent_id(after, "after")
+        rows = self.store.list_intents(status, goal, scope.namespace,
+                                       scope.name if scope.own_only else None, cursor, limit + 1)
+        rows = [r for r in rows if scope.goals is None or r["goal"] in scope.goals]
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return {"intents": [intent_view(r) for r in rows],
+                "next": str(rows[-1]["id"]) if more else None}
+
+    def stats(self, scope=ROOT):
+        now = self.clock()
+        counts = dict.fromkeys(STATUSES, 0)
+        goals = {}
+        for goal, status, n in self.store.count_by_goal_and_status(scope.namespace):
+            counts[status] = counts.get(status, 0) + n
+            goals.setdefault(goal, dict.fromkeys(STATUSES, 0))[status] = n
+        oldest = self.store.oldest_ready_run_at(scope.namespace)
+        holding = self.store.holdings(scope.namespace)
+        workers = [{"name": name, "namespace": namespace, "caps": json.loads(caps),
+                    "last_seen": last_seen, "holding": holding.get(name, 0)}
+                   for namespace, name, caps, last_seen
+                   in self.store.workers_since(now - 600, scope.namespace)]
+        for w in workers:   # the in-memory time is fresher than the saved one
+            entry = self._workers.get((w["namespace"], w["name"]))
+            if entry:
+                w["last_seen"] = max(w["last_seen"], entry[1])
+        return {"counts": counts, "goals": goals, "workers": workers,
+                "oldest_claimable_age": None if oldest is None else max(0.0, now - oldest)}
+
+    # ----- time-driven work: lease expiry, delayed intents, retention ------------------
+
+    def tick(self):
+        """Expire leases and wake delayed intents that are due. Returns the next deadline or None."""
+        def run():
+            now = self.clock()
+            for row in self.store.expired_leases(now, 500):
+                self._attempt_failed(row, now, "lease_expired", "lease expired (worker %s)" % row["worker"])
+            routes = self._all_routes()
+            due = self.store.due_delayed(now, 1000)
+            for intent_id, route in due:
+                self.store.update_intent(intent_id, delayed=0)
+            for route in {r for _i, r in due}:
+                if route in routes:
+                    self._became_ready(routes[route])
+            return self.store.next_deadline()
+        return self.store.write(run)
+
+    def prune(self):
+        """Delete finished intents past --keep-done / --keep-dead, in small chunks."""
+        now = self.clock()
+        total = 0
+        for statuses, keep in ((("fulfilled", "cancelled"), self.keep_done), (("dead",), self.keep_dead)):
+            while True:
+                n = self.store.write(lambda: self.store.prune(statuses, now - keep, 500))
+                total += n
+                if n < 500:
+                    break
+        return total
+
+    def shutdown(self):
+        """Answer every long poll with an empty result."""
+        self.closing = True
+
+        def run():
+            for request in self._parked:
+                self.store.finish_parked(request.op, [])
+            self._parked = []
+        try:
+            self.store.write(run)
+        except StorageError:
+            pass
+        with self._watch_lock:
+            events = [e for es in self._watchers.values() for e in es]
+        for event in events:
+            event.set()
+
+
+def _intent_id(value, field="id"):
+    try:
+        number = int(str(value))
+    except ValueError:
+        raise NotFound("no intent %s" % str(value)[:40]) if field == "id" else \
+            Invalid("'%s' must be an intent id" % field)
+    if not 0 < number < 2 ** 63:
+        raise NotFound("no intent %s" % number)
+    return number
+
+
+def intent_view(row):
+    """The public shape of an intent (never its lease token)."""
+    return {
+        "id": str(row["id"]), "goal": row["goal"], "payload": json.loads(row["payload"]),
+        "priority": row["priority"], "requires": json.loads(row["requires"]),
+        "status": row["status"], "created_at": row["created_at"], "run_at": row["run_at"],
+        "attempts": row["attempts"], "max_attempts": row["max_attempts"], "lease": row["lease"],
+        "backoff": row["backoff"], "worker": row["worker"],
+        "lease_expires_at": row["lease_expires_at"], "finished_at": row["finished_at"],
+        "result": None if row["result"] is None else json.loads(row["result"]),
+        "error": row["error"], "history": json.loads(row["history"]),
+        "idempotency_key": row["idempotency_key"], "namespace": row["namespace"],
+    }
+
+
+class Sweeper:
+    """Expires leases and wakes delayed intents on time, even when no worker is calling."""
+
+    def __init__(self, queue, prune_every=60.0, max_sleep=0.5, every_minute=()):
+        self.queue = queue
+        self.every_minute = list(every_minute)   # housekeeping, e.g. saving tokens' last use
+        self.prune_every = prune_every
+        self.max_sleep = max_sleep
+        self._cv = threading.Condition()
+        self._next = 0.0
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="intentbus-sweeper", daemon=True)
+        queue.wakeup = self.wakeup
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self):
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join()
+
+    def wakeup(self, when):
+        """Ask for a tick no later than `when` (a clock time)."""
+        with self._cv:
+            if when < self._next:
+                self._next = when
+                self._cv.notify()
+
+    def _loop(self):
+        last_prune = 0.0
+        while True:
+            try:
+                deadline = self.queue.tick()
+                if time.monotonic() - last_prune > self.prune_every:
+                    last_prune = time.monotonic()
+                    removed = self.queue.prune()
+                    if removed:
+                        log("pruned finished intents", count=removed)
+                    for job in self.every_minute:
+                        job()
+            except (StorageError, QueueError) as e:
+                log("sweep failed", error=type(e).__name__)
+                deadline = None
+            now = self.queue.clock()
+            with self._cv:
+                self._next = min(now + self.max_sleep, deadline if deadline is not None else now + 60)
+                while not self._stop and self.queue.clock() < self._next:
+                    self._cv.wait(max(0.001, self._next - self.queue.clock()))
+                if self._stop:
+                    return
+
+
+# ----- API tokens: roles and namespaces ----------------------------------------------
+
+def token_hash(secret):
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+class Tokens:
+    """The root token plus the scoped tokens kept (hashed) in the file."""
+
+    def __init__(self, store, root_token=None):
+        self.store = store
+        self.root_token = root_token
+        self._by_hash = None
+        self._lock = threading.Lock()
+        self._last_used = {}
+        store.on_external_change.append(self.forget)
+
+    @property
+    def enabled(self):
+        return bool(self.root_token) or bool(self._load())
+
+    def forget(self):
+        with self._lock:
+            self._by_hash = None
+
+    def _load(self):
+        with self._lock:
+            if self._by_hash is None:
+                self._by_hash = {t["hash"]: t for t in self.store.load_tokens()}
+            return self._by_hash
+
+    def authenticate(self, secret):
+        """The Scope for a secret, or None. Comparison of the root token is constant-time."""
+        if self.root_token and hmac.compare_digest(secret.encode("utf-8", "replace"),
+                                                   self.root_token.encode("utf-8")):
+            return ROOT
+        entry = self._load().get(token_hash(secret))
+        if entry is None:
+            return None
+        self._last_used[entry["name"]] = time.time()
+        return self.scope_of(entry)
+
+    def scope_of(self, entry):
+        goals = json.loads(entry["goals"]) if entry["goals"] else None
+        return Scope(entry["name"], entry["role"], entry["namespace"], goals,
+                     own_only=entry["role"] == "submit")
+
+    def by_name(self, name):
+        for entry in self._load().values():
+            if entry["name"] == name:
+                return entry
+        return None
+
+    def flush_last_used(self):
+        if self._last_used:
+            used, self._last_used = self._last_used, {}
+            self.store.write(lambda: self.store.touch_tokens(used))
+
+
+def add_token(store, name, role, namespace=None, goals=None, require_signature=False, clock=time.time):
+    """Create a scoped token. Returns the secret, which is shown once and never stored."""
+    if not NAME_RE.match(name or ""):
+        raise Invalid("token name must be 1-128 characters of A-Z a-z 0-9 _ . : -")
+    if role not in ROLES:
+        raise Invalid("role must be one of %s" % ", ".join(ROLES))
+    if namespace is not None and not NAME_RE.match(namespace):
+        raise Invalid("namespace must be 1-128 characters of A-Z a-z 0-9 _ . : -")
+    if role != "admin" and namespace is None:
+        namespace = "default"
+    goals = sorted(set(goals)) if goals else None
+    for goal in goals or ():
+        if not NAME_RE.match(goal):
+            raise Invalid("goal %r is not a valid goal name" % goal)
+    secret = "ib_" + secrets.token_urlsafe(32)
+    store.write(lambda: store.add_token(name, token_hash(secret), role, namespace,
+                                        dumps(goals) if goals else None, require_signature, clock()))
+    return secret
+
+
+# =====================================================================================
+# 3. HTTP: one route table, JSON in and out, authentication, limits, error mapping.
+# =====================================================================================
+
+ERROR_STATUS = [   # most specific first
+    (Invalid, 400), (TooLarge, 413), (NotFound, 404), (LeaseLost, 409), (Conflict, 409),
+    (Forbidden, 403), (QuotaExceeded, 429), (ShuttingDown, 503), (StorageFull, 507),
+    (StorageError, 503), (QueueError, 400),
+]
+
+
+class HTTPError(Exception):
+    def __init__(self, status, code, message, headers=None, close=False):
+        Exception.__init__(self, message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+        self.close = close
+
+
+# (method, path pattern, handler name, role needed). Paths match in order.
+ROUTES = [
+    ("GET", r"/health", "health", None),
+    ("POST", r"/intents", "submit", "submit"),
+    ("GET", r"/intents", "list", "admin"),
+    ("POST", r"/intents/fulfill", "fulfill_many", "work"),
+    ("POST", r"/intents/retry", "retry_matching", "admin"),
+    ("GET", r"/intents/(?P<id>[^/]+)", "get", "submit"),
+    ("POST", r"/intents/(?P<id>[^/]+)/fulfill", "fulfill", "work"),
+    ("POST", r"/intents/(?P<id>[^/]+)/fail", "fail", "work"),
+    ("POST", r"/intents/(?P<id>[^/]+)/extend", "extend", "work"),
+    ("POST", r"/intents/(?P<id>[^/]+)/release", "release", "work"),
+    ("POST", r"/intents/(?P<id>[^/]+)/cancel", "cancel", "admin"),
+    ("POST", r"/intents/(?P<id>[^/]+)/retry", "retry", "admin"),
+    ("POST", r"/claim", "claim", "work"),
+    ("GET", r"/stats", "stats", "admin"),
+]
+_COMPILED_ROUTES = [(m, re.compile(p + r"\Z"), h, r) for m, p, h, r in ROUTES]
+ROLE_RANK = {"submit": {"submit", "admin"}, "work": {"work", "admin"}, "admin": {"admin"}}
+
+# How query-string (and form) values become typed fields, for curl users without a JSON body.
+_LISTS = {"requires", "caps", "goals"}
+_JSONISH = {"payload", "result"}
+_NUMBERS = {"priority", "delay", "run_at", "max_attempts", "lease", "backoff", "max", "wait", "limit"}
+_BOOLS = {"retry"}
+
+
+def _query_value(name, raw):
+    if name in _LISTS:
+        return [part for part in raw.split(",") if part]
+    if name in _NUMBERS:
+        try:
+            return int(raw)
+        except ValueError:
+            try:
+                return float(raw)
+            except ValueError:
+                raise Invalid("'%s' must be a number" % name)
+    if name in _BOOLS:
+        if raw.lower() in ("true", "1", "yes"):
+            return True
+        if raw.lower() in ("false", "0", "no"):
+            return False
+        raise Invalid("'%s' must be true or false" % name)
+    if name in _JSONISH:
+        try:
+            return _loads(raw.encode("utf-8"))
+        except HTTPError:
+            return raw   # not JSON: the text itself
+    return raw
+
+
+MAX_JSON_DEPTH = 64
+
+
+def _reject_constant(name):
+    raise ValueError("%s is not JSON" % name)
+
+
+def _strict_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("number out of range: %s" % text[:40])
+    return value
+
+
+def _check_depth(value, depth=0):
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError("nested more than %d levels deep" % MAX_JSON_DEPTH)
+    if isinstance(value, dict):
+        for v in value.values():
+            if isinstance(v, (dict, list)):
+                _check_depth(v, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            if isinstance(v, (dict, list)):
+                _check_depth(v, depth + 1)
+    elif isinstance(value, int) and not -2 ** 63 <= value < 2 ** 63:
+        raise ValueError("integer out of range")
+
+
+def _loads(data):
+    """Strict JSON: UTF-8 only, no NaN/Infinity, bounded depth and integer size."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HTTPError(400, "bad_json", "the body is not valid UTF-8")
+    try:   # the C parser stops very deep nesting with RecursionError; _check_depth is stricter
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_strict_float)
+        _check_depth(value)
+    except (ValueError, RecursionError) as e:
+        raise HTTPError(400, "bad_json", "the body is not valid JSON: %s" % str(e)[:200])
+    return value
+
+
+class Api:
+    """The handlers behind the route table. Each takes (scope, params, body) and returns
+    (status, value); value None means no body."""
+
+    def __init__(self, queue, tokens):
+        self.queue = queue
+        self.tokens = tokens
+
+    def health(self, scope, params, body):
+        return 200, {"ok": not self.queue.closing, "version": __version__, "sqlite": sqlite3.sqlite_version}
+
+    def submit(self, scope, params, body):
+        if isinstance(body, list):
+            if not 1 <= len(body) <= 1000:
+                raise Invalid("a batch holds 1 to 1000 intents, not %d" % len(body))
+            created, intents = self.queue.submit(body, scope)
+            return (201 if created else 200), {"intents": intents}
+        created, intents = self.queue.submit([body], scope)
+        return (201 if created else 200), intents[0]
+
+    def list(self, scope, params, body):
+        _only(params, {"status", "goal", "limit", "after"}, "the query")
+        return 200, self.queue.list(params.get("status"), params.get("goal"), params.get("limit", 100),
+                                    params.get("after"), scope)
+
+    def get(self, scope, params, body):
+        _only(params, {"wait"}, "the query")
+        return 200, self.queue.get(params["id"], params.get("wait"), scope)
+
+    def claim(self, scope, params, body):
+        intents = self.queue.claim(body, scope)
+        return (200, {"intents": intents}) if intents else (204, None)
+
+    def fulfill(self, scope, params, body):
+        _only(body, {"token", "result"}, "a fulfill")
+        return 200, self.queue.fulfill(params["id"], body.get("token"), body.get("result"), scope)
+
+    def fulfill_many(self, scope, params, body):
+        _only(body, {"intents"}, "a batch fulfill")
+        return 200, {"results": self.queue.fulfill_many(body.get("intents"), scope)}
+
+    def fail(self, scope, params, body):
+        _only(body, {"token", "error", "retry"}, "a fail")
+        return 200, self.queue.fail(params["id"], body.get("token"), body.get("error"),
+                                    body.get("retry", True), scope)
+
+    def extend(self, scope, params, body):
+        _only(body, {"token", "lease"}, "an extend")
+        return 200, self.queue.extend(params["id"], body.get("token"), body.get("lease"), scope)
+
+    def release(self, scope, params, body):
+        _only(body, {"token"}, "a release")
+        return 200, self.queue.release(params["id"], body.get("token"), scope)
+
+    def cancel(self, scope, params, body):
+        _only(body, set(), "a cancel")
+        return 200, self.queue.cancel(params["id"], scope)
+
+    def retry(self, scope, params, body):
+        _only(body, set(), "a retry")
+        return 200, self.queue.retry(params["id"], scope)
+
+    def retry_matching(self, scope, params, body):
+        _only(body, {"status", "goal"}, "a redrive")
+        return 200, {"count": self.queue.retry_matching(body.get("status", "dead"), body.get("goal"), scope)}
+
+    def stats(self, scope, params, body):
+        return 200, self.queue.stats(scope)
+
+
+class _DeadlineReader(io.RawIOBase):
+    """Socket reads that must all finish by a deadline (against slowloris), not just each recv."""
+
+    def __init__(self, sock):
+        io.RawIOBase.__init__(self)
+        self.sock = sock
+        self.deadline = None
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("read deadline passed")
+        self.sock.settimeout(remaining)
+        return self.sock.recv_into(buffer)
+
+
+STATUS_TEXT = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
+               403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+               409: "Conflict", 411: "Length Required", 413: "Payload Too Large",
+               414: "URI Too Long", 415: "Unsupported Media Type", 429: "Too Many Requests",
+               431: "Request Header Fields Too Large", 500: "Internal Server Error",
+               501: "Not Implemented", 503: "Service Unavailable", 507: "Insufficient Storage"}
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
+MAX_HEADER_LINE = 8192
+MAX_HEADERS = 64
+MAX_HEADER_BYTES = 32768
+
+
+class Handler(BaseHTTPRequestHandler):
+    """HTTP/1.1 keep-alive with hard limits. One response is one write (no Nagle stalls)."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "intentbus/" + __version__
+
+    def setup(self):
+        self.connection = self.request
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._raw = _DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self._raw, 65536)
+        self.wfile = None
+        self.idle = True
+        self.close_connection = True
+        self._claimed = None
+        self._form = None
+        if isinstance(self.connection, ssl.SSLSocket):
+            self.connection.settimeout(self.server.config.request_timeout)
+            try:
+                self.connection.do_handshake()
+            except (OSError, ssl.SSLError):
+                self.rfile = io.BytesIO(b"")   # a failed handshake ends the connection quietly
+
+    def finish(self):
+        try:
+            self.rfile.close()
+        except OSError:
+            pass
+
+    def handle(self):
+        self.server.track(self, True)
+        try:
+            self.close_connection = False
+            while not self.close_connection and not self.server.draining:
+                self.handle_one_request()
+        except (OSError, ValueError):
+            pass   # the client went away, or a deadline passed: nothing to answer
+        finally:
+            self.server.track(self, False)
+
+    def handle_one_request(self):
+        config = self.server.config
+        self.idle = True
+        self._raw.deadline = time.monotonic() + config.idle_timeout
+        line = self.rfile.readline(MAX_HEADER_LINE + 1)
+        self.idle = False
+        if not line:
+            self.close_connection = True
+            return
+        self._raw.deadline = time.monotonic() + config.request_timeout
+        self.request_id = None
+        self.started = time.monotonic()
+        try:
+            status, value, headers = self._serve(line)
+        except HTTPError as e:
+            status, value, headers = e.status, {"error": {"code": e.code, "message": e.message}}, e.headers
+            if e.close:
+                self.close_connection = True
+        self._respond(status, value, headers)
+
+    def _serve(self, line):
+        config = self.server.config
+        if len(line) > MAX_HEADER_LINE:
+            raise HTTPError(414, "too_large", "request line too long", close=True)
+        parts = line.decode("latin-1").split()
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            raise HTTPError(400, "bad_request", "malformed request line", close=True)
+        self.command, target, self.request_version = parts
+        headers = self._read_headers()
+        self.headers = headers
+        rid = headers.get("x-request-id", "")
+        self.request_id = rid if REQUEST_ID_RE.match(rid) else secrets.token_hex(8)
+        connection = headers.get("connection", "").lower()
+        if self.request_version == "HTTP/1.0":
+            self.close_connection = "keep-alive" not in connection
+        elif "close" in connection:
+            self.close_connection = True
+        path, _, query = target.partition("?")
+        body = self._read_body(headers)
+        match = None
+        allowed = []
+        for method, pattern, name, role in _COMPILED_ROUTES:
+            m = pattern.match(path)
+            if m:
+                if method == self.command:
+                    match = (m, name, role)
+                    break
+                allowed.append(method)
+        if match is None:
+            if allowed:
+                raise HTTPError(405, "method_not_allowed", "%s does not take %s" % (path, self.command),
+                                {"Allow": ", ".join(sorted(set(allowed)))})
+            raise HTTPError(404, "not_found", "no such endpoint: %s" % path[:100])
+        m, name, role = match
+        scope = self.server.authorize(self, role, path, query, body)
+        params = self._params(query, headers, body)
+        params.update(m.groupdict())
+        if body:
+            value = _loads(body)
+            if isinstance(value, dict):   # query fields fill in what the body leaves out
+                for key, item in params.items():
+                    if key != "id":
+                        value.setdefault(key, item)
+                params = {"id": params["id"]} if "id" in params else {}
+        elif self.command == "POST":
+            value = {k: v for k, v in params.items() if k != "id"}
+            params = {"id": params["id"]} if "id" in params else {}
+        else:
+            value = None
+        if name == "submit" and "idempotency-key" in headers and isinstance(value, dict):
+            value.setdefault("idempotency_key", headers["idempotency-key"])
+        try:
+            status, result = getattr(self.server.api, name)(scope, params, value)
+        except QueueError as e:
+            for kind, code in ERROR_STATUS:
+                if isinstance(e, kind):
+                    raise HTTPError(code, e.code, e.message,
+                                    {"Retry-After": "5"} if code in (429, 503) else None)
+            raise
+        except StorageFull:
+            raise HTTPError(507, "storage_full", "the database is full; writes are refused until "
+                                                 "space is freed (reads still work)")
+        except StorageError:
+            log("storage error", request_id=self.request_id)
+            raise HTTPError(503, "unavailable", "storage error; try again", {"Retry-After": "1"})
+        if name == "claim" and result:
+            self._claimed = result["intents"]
+        return status, result, None
+
+    def _read_headers(self):
+        headers = {}
+        total = 0
+        while True:
+            line = self.rfile.readline(MAX_HEADER_LINE + 1)
+            total += len(line)
+            if len(line) > MAX_HEADER_LINE or total > MAX_HEADER_BYTES or len(headers) >= MAX_HEADERS:
+                raise HTTPError(431, "too_large", "request headers too large or too many", close=True)
+            if line in (b"\r\n", b"\n"):
+                return headers
+            if not line:
+                raise HTTPError(400, "bad_request", "headers ended early", close=True)
+            name, sep, value = line.decode("latin-1").partition(":")
+            name = name.strip().lower()
+            if not sep or not name or " " in name:
+                raise HTTPError(400, "bad_request", "malformed header line", close=True)
+            value = value.strip()
+            if name in headers and name in ("content-length", "transfer-encoding", "authorization"):
+                raise HTTPError(400, "bad_request", "repeated %s header" % name, close=True)
+            headers[name] = value
+
+    def _read_body(self, headers):
+        if "transfer-encoding" in headers:
+            raise HTTPError(411, "length_required", "send a Content-Length; chunked bodies are "
+                                                    "not accepted", close=True)
+        length = headers.get("content-length")
+        if length is None:
+            return b""
+        if not length.isdigit() or len(length) > 12:
+            raise HTTPError(400, "bad_request", "bad Content-Length", close=True)
+        length = int(length)
+        if length > self.server.config.max_body:
+            raise HTTPError(413, "too_large", "the body is %d bytes; the limit is %d (--max-body)"
+                            % (length, self.server.config.max_body), close=True)
+        if length == 0:
+            return b""
+        content_type = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if content_type not in ("application/json", "application/x-www-form-urlencoded", "text/plain", ""):
+            self.close_connection = True   # the body is left unread
+            raise HTTPError(415, "unsupported_media_type", "send JSON (Content-Type: application/json)")
+        if headers.get("expect", "").lower() == "100-continue":
+            self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = self.rfile.read(length)
+        if len(body) < length:
+            raise HTTPError(400, "bad_request", "the body ended early", close=True)
+        if content_type == "application/x-www-form-urlencoded" and not body.lstrip()[:1] in (b"{", b"["):
+            self._form = body   # curl -d name=value: treated like query parameters
+            return b""
+        return body
+
+    def _params(self, query, headers, body):
+        params = {}
+        raw = query
+        form = self._form
+        if form:
+            raw = raw + "&" + form.decode("utf-8", "replace") if raw else form.decode("utf-8", "replace")
+            self._form = None
+        if raw:
+            try:
+                pairs = urllib.parse.parse_qsl(raw, keep_blank_values=True, strict_parsing=False,
+                                               max_num_fields=100)
+            except ValueError:
+                raise HTTPError(400, "bad_request", "too many query parameters")
+            for name, value in pairs:
+                if name in params:
+                    raise HTTPError(400, "invalid", "'%s' is given twice" % name)
+                try:
+                    params[name] = _query_value(name, value)
+                except Invalid as e:
+                    raise HTTPError(400, "invalid", e.message)
+        return params
+
+    def _respond(self, status, value, extra=None):
+        body = b"" if value is None else dumps(value).encode("utf-8")
+        lines = ["HTTP/1.1 %d %s" % (status, STATUS_TEXT.get(status, "Unknown")),
+                 "Content-Length: %d" % len(body),
+                 "X-Request-ID: %s" % (self.request_id or secrets.token_hex(8)),
+                 "X-Content-Type-Options: nosniff",
+                 "Cache-Control: no-store"]
+        if value is not None:
+            lines.append("Content-Type: application/json")
+        if self.server.tls:
+            lines.append("Strict-Transport-Security: max-age=31536000")
+        if self.close_connection or self.server.draining:
+            lines.append("Connection: close")
+            self.close_connection = True
+        for name, text in (extra or {}).items():
+            lines.append("%s: %s" % (name, text))
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+        claimed, self._claimed = self._claimed, None
+        try:
+            self.connection.sendall(data)
+        except OSError:
+            if claimed:   # the worker never saw its claim: give the intents back at once
+                self.server.queue.release_undelivered(claimed)
+            raise
+        if self.server.config.access_log or status >= 500:
+            log("%s %s" % (self.command if hasattr(self, "command") else "-", status),
+                request_id=self.request_id,
+                ms="%.1f" % ((time.monotonic() - self.started) * 1000))
+
+    def log_message(self, format, *args):   # BaseHTTPRequestHandler's own logging: unused
+        pass
+
+
+class RateLimiter:
+    """Token buckets keyed by a string: `rate` per second, holding at most `burst`."""
+
+    def __init__(self, rate, burst):
+        self.rate = rate
+        self.burst = burst
+        self._buckets = {}
+        self._lock = threading.Lock()
+
+    def take(self, key, now=None):
+        """Spend one; returns 0 if allowed, else the seconds until one is available."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            tokens, then = self._buckets.get(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - then) * self.rate)
+            if tokens >= 1:
+                self._buckets[key] = (tokens - 1, now)
+                if len(self._buckets) > 100000:
+                    self._buckets.clear()   # bounded memory under an address-spraying attack
+                return 0.0
+            self._buckets[key] = (tokens, now)
+            return (1 - tokens) / self.rate
+
+    def refund(self, key):
+        with self._lock:
+            if key in self._buckets:
+                tokens, then = self._buckets[key]
+                self._buckets[key] = (min(self.burst, tokens + 1), then)
+
+
+class Config:
+    """Settings of a running server, from flags (see the CLI section for their defaults)."""
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+
+SERVE_DEFAULTS = dict(
+    host="127.0.0.1", port=8080, db="intentbus.db", token=None, sync="full", lease=60.0,
+    backoff_base=10.0, backoff_max=3600.0, max_payload=8192, max_result=65536,
+    max_body=10 * 1048576, keep_done=7 * 86400.0, keep_dead=30 * 86400.0, idle_timeout=60.0,
+    request_timeout=10.0, max_connections=256, rate=0.0, burst=0, auth_rate=1.0, auth_burst=10,
+    max_open=None, max_db_mb=None, tls_cert=None, tls_key=None, trust_proxy=False,
+    access_log=False)
+
+
+class Server(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a bounded connection count and a graceful drain."""
+
+    daemon_threads = True
+    request_queue_size = 1024   # listen backlog: 5 overflows under 40 connecting workers
+
+    def __init__(self, config, store, queue, tokens):
+        self.config = config
+        self.store = store
+        self.queue = queue
+        self.tokens = tokens
+        self.api = Api(queue, tokens)
+        self.draining = False
+        self.tls = None
+        self._conn_lock = threading.Lock()
+        self._handlers = set()
+        self._active = 0
+        self.rate = RateLimiter(config.rate, config.burst or max(1, int(config.rate * 2))) \
+            if config.rate else None
+        self.auth_failures = RateLimiter(config.auth_rate, config.auth_burst)
+        self.nonces = {}
+        ThreadingHTTPServer.__init__(self, (config.host, config.port), Handler)
+        if config.tls_cert:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.load_cert_chain(config.tls_cert, config.tls_key)
+            self.tls = context
+
+    def server_bind(self):
+        # HTTPServer.server_bind looks up the host's FQDN, which can stall on a box without DNS.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def get_request(self):
+        sock, address = self.socket.accept()
+        if self.tls is not None:
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
+
+    def process_request(self, request, client_address):
+        with self._conn_lock:
+            full = self._active >= self.config.max_connections or self.draining
+            if not full:
+                self._active += 1
+        if full:   # answered from the accept loop: no thread for it
+            try:
+                if self.tls is not None:
+                    raise ValueError("no plain-text answer on a TLS connection")
+                request.setblocking(False)
+                body = b'{"error":{"code":"unavailable","message":"too many connections"}}'
+                request.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                             b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body))
+            except (OSError, ValueError):
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            ThreadingHTTPServer.process_request(self, request, client_address)
+        except BaseException:
+            with self._conn_lock:
+                self._active -= 1
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            ThreadingHTTPServer.process_request_thread(self, request, client_address)
+        finally:
+            with self._conn_lock:
+                self._active -= 1
+
+    def handle_error(self, request, client_address):
+        log("unexpected error in a request", error=repr(sys.exc_info()[1])[:200])
+
+    def track(self, handler, alive):
+        with self._conn_lock:
+            if alive:
+                self._handlers.add(handler)
+            else:
+                self._handlers.discard(handler)
+
+    def client_address_of(self, handler):
+        if self.config.trust_proxy:
+            forwarded = handler.headers.get("x-forwarded-for", "")
+            if forwarded:
+                return forwarded.split(",")[-1].strip()
+        return handler.client_address[0]
+
+    def authorize(self, handler, role, path, query, body):
+        """Authenticate the request and check its role. Returns the caller's Scope."""
+        if role is None:
+            return None
+        if not self.tokens.enabled:
+            return ROOT   # no tokens at all: the server only listens on loopback
+        headers = handler.headers
+        secret = None
+        auth = headers.get("authorization", "")
+        if auth[:7].lower() == "bearer ":
+            secret = auth[7:].strip()
+        elif "x-api-key" in headers:
+            secret = headers["x-api-key"].strip()
+        scope = None
+        if auth[:15].lower() == "intentbus-hmac ":
+            scope = self._verify_signature(handler, auth[15:], path, query, body)
+        elif secret:
+            scope = self.tokens.authenticate(secret)
+            if scope is not None and scope is not ROOT and \
+                    self.tokens.by_name(scope.name)["require_signature"]:
+                raise HTTPError(401, "unauthorized", "this token must sign its requests")
+        if scope is None:
+            address = self.client_address_of(handler)
+            wait = self.auth_failures.take(address)
+            if wait:
+                raise HTTPError(429, "rate_limited", "too many failed authentications",
+                                {"Retry-After": str(int(math.ceil(wait)))})
+            raise HTTPError(401, "unauthorized", "missing or wrong token",
+                            {"WWW-Authenticate": "Bearer"})
+        if scope.role not in ROLE_RANK[role]:
+            raise HTTPError(403, "forbidden", "this endpoint needs the %s role; the token has %s"
+                            % (role, scope.role))
+        if self.rate is not None:
+            wait = self.rate.take(scope.name)
+            if wait:
+                raise HTTPError(429, "rate_limited", "over the request rate for this token",
+                                {"Retry-After": str(int(math.ceil(wait)))})
+        return scope
+
+    def _verify_signature(self, handler, fields, path, query, body):
+        """HMAC-SHA256 signed request: name, ts, nonce and sig (see README, Security)."""
+        parts = dict(p.strip().partition("=")[::2] for p in fields.split(","))
+        entry = self.tokens.by_name(parts.get("name", ""))
+        try:
+            stamp = float(parts.get("ts", ""))
+        except ValueError:
+            stamp = None
+        nonce = parts.get("nonce", "")
+        if entry is None or stamp is None or not (8 <= len(nonce) <= 64):
+            return None
+        now = time.time()
+        if abs(now - stamp) > 300:
+            raise HTTPError(401, "unauthorized", "signature timestamp is more than 300 s off")
+        expected = sign_request(entry["hash"], handler.command, path, query, parts["ts"], nonce, body)
+        if not hmac.compare_digest(expected, parts.get("sig", "")):
+            return None
+        with self._conn_lock:
+            for old in [n for n, t in self.nonces.items() if t < now - 600]:
+                del self.nonces[old]
+            if (entry["name"], nonce) in self.nonces:
+                raise HTTPError(401, "unauthorized", "replayed request (nonce already used)")
+            self.nonces[(entry["name"], nonce)] = now
+        return self.tokens.scope_of(entry)
+
+    def drain(self, timeout=10.0):
+        """Stop taking requests: close idle keep-alive connections, let busy ones finish."""
+        self.draining = True
+        self.queue.shutdown()
+        with self._conn_lock:
+            handlers = list(self._handlers)
+        for handler in handlers:
+            if handler.idle:
+                try:
+                    handler.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._conn_lock:
+                if not self._active:
+                    return
+                handlers = list(self._handlers)
+            for handler in handlers:
+                if handler.idle:
+                    try:
+                        handler.connection.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+            time.sleep(0.02)
+
+
+def sign_request(key_hex, method, path, query, stamp, nonce, body):
+    """The request signature: HMAC-SHA256 keyed by sha256(token), over method, path with its
+    sorted query, timestamp, nonce and the body's sha256. worker.py computes the same."""
+    sorted_query = urllib.parse.urlencode(sorted(urllib.parse.parse_qsl(query, keep_blank_values=True)))
+    message = "\n".join([method.upper(), path, sorted_query, stamp, nonce,
+                         hashlib.sha256(body or b"").hexdigest()])
+    return hmac.new(key_hex.encode(), message.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+class Running:
+    """A started server: its URL, its parts, and stop()."""
+
+    def __init__(self, config, clock=time.time):
+        self.config = config
+        self.store = Storage(config.db, config.sync, config.max_db_mb)
+        self.store.migrate()
+        self.store.quick_check()
+        self.queue = Queue(self.store, config.lease, config.backoff_base, config.backoff_max,
+                           config.max_payload, config.max_result, config.keep_done, config.keep_dead,
+                           config.max_open, clock=clock)
+        self.tokens = Tokens(self.store, config.token)
+        self.store.start_writer()
+        self.sweeper = Sweeper(self.queue, every_minute=[self.tokens.flush_last_used])
+        self.httpd = Server(config, self.store, self.queue, self.tokens)
+        host, port = self.httpd.server_address[:2]
+        self.url = "%s://%s:%d" % ("https" if config.tls_cert else "http",
+                                   "[%s]" % host if ":" in host else host, port)
+        self.sweeper.start()
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="intentbus-accept", daemon=True)
+        self._thread.start()
+        self._stopped = False
+
+    def stop(self):
+        """Graceful: stop accepting, answer long polls empty, finish requests, close the file."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.httpd.shutdown()          # stop the accept loop
+        self.httpd.server_close()      # close the listening socket
+        self.httpd.drain()
+        self.sweeper.stop()
+        try:
+            self.tokens.flush_last_used()
+        except StorageError:
+            pass
+        self.store.close()
+
+
+def start_server(**settings):
+    """Start a server in this process (tests use this). Settings are SERVE_DEFAULTS' names."""
+    clock = settings.pop("clock", time.time)
+    unknown = set(settings) - set(SERVE_DEFAULTS)
+    if unknown:
+        raise TypeError("unknown settings: %s" % ", ".join(sorted(unknown)))
+    config = Config(**dict(SERVE_DEFAULTS, **settings))
+    check_exposure(config)
+    return Running(config, clock=clock)
+
+
+def is_loopback(host):
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(config):
+    if not config.token and not is_loopback(config.host):
+        if not _has_scoped_tokens(config.db):
+            raise SystemExit("intentbus: refusing to listen on %s without a token; set --token or "
+                             "INTENTBUS_TOKEN (or listen on 127.0.0.1)" % config.host)
+
+
+def _has_scoped_tokens(path):
+    if not os.path.exists(path):
+        return False
+    try:
+        conn = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(path)), uri=True)
+        try:
+            return conn.execute("SELECT count(*) FROM api_tokens").fetchone()[0] > 0
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return False
+
+
+# =====================================================================================
+# 4. CLI: serve, and admin commands that act on the database file directly.
+# =====================================================================================
+
+def duration(text):
+    """Seconds from '90', '1.5', '30s', '15m', '12h' or '7d'."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = str(text).strip().lower()
+    try:
+        if text and text[-1] in units:
+            value = float(text[:-1]) * units[text[-1]]
+        else:
+            value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a duration (e.g. 30, 30s, 15m, 12h, 7d)" % text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError("%r is not a duration" % text)
+    return value
+
+
+# (flag, type, help). Defaults come from SERVE_DEFAULTS; each flag reads INTENTBUS_<NAME> too.
+SERVE_FLAGS = [
+    ("--host", str, "address to listen on"),
+    ("--port", int, "port to listen on (0: any free port)"),
+    ("--token", str, "root (admin) token; clients send 'Authorization: Bearer <token>'. Required "
+                     "to listen beyond loopback, unless scoped tokens exist"),
+    ("--sync", str, "full: every acknowledged write survives a power cut; normal: it survives a "
+                    "crash of the server process, not of the machine"),
+    ("--lease", duration, "default lease of a claim, in seconds"),
+    ("--backoff-base", duration, "default base of the exponential retry backoff, in seconds"),
+    ("--backoff-max", duration, "longest retry backoff, in seconds"),
+    ("--max-payload", int, "largest payload, in bytes of compact JSON"),
+    ("--max-result", int, "largest result, in bytes of compact JSON"),
+    ("--max-body", int, "largest request body, in bytes"),
+    ("--keep-done", duration, "keep fulfilled and cancelled intents this long (e.g. 7d)"),
+    ("--keep-dead", duration, "keep dead intents this long (e.g. 30d)"),
+    ("--idle-timeout", duration, "close a keep-alive connection idle this long"),
+    ("--request-timeout", duration, "a request's headers and body must arrive within this time"),
+    ("--max-connections", int, "connections served at once; more get a fast 503"),
+    ("--rate", float, "requests per second per token (0: no limit)"),
+    ("--burst", int, "burst size of the per-token rate limit (0: twice --rate)"),
+    ("--auth-rate", float, "failed authentications per second per client address"),
+    ("--auth-burst", int, "burst of failed authentications per client address"),
+    ("--max-open", int, "most unfinished intents per namespace (0 or unset: no limit)"),
+    ("--max-db-mb", float, "cap the database size in MiB; writes beyond it answer 507"),
+    ("--tls-cert", str, "serve HTTPS with this certificate chain (PEM)"),
+    ("--tls-key", str, "the private key of --tls-cert (PEM)"),
+    ("--trust-proxy", bool, "take the client address from X-Forwarded-For (behind Caddy or nginx)"),
+    ("--access-log", bool, "log every request (off: only errors)"),
+]
+
+
+def _env_name(flag):
+    return "INTENTBUS_" + flag.lstrip("-").upper().replace("-", "_")
+
+
+def _env_default(flag, kind, default):
+    raw = os.environ.get(_env_name(flag))
+    if raw is None or raw == "":
+        return default
+    if kind is bool:
+        return raw.lower() in ("1", "true", "yes", "on")
+    try:
+        return kind(raw)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise SystemExit("intentbus: %s=%r is not valid" % (_env_name(flag), raw))
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="intentbus.py", description="Intent Bus: a durable job queue on SQLite with an HTTP API. "
+        "Every flag also reads an INTENTBUS_* environment variable (e.g. --db: INTENTBUS_DB).")
+    parser.add_argument("--version", action="version", version="intentbus " + __version__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def with_db(p):
+        p.add_argument("--db", default=_env_default("--db", str, SERVE_DEFAULTS["db"]),
+                       help="SQLite database file (default: %(default)s; INTENTBUS_DB)")
+        return p
+
+    serve = with_db(sub.add_parser("serve", help="run the HTTP server"))
+    for flag, kind, text in SERVE_FLAGS:
+        dest = flag.lstrip("-").replace("-", "_")
+        default = _env_default(flag, kind, SERVE_DEFAULTS[dest])
+        if kind is bool:
+            serve.add_argument(flag, action="store_true", default=default,
+                               help="%s (%s)" % (text, _env_name(flag)))
+        else:
+            serve.add_argument(flag, type=kind, default=default,
+                               choices=("full", "normal") if flag == "--sync" else None,
+                               help="%s (default: %s; %s)" % (text, "none" if default is None else
+                                                              default, _env_name(flag)))
+
+    with_db(sub.add_parser("stats", help="counts by status and goal, workers seen"))
+    lister = with_db(sub.add_parser("list", help="list intents (e.g. the dead-letter queue)"))
+    lister.add_argument("--status", choices=STATUSES)
+    lister.add_argument("--goal")
+    lister.add_argument("--limit", type=int, default=100)
+    lister.add_argument("--after", help="cursor from the previous page")
+    shower = with_db(sub.add_parser("show", help="one intent, with its history"))
+    shower.add_argument("id")
+    retry = with_db(sub.add_parser("retry", help="redrive a dead or cancelled intent, or all dead ones"))
+    retry.add_argument("id", nargs="?")
+    retry.add_argument("--all-dead", action="store_true", help="redrive every dead intent")
+    retry.add_argument("--goal", help="with --all-dead: only this goal")
+    cancel = with_db(sub.add_parser("cancel", help="cancel an open or claimed intent"))
+    cancel.add_argument("id")
+    submit = with_db(sub.add_parser("submit", help="submit an intent"))
+    submit.add_argument("goal")
+    submit.add_argument("--payload", default="null", help="JSON (default: null)")
+    submit.add_argument("--priority", type=int, default=0)
+    submit.add_argument("--requires", nargs="*", default=[], metavar="CAP")
+    submit.add_argument("--delay", type=duration)
+    submit.add_argument("--max-attempts", type=int)
+    submit.add_argument("--namespace", default="default")
+    token = with_db(sub.add_parser("token", help="scoped API tokens: add, list, revoke"))
+    token_sub = token.add_subparsers(dest="token_command", metavar="ACTION")
+    token_sub.required = True
+    add = token_sub.add_parser("add", help="create a token and print it once")
+    add.add_argument("name")
+    add.add_argument("--role", required=True, choices=ROLES)
+    add.add_argument("--namespace", help="tenant (default: 'default'; admin: every namespace)")
+    add.add_argument("--goals", help="comma-separated goals the token is limited to")
+    add.add_argument("--require-signature", action="store_true",
+                     help="the token must sign each request (HMAC-SHA256) instead of sending itself")
+    token_sub.add_parser("list", help="list tokens (never their secrets)")
+    revoke = token_sub.add_parser("revoke", help="revoke a token (a running server stops accepting it at once)")
+    revoke.add_argument("name")
+    backup = with_db(sub.add_parser("backup", help="consistent online copy of the database"))
+    backup.add_argument("file")
+    return parser
+
+
+def _print_json(value):
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def serve(args):
+    config = Config(**{k: getattr(args, k) for k in SERVE_DEFAULTS})
+    if config.max_open == 0:
+        config.max_open = None
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise SystemExit("intentbus: --tls-cert and --tls-key go together")
+    check_exposure(config)
+    try:
+        running = Running(config)
+    except StorageCorrupt as e:
+        raise SystemExit("intentbus: %s is damaged (quick_check: %s). Stop here and restore the "
+                         "newest backup: cp BACKUP %s (see README, Backups)" % (config.db, e, config.db))
+    except OSError as e:
+        raise SystemExit("intentbus: cannot listen on %s:%s: %s" % (config.host, config.port, e.strerror))
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        if stop.is_set():
+            os._exit(1)   # a second signal: quit at once
+        stop.set()
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log("intentbus %s listening on %s db=%s auth=%s sync=%s" % (
+        __version__, running.url, os.path.abspath(config.db),
+        "on" if running.tokens.enabled else "off", config.sync))
+    while not stop.wait(1.0):
+        pass
+    log("shutting down")
+    running.stop()
+    log("stopped")
+    return 0
+
+
+def _admin_queue(args):
+    store = Storage(args.db)
+    store.migrate()
+    return store, Queue(store)
+
+
+def admin(args):
+    store, queue = _admin_queue(args)
+    try:
+        if args.command == "stats":
+            _print_json(queue.stats())
+        elif args.command == "list":
+            page = queue.list(args.status, args.goal, args.limit, args.after)
+            for item in page["intents"]:
+                print("%-8s %-10s %-24s attempts=%d/%d %s" % (
+                    item["id"], item["status"], item["goal"], item["attempts"], item["max_attempts"],
+                    (item["error"] or "")[:60]))
+            if page["next"]:
+                print("more: --after %s" % page["next"])
+        elif args.command == "show":
+            _print_json(queue.get(args.id))
+        elif args.command == "retry":
+            if args.all_dead:
+                print("redriven: %d" % queue.retry_matching("dead", args.goal))
+            elif args.id:
+                _print_json(queue.retry(args.id))
+            else:
+                raise SystemExit("intentbus retry: give an ID or --all-dead")
+        elif args.command == "cancel":
+            _print_json(queue.cancel(args.id))
+        elif args.command == "submit":
+            try:
+                payload = json.loads(args.payload)
+            except ValueError:
+                raise SystemExit("intentbus submit: --payload is not JSON")
+            body = {"goal": args.goal, "payload": payload, "priority": args.priority,
+                    "requires": args.requires}
+            if args.delay is not None:
+                body["delay"] = args.delay
+            if args.max_attempts is not None:
+                body["max_attempts"] = args.max_attempts
+            _created, intents = queue.submit([body], Scope(namespace=args.namespace))
+            _print_json(intents[0])
+        elif args.command == "token":
+            if args.token_command == "add":
+                goals = [g for g in (args.goals or "").split(",") if g]
+                secret = add_token(store, args.name, args.role, args.namespace, goals,
+                                   args.require_signature)
+                print(secret)
+                sys.stderr.write("token %r created; this is the only time it is shown\n" % args.name)
+            elif args.token_command == "list":
+                for t in store.list_tokens():
+                    print("%-20s %-7s ns=%-12s goals=%-20s signed=%s created=%s last_used=%s" % (
+                        t["name"], t["role"], t["namespace"] or "*",
+                        ",".join(json.loads(t["goals"])) if t["goals"] else "*",
+                        "yes" if t["require_signature"] else "no", _when(t["created_at"]),
+                        _when(t["last_used_at"])))
+            elif args.token_command == "revoke":
+                if not store.write(lambda: store.revoke_token(args.name)):
+                    raise SystemExit("intentbus token revoke: no token named %r" % args.name)
+                print("revoked %s" % args.name)
+        elif args.command == "backup":
+            store.backup(args.file)
+            print("backed up %s to %s" % (args.db, args.file))
+    except QueueError as e:
+        raise SystemExit("intentbus %s: %s" % (args.command, e.message))
+    finally:
+        store.close()
+    return 0
+
+
+def _when(stamp):
+    if stamp is None:
+        return "never"
+    return datetime.datetime.fromtimestamp(stamp, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    return admin(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
