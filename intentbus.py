@@ -166,16 +166,32 @@ PARK = object()   # returned by a write op that waits to be requeued (a long-pol
 _QUEUED, _RUNNING, _PARKED, _DONE, _CANCELLED = range(5)
 
 
+class _UndoBatch(Exception):
+    """An op failed after changing the file: the whole transaction is rolled back."""
+
+
 class _Op:
-    """One unit of work for the writer thread, with the caller's wait handle."""
-    __slots__ = ("fn", "state", "value", "error", "event")
+    """One write waiting for its transaction, with the caller's wait handle (a lock held until
+    the op is done: cheaper than an Event, and each op is waited for once)."""
+    __slots__ = ("fn", "state", "value", "error", "_done")
 
     def __init__(self, fn):
         self.fn = fn
         self.state = _QUEUED
         self.value = None
         self.error = None
-        self.event = threading.Event()
+        self._done = threading.Lock()
+        self._done.acquire()
+
+    def finish(self):
+        self._done.release()
+
+    def wait(self, timeout=None):
+        """True once done. With a timeout, False if it is not done by then."""
+        if self._done.acquire(True, -1 if timeout is None else max(0.0, timeout)):
+            self._done.release()   # let a second wait return at once too
+            return True
+        return False
 
 
 def _is_full(error):
@@ -214,7 +230,10 @@ class Storage:
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
         self._pending = collections.deque()
+        self._update_sql = {}
         self._batch = None
+        self._leader = None
+        self._leading = False          # a transaction is under way (on some thread)
         self._after_commit = []
         self._thread = None
         self._stopping = False
@@ -222,8 +241,9 @@ class Storage:
         self.current_op = None
         self.on_external_change = []   # callbacks, run on the writer thread inside a transaction
         self.on_rollback = []          # callbacks, run on the writer thread after a failed batch
-        self.on_op_rollback = []       # callbacks, run after one write's savepoint was undone
+        self.before_commit = []        # callbacks that may queue more ops into the transaction
         self._data_version = self._wconn.execute("PRAGMA data_version").fetchone()[0]
+        self._version_checked = time.monotonic()
 
     # ----- connections ---------------------------------------------------------------
 
@@ -342,22 +362,36 @@ class Storage:
             pass
         self._wconn.close()
 
-    def write(self, fn, timeout=None):
+    def write(self, fn):
         """Run fn() inside a write transaction and return what it returns (or raise what it raised)."""
         if self._thread is None:
             return self._write_inline(fn)
         op = self.enqueue(_Op(fn))
-        op.event.wait(timeout)
+        op.wait()
         if op.error is not None:
             raise op.error
         return op.value
 
     def enqueue(self, op):
+        """Queue a write. If no transaction is under way, the caller runs this one itself:
+        handing every write to the writer thread costs two thread switches, which dominate a
+        lone write. Under load the writer thread carries on while writes keep arriving."""
         with self._cv:
             if self._stopping:
                 raise StorageError("the server is shutting down")
             self._pending.append(op)
-            self._cv.notify()
+            if self._leading:
+                return op
+            self._leading = True
+            batch = self._pending
+            self._pending = collections.deque()
+        try:
+            self._run_batch(batch)
+        finally:
+            with self._cv:
+                self._leading = False
+                if self._pending:
+                    self._cv.notify()   # more arrived meanwhile: the writer thread takes them
         return op
 
     def cancel(self, op):
@@ -374,11 +408,12 @@ class Storage:
             if op.state != _PARKED:
                 return
             op.state = _QUEUED
-            if self._batch is not None and threading.current_thread() is self._thread:
+            if self._batch is not None and threading.current_thread() is self._leader:
                 self._batch.append(op)
             else:
                 self._pending.append(op)
-                self._cv.notify()
+                if not self._leading:
+                    self._cv.notify()
 
     def finish_parked(self, op, value):
         """Answer a parked op without running it (used at shutdown)."""
@@ -387,7 +422,7 @@ class Storage:
                 return
             op.state = _DONE
         op.value = value
-        op.event.set()
+        op.finish()
 
     def after_commit(self, callback):
         """Run callback once the current write is durable (inline writes: right away)."""
@@ -400,7 +435,7 @@ class Storage:
         conn = self._wconn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            self._check_data_version()
+            self._check_data_version(every=0)
             value = fn()
             conn.execute("COMMIT")
         except sqlite3.Error as e:
@@ -413,39 +448,43 @@ class Storage:
             raise
         return value
 
-    def _undo_op(self, mark):
-        self._wconn.execute("ROLLBACK TO op")
-        self._wconn.execute("RELEASE op")
-        del self._after_commit[mark:]
-        for callback in self.on_op_rollback:
-            callback()
-
     def _write_loop(self):
         while True:
             with self._cv:
-                while not self._pending and not self._stopping:
+                while (self._leading or not self._pending) and not self._stopping:
                     self._cv.wait()
-                if not self._pending:
+                if self._stopping and not self._pending:
                     return
+                while self._leading:   # stopping: let the caller running a batch finish it
+                    self._cv.wait(0.01)
+                self._leading = True
                 batch = self._pending
                 self._pending = collections.deque()
-            self._run_batch(batch)
+            try:
+                self._run_batch(batch)
+            finally:
+                with self._cv:
+                    self._leading = False
 
     def _run_batch(self, batch):
+        """One transaction, one commit. Write ops follow a rule that makes per-op savepoints
+        unnecessary: every check that can refuse comes before the first change. A refusal
+        therefore changed nothing; an op that fails after changing something undoes the whole
+        transaction, and the other ops of the batch simply run again in the next one."""
         conn = self._wconn
         done = []
         self._batch = batch
+        self._leader = threading.current_thread()
         self._after_commit = []
+        failed = None
         try:
             conn.execute("BEGIN IMMEDIATE")
             self._check_data_version()
             count = 0
-            while batch:
+            while batch or (count < self.MAX_BATCH and
+                            any([callback() for callback in self.before_commit])):
                 if count >= self.MAX_BATCH:
-                    with self._cv:   # keep transactions short: the rest goes in the next one
-                        self._pending.extendleft(reversed(batch))
-                        batch.clear()
-                    break
+                    break   # keep transactions short: the rest goes in the next one
                 op = batch.popleft()
                 with self._lock:
                     if op.state == _CANCELLED:
@@ -453,49 +492,56 @@ class Storage:
                     op.state = _RUNNING
                 count += 1
                 self.current_op = op
+                changes = conn.total_changes
                 mark = len(self._after_commit)
-                conn.execute("SAVEPOINT op")
                 try:
                     value = op.fn()
-                except sqlite3.Error as e:
-                    if not conn.in_transaction:   # SQLite already undid the whole transaction
-                        done.append(op)
-                        raise
-                    self._undo_op(mark)
-                    op.error = (StorageFull if _is_full(e) else StorageError)(str(e))
+                except Exception as e:
+                    if conn.total_changes != changes or not conn.in_transaction:
+                        failed = op
+                        op.error = (StorageFull if _is_full(e) else StorageError)(str(e)) \
+                            if isinstance(e, sqlite3.Error) else e
+                        raise _UndoBatch()
+                    del self._after_commit[mark:]
+                    op.error = (StorageFull if _is_full(e) else StorageError)(str(e)) \
+                        if isinstance(e, sqlite3.Error) else e
                     done.append(op)
                     continue
-                except Exception as e:   # a refusal (LeaseLost, Invalid...) or a bug: undo this op only
-                    self._undo_op(mark)
-                    op.error = e
-                    done.append(op)
-                    continue
-                conn.execute("RELEASE op")
                 if value is PARK:
                     with self._lock:
-                        if op.state == _RUNNING:
-                            op.state = _PARKED
+                        op.state = _PARKED
                     continue
                 op.value = value
                 done.append(op)
             conn.execute("COMMIT")
-        except sqlite3.Error as e:
+        except (sqlite3.Error, _UndoBatch) as e:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            failure = (StorageFull if _is_full(e) else StorageError)(str(e))
-            for op in done:
-                op.value = None
-                if op.error is None or not isinstance(op.error, StorageError):
-                    op.error = failure
-            with self._cv:   # ops not yet run go on in the next transaction
-                self._pending.extendleft(reversed(batch))
-                batch.clear()
+            if failed is not None:
+                if not isinstance(e, _UndoBatch) or not isinstance(failed.error, QueueError):
+                    log("write undone", error=repr(failed.error)[:200])
+                # The innocent ops run again; nothing of theirs was kept or answered.
+                retry = [op for op in done if op.error is None]
+                done = [op for op in done if op.error is not None] + [failed]
+                for op in retry:
+                    op.state = _QUEUED
+                batch.extendleft(reversed(retry))
+            else:   # the commit itself failed (e.g. the disk is full): every op of it fails
+                failure = (StorageFull if _is_full(e) else StorageError)(str(e))
+                for op in done:
+                    op.value = None
+                    if op.error is None:
+                        op.error = failure
             self._after_commit = []
             for callback in self.on_rollback:
                 callback()
         finally:
             self._batch = None
             self.current_op = None
+            if batch:
+                with self._cv:
+                    self._pending.extendleft(reversed(batch))
+                    batch.clear()
         for callback in self._after_commit:
             callback()
         self._after_commit = []
@@ -503,27 +549,15 @@ class Storage:
             for op in done:
                 op.state = _DONE
         for op in done:
-            op.event.set()
+            op.finish()
 
-    def attempt(self, fn):
-        """Run fn() in a savepoint of the current write: if it raises, only its changes are undone."""
-        conn = self._wconn
-        mark = len(self._after_commit)
-        conn.execute("SAVEPOINT attempt")
-        try:
-            value = fn()
-        except BaseException:
-            conn.execute("ROLLBACK TO attempt")
-            conn.execute("RELEASE attempt")
-            del self._after_commit[mark:]
-            for callback in self.on_op_rollback:
-                callback()
-            raise
-        conn.execute("RELEASE attempt")
-        return value
-
-    def _check_data_version(self):
-        """Another process (an admin command) wrote to the file: tell the queue rules."""
+    def _check_data_version(self, every=0.1):
+        """Another process (an admin command) wrote to the file: tell the queue rules.
+        Looked at most every 0.1 s, which is soon enough and keeps it off most commits."""
+        now = time.monotonic()
+        if now - self._version_checked < every:
+            return
+        self._version_checked = now
         version = self._wconn.execute("PRAGMA data_version").fetchone()[0]
         if version != self._data_version:
             self._data_version = version
@@ -569,34 +603,30 @@ class Storage:
         return _row_dict(cur, row) if row else None
 
     def claimable(self, route, limit):
-        """The best ready intents of one route: highest priority first, then first come."""
+        """The best ready intents of one route, highest priority first, then first come:
+        (id, priority, goal, payload, requires, attempts, max_attempts, lease) rows."""
         return self._wconn.execute(
-            "SELECT id, priority FROM intents INDEXED BY intents_claim "
-            "WHERE route = ? AND status = 'open' AND delayed = 0 "
+            "SELECT id, priority, goal, payload, requires, attempts, max_attempts, lease "
+            "FROM intents INDEXED BY intents_claim WHERE route = ? AND status = 'open' AND delayed = 0 "
             "ORDER BY priority DESC, id LIMIT ?", (route, limit)).fetchall()
 
-    def claim_intent(self, intent_id, worker, token, now, lease):
-        """Hand an open intent to a worker for `lease` seconds (None: the intent's own lease).
-        Returns the claimed row, or None if it was not open."""
-        conn = self._wconn
-        cur = conn.execute(
+    def claim_intent(self, intent_id, worker, token, now, expires):
+        """Hand an open intent to a worker until `expires`. False if it was not open."""
+        return self._wconn.execute(
             "UPDATE intents SET status = 'claimed', attempts = attempts + 1, worker = ?, token = ?, "
-            "claimed_at = ?, lease_expires_at = ? + coalesce(?, lease) WHERE id = ? AND status = 'open'",
-            (worker, token, now, now, lease, intent_id))
-        if cur.rowcount != 1:
-            return None
-        return conn.execute(
-            "SELECT id, goal, payload, priority, requires, attempts, max_attempts, lease, "
-            "lease_expires_at, route FROM intents WHERE id = ?", (intent_id,)).fetchone()
+            "claimed_at = ?, lease_expires_at = ? WHERE id = ? AND status = 'open'",
+            (worker, token, now, expires, intent_id)).rowcount == 1
 
     def update_intent(self, intent_id, **columns):
-        bad = set(columns) - UPDATABLE
-        if bad:
-            raise ValueError("not updatable: %s" % ", ".join(sorted(bad)))
-        names = sorted(columns)
-        self._wconn.execute(
-            "UPDATE intents SET %s WHERE id = ?" % ", ".join("%s = ?" % n for n in names),
-            [columns[n] for n in names] + [intent_id])
+        names = tuple(sorted(columns))
+        sql = self._update_sql.get(names)
+        if sql is None:
+            bad = set(names) - UPDATABLE
+            if bad:
+                raise ValueError("not updatable: %s" % ", ".join(sorted(bad)))
+            sql = self._update_sql[names] = "UPDATE intents SET %s WHERE id = ?" % ", ".join(
+                "%s = ?" % n for n in names)
+        self._wconn.execute(sql, [columns[n] for n in names] + [intent_id])
 
     def expired_leases(self, now, limit):
         cur = self._wconn.execute(
@@ -738,7 +768,12 @@ class Storage:
                                 [(t, n) for n, t in last_used.items()])
 
 
+_INTENT_KEYS = tuple(c.strip() for c in INTENT_COLUMNS.split(","))
+
+
 def _row_dict(cursor, row):
+    if len(row) == len(_INTENT_KEYS):
+        return dict(zip(_INTENT_KEYS, row))
     return {d[0]: v for d, v in zip(cursor.description, row)}
 
 
@@ -931,20 +966,15 @@ class Queue:
         self._routes = None          # id -> Route, loaded lazily on the writer thread
         self._route_ids = {}         # (namespace, goal, requires_json) -> id
         self._eligible = {}          # claim filter -> [Route]
-        self._parked = []            # long-polling claims waiting for work
+        self._parked = []            # long-polling claims waiting for work, oldest first
+        self._ready = {}             # route id -> Route that got work in this transaction
         self._open_counts = None     # namespace -> unfinished count (only with max_open)
         self._watch_lock = threading.Lock()
         self._watchers = {}          # intent id -> [Event]: GET ?wait long polls
         self._workers = {}           # (namespace, name) -> [caps, last_seen, last_saved]
-        self._routes_dirty = False    # a route was added in a write that may still be undone
         store.on_external_change.append(self._external_change)
         store.on_rollback.append(self._forget_caches)
-        store.on_op_rollback.append(self._op_undone)
-
-    def _op_undone(self):
-        if self._routes_dirty:   # the undone write may have added a route: reload from the file
-            self._routes = None
-            self._eligible = {}
+        store.before_commit.append(self._wake_waiters)
 
     # ----- caches (writer thread only) -----------------------------------------------
 
@@ -955,6 +985,7 @@ class Queue:
         for request in list(self._parked):
             self.store.requeue(request.op)
         self._parked = []
+        self._ready = {}
 
     def _external_change(self):
         """An admin command changed the file: routes, counts and claimable work may differ."""
@@ -968,7 +999,6 @@ class Queue:
 
     def _all_routes(self):
         if self._routes is None:
-            self._routes_dirty = False
             self._routes = {}
             self._route_ids = {}
             for route_id, namespace, goal, requires in self.store.load_routes():
@@ -986,27 +1016,28 @@ class Queue:
             routes[route_id] = Route(route_id, namespace, goal, requires)
             self._route_ids[(namespace, goal, requires_json)] = route_id
             self._eligible = {}
-            if not self._routes_dirty:
-                self._routes_dirty = True
-                self.store.after_commit(self._routes_committed)
         return routes[route_id]
 
-    def _routes_committed(self):
-        self._routes_dirty = False
-
     def _became_ready(self, route):
-        """Work appeared on a route: run the parked claims that can take it, in this transaction."""
-        if not self._parked:
-            return
-        still = []
-        for request in self._parked:
-            if request.op.state != _PARKED:
+        """Work appeared on a route; parked claims are woken before this transaction commits."""
+        if self._parked:
+            self._ready[route.id] = route
+
+    def _wake_waiters(self):
+        """Before commit: for each route that got work, wake the oldest parked claim that can
+        take it, as long as the route still has work. Woken claims run in this transaction, so a
+        submit and the claim it wakes share one commit. Returns True if it woke any."""
+        woke = False
+        for route_id, route in list(self._ready.items()):
+            waiting = next((r for r in self._parked if r.op.state == _PARKED and r.accepts(route)), None)
+            if waiting is None or not self.store.claimable(route_id, 1):
+                del self._ready[route_id]
                 continue
-            if request.accepts(route):
-                self.store.requeue(request.op)
-            else:
-                still.append(request)
-        self._parked = still
+            self.store.requeue(waiting.op)
+            woke = True
+        if woke:
+            self._parked = [r for r in self._parked if r.op.state == _PARKED]
+        return woke
 
     def _unfinished(self, namespace, delta):
         if self.max_open is None:
@@ -1047,10 +1078,12 @@ class Queue:
         if delay is not None and run_at is not None:
             raise Invalid("give 'delay' or 'run_at', not both")
         spec["run_at"] = now + delay if delay is not None else max(now, run_at or now)
-        # The hash covers what the client sent, so a repeat with the same relative delay matches.
-        spec["request_hash"] = hashlib.sha256(dumps(
-            [goal, spec["payload"], spec["priority"], spec["requires"], delay, run_at,
-             spec["max_attempts"], body.get("lease"), body.get("backoff")]).encode()).hexdigest()
+        spec["request_hash"] = None
+        if spec["idempotency_key"] is not None:
+            # What the client sent, so that a repeat with the same relative delay matches.
+            spec["request_hash"] = hashlib.sha256(dumps(
+                [goal, spec["payload"], spec["priority"], spec["requires"], delay, run_at,
+                 spec["max_attempts"], body.get("lease"), body.get("backoff")]).encode()).hexdigest()
         return spec
 
     def submit(self, bodies, scope=ROOT):
@@ -1065,39 +1098,47 @@ class Queue:
         return self.store.write(lambda: self._submit_now(specs, namespace, scope.name, now))
 
     def _submit_now(self, specs, namespace, submitted_by, now):
-        rows, created = [], 0
-        if self.max_open is not None:
-            self._unfinished(namespace, 0)
-        earliest = None
+        # Every check first (idempotency, quota), then every insert: a refusal changes nothing.
+        rows, new, seen = [], [], {}
         for spec in specs:
-            if spec["idempotency_key"] is not None:
-                existing = self.store.intent_by_idempotency_key(namespace, spec["idempotency_key"])
-                if existing is not None:
-                    if existing["request_hash"] != spec["request_hash"]:
-                        raise Conflict("idempotency key '%s' was used for a different intent (id %s)"
-                                       % (spec["idempotency_key"], existing["id"]),
-                                       code="idempotency_conflict")
-                    rows.append(existing)
-                    continue
-            if self.max_open is not None:
-                if self._open_counts[namespace] + created >= self.max_open:
-                    raise QuotaExceeded("namespace '%s' already has %d unfinished intents "
-                                        "(--max-open)" % (namespace, self.max_open))
-            route = self._route_for(namespace, spec["goal"], spec["requires"])
-            delayed = spec["run_at"] > now
-            row = dict(spec, namespace=namespace, route=route.id, requires=dumps(spec["requires"]),
-                       delayed=int(delayed), created_at=now, submitted_by=submitted_by)
-            intent_id = self.store.insert_intent(row)
-            created += 1
-            if delayed:
-                earliest = spec["run_at"] if earliest is None else min(earliest, spec["run_at"])
+            key = spec["idempotency_key"]
+            existing = None
+            if key is not None:
+                existing = seen.get(key) or self.store.intent_by_idempotency_key(namespace, key)
+                if existing is not None and existing["request_hash"] != spec["request_hash"]:
+                    raise Conflict("idempotency key '%s' was used for a different intent%s" % (
+                        key, " (id %s)" % existing["id"] if existing.get("id") else ""),
+                        code="idempotency_conflict")
+            if existing is not None:
+                rows.append(existing)
+                continue
+            row = dict(spec, namespace=namespace, requires=dumps(spec["requires"]), status="open",
+                       delayed=int(spec["run_at"] > now), created_at=now, attempts=0,
+                       submitted_by=submitted_by, history="[]", worker=None, token=None,
+                       claimed_at=None, lease_expires_at=None, finished_at=None, result=None,
+                       error=None)
+            if key is not None:
+                seen[key] = row
+            rows.append(row)
+            new.append((row, spec["requires"]))
+        if new and self.max_open is not None:
+            self._unfinished(namespace, 0)
+            if self._open_counts[namespace] + len(new) > self.max_open:
+                raise QuotaExceeded("namespace '%s' would have more than %d unfinished intents "
+                                    "(--max-open)" % (namespace, self.max_open))
+        earliest = None
+        for row, requires in new:
+            route = self._route_for(namespace, row["goal"], requires)
+            row["route"] = route.id
+            row["id"] = self.store.insert_intent(row)
+            if row["delayed"]:
+                earliest = row["run_at"] if earliest is None else min(earliest, row["run_at"])
             else:
                 self._became_ready(route)
-            rows.append(self.store.intent_for_update(intent_id))
-        self._unfinished(namespace, created)   # only now: nothing below can undo this write
+        self._unfinished(namespace, len(new))
         if earliest is not None and self.wakeup:
             self.wakeup(earliest)
-        return created > 0, [intent_view(r) for r in rows]
+        return bool(new), [intent_view(r) for r in rows]
 
     # ----- claim -------------------------------------------------------------------
 
@@ -1125,9 +1166,9 @@ class Queue:
             return self.store.write(lambda: self._claim_now(request))
         op = request.op = _Op(lambda: self._claim_now(request))
         self.store.enqueue(op)
-        if not op.event.wait(wait) and self.store.cancel(op):
+        if not op.wait(wait) and self.store.cancel(op):
             return []
-        op.event.wait()
+        op.wait()
         if op.error is not None:
             raise op.error
         return op.value
@@ -1141,17 +1182,16 @@ class Queue:
         if len(routes) > 1:
             candidates.sort(key=lambda c: (-c[1], c[0]))
         claimed = []
-        for intent_id, _priority in candidates[:request.max]:
+        for intent_id, priority, goal, payload, requires, attempts, max_attempts, lease in \
+                candidates[:request.max]:
             token = secrets.token_urlsafe(24)   # 192 bits
-            row = self.store.claim_intent(intent_id, request.worker, token, now, request.lease)
-            if row is None:
-                continue
-            lease, expires = request.lease or row[7], row[8]
-            claimed.append({
-                "id": str(row[0]), "goal": row[1], "payload": json.loads(row[2]),
-                "priority": row[3], "requires": json.loads(row[4]), "attempt": row[5],
-                "max_attempts": row[6], "token": token, "lease": lease,
-                "lease_expires_at": expires})
+            lease = request.lease or lease
+            if self.store.claim_intent(intent_id, request.worker, token, now, now + lease):
+                claimed.append({
+                    "id": str(intent_id), "goal": goal, "payload": json.loads(payload),
+                    "priority": priority, "requires": json.loads(requires), "attempt": attempts + 1,
+                    "max_attempts": max_attempts, "token": token, "lease": lease,
+                    "lease_expires_at": now + lease})
         if claimed:
             if self.wakeup:
                 self.wakeup(min(c["lease_expires_at"] for c in claimed))
@@ -1208,10 +1248,16 @@ class Queue:
         return row
 
     def _end_attempt(self, row, now, outcome, error=None):
-        history = json.loads(row["history"])
-        history.append({"attempt": row["attempts"], "worker": row["worker"], "start": row["claimed_at"],
-                        "end": now, "outcome": outcome, "error": error})
-        return dumps(history[-HISTORY_KEEP:])
+        """The history with this attempt's entry added, keeping the last HISTORY_KEEP."""
+        entry = dumps({"attempt": row["attempts"], "worker": row["worker"], "start": row["claimed_at"],
+                       "end": now, "outcome": outcome, "error": error})
+        history = row["history"]
+        # Each entry starts with '{"attempt":', which cannot occur inside a JSON string (the quotes
+        # would be escaped), so counting it counts entries without parsing.
+        if history.count('{"attempt":') < HISTORY_KEEP:
+            return "[" + entry + "]" if history == "[]" else history[:-1] + "," + entry + "]"
+        entries = json.loads(history)[-(HISTORY_KEEP - 1):]
+        return dumps(entries + [json.loads(entry)])
 
     def fulfill(self, intent_id, token, result=None, scope=ROOT):
         text = _json_size(result, "result", self.max_result)
@@ -1242,8 +1288,8 @@ class Queue:
         def run():
             outcomes = []
             for intent_id, token, text in checked:
-                try:
-                    self.store.attempt(lambda: self._fulfill_now(intent_id, token, text, scope))
+                try:   # a refusal changes nothing (checks come first), so no savepoint is needed
+                    self._fulfill_now(intent_id, token, text, scope)
                 except QueueError as e:
                     outcomes.append({"id": str(intent_id), "ok": False,
                                      "error": {"code": e.code, "message": e.message}})
@@ -1851,25 +1897,6 @@ class Api:
         return 200, self.queue.stats(scope)
 
 
-class _DeadlineReader(io.RawIOBase):
-    """Socket reads that must all finish by a deadline (against slowloris), not just each recv."""
-
-    def __init__(self, sock):
-        io.RawIOBase.__init__(self)
-        self.sock = sock
-        self.deadline = None
-
-    def readable(self):
-        return True
-
-    def readinto(self, buffer):
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise socket.timeout("read deadline passed")
-        self.sock.settimeout(remaining)
-        return self.sock.recv_into(buffer)
-
-
 STATUS_TEXT = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
                403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
                409: "Conflict", 411: "Length Required", 413: "Payload Too Large",
@@ -1877,6 +1904,13 @@ STATUS_TEXT = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request",
                431: "Request Header Fields Too Large", 500: "Internal Server Error",
                501: "Not Implemented", 503: "Service Unavailable", 507: "Insufficient Storage"}
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
+_REQUEST_IDS = iter(range(1, 2 ** 62))
+_BOOT = secrets.token_hex(4)
+
+
+def _new_request_id():
+    """Unique per server run; ids need not be secret, so no system randomness per request."""
+    return "%s-%x" % (_BOOT, next(_REQUEST_IDS))
 MAX_HEADER_LINE = 8192
 MAX_HEADERS = 64
 MAX_HEADER_BYTES = 32768
@@ -1889,49 +1923,51 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "intentbus/" + __version__
 
     def setup(self):
+        # Blocking sockets (one syscall per read, none for timeouts); the server's watchdog
+        # closes a connection whose deadline passes, against slowloris and idle clients.
         self.connection = self.request
+        self.connection.settimeout(None)
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._raw = _DeadlineReader(self.connection)
-        self.rfile = io.BufferedReader(self._raw, 65536)
-        self.wfile = None
+        self.deadline = time.monotonic() + self.server.config.request_timeout
         self.idle = True
         self.close_connection = True
         self._claimed = None
         self._form = None
+        self.request_id = None
+        self.server.track(self, True)
         if isinstance(self.connection, ssl.SSLSocket):
-            self.connection.settimeout(self.server.config.request_timeout)
             try:
                 self.connection.do_handshake()
             except (OSError, ssl.SSLError):
                 self.rfile = io.BytesIO(b"")   # a failed handshake ends the connection quietly
+                return
+        self.rfile = self.connection.makefile("rb", 65536)
 
     def finish(self):
+        self.server.track(self, False)
         try:
             self.rfile.close()
         except OSError:
             pass
 
     def handle(self):
-        self.server.track(self, True)
         try:
             self.close_connection = False
             while not self.close_connection and not self.server.draining:
                 self.handle_one_request()
         except (OSError, ValueError):
-            pass   # the client went away, or a deadline passed: nothing to answer
-        finally:
-            self.server.track(self, False)
+            pass   # the client went away, or its deadline passed: nothing to answer
 
     def handle_one_request(self):
         config = self.server.config
         self.idle = True
-        self._raw.deadline = time.monotonic() + config.idle_timeout
+        self.deadline = time.monotonic() + config.idle_timeout
         line = self.rfile.readline(MAX_HEADER_LINE + 1)
         self.idle = False
         if not line:
             self.close_connection = True
             return
-        self._raw.deadline = time.monotonic() + config.request_timeout
+        self.deadline = time.monotonic() + config.request_timeout
         self.request_id = None
         self.started = time.monotonic()
         try:
@@ -1940,6 +1976,7 @@ class Handler(BaseHTTPRequestHandler):
             status, value, headers = e.status, {"error": {"code": e.code, "message": e.message}}, e.headers
             if e.close:
                 self.close_connection = True
+        self.deadline = time.monotonic() + config.request_timeout   # a slow reader gets as long
         self._respond(status, value, headers)
 
     def _serve(self, line):
@@ -1953,7 +1990,7 @@ class Handler(BaseHTTPRequestHandler):
         headers = self._read_headers()
         self.headers = headers
         rid = headers.get("x-request-id", "")
-        self.request_id = rid if REQUEST_ID_RE.match(rid) else secrets.token_hex(8)
+        self.request_id = rid if REQUEST_ID_RE.match(rid) else _new_request_id()
         connection = headers.get("connection", "").lower()
         if self.request_version == "HTTP/1.0":
             self.close_connection = "keep-alive" not in connection
@@ -1976,6 +2013,7 @@ class Handler(BaseHTTPRequestHandler):
                                 {"Allow": ", ".join(sorted(set(allowed)))})
             raise HTTPError(404, "not_found", "no such endpoint: %s" % path[:100])
         m, name, role = match
+        self.deadline = None   # the request is in: long polls may take their time
         scope = self.server.authorize(self, role, path, query, body)
         params = self._params(query, headers, body)
         params.update(m.groupdict())
@@ -2087,7 +2125,7 @@ class Handler(BaseHTTPRequestHandler):
         body = b"" if value is None else dumps(value).encode("utf-8")
         lines = ["HTTP/1.1 %d %s" % (status, STATUS_TEXT.get(status, "Unknown")),
                  "Content-Length: %d" % len(body),
-                 "X-Request-ID: %s" % (self.request_id or secrets.token_hex(8)),
+                 "X-Request-ID: %s" % (self.request_id or _new_request_id()),
                  "X-Content-Type-Options: nosniff",
                  "Cache-Control: no-store"]
         if value is not None:
@@ -2175,6 +2213,7 @@ class Server(ThreadingHTTPServer):
         self.tokens = tokens
         self.api = Api(queue, tokens)
         self.draining = False
+        self._closed = threading.Event()
         self.tls = None
         self._conn_lock = threading.Lock()
         self._handlers = set()
@@ -2242,6 +2281,24 @@ class Server(ThreadingHTTPServer):
                 self._handlers.add(handler)
             else:
                 self._handlers.discard(handler)
+
+    def start_watchdog(self):
+        thread = threading.Thread(target=self._watchdog, name="intentbus-watchdog", daemon=True)
+        thread.start()
+
+    def _watchdog(self):
+        """Close connections past their deadline: idle keep-alives, slow headers and bodies,
+        clients that do not read their answer. Checked twice a second."""
+        while not self._closed.wait(0.5):
+            now = time.monotonic()
+            with self._conn_lock:
+                late = [h for h in self._handlers if h.deadline is not None and h.deadline < now]
+            for handler in late:
+                handler.deadline = None
+                try:
+                    handler.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def client_address_of(self, handler):
         if self.config.trust_proxy:
@@ -2369,6 +2426,7 @@ class Running:
         self.url = "%s://%s:%d" % ("https" if config.tls_cert else "http",
                                    "[%s]" % host if ":" in host else host, port)
         self.sweeper.start()
+        self.httpd.start_watchdog()
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="intentbus-accept", daemon=True)
         self._thread.start()
@@ -2382,6 +2440,7 @@ class Running:
         self.httpd.shutdown()          # stop the accept loop
         self.httpd.server_close()      # close the listening socket
         self.httpd.drain()
+        self.httpd._closed.set()
         self.sweeper.stop()
         try:
             self.tokens.flush_last_used()
