@@ -1976,6 +1976,13 @@ class Handler(BaseHTTPRequestHandler):
             status, value, headers = e.status, {"error": {"code": e.code, "message": e.message}}, e.headers
             if e.close:
                 self.close_connection = True
+        except (OSError, ValueError):
+            raise   # the connection itself failed
+        except Exception as e:   # a bug: answer without leaking a trace or a path, log one line
+            log("internal error", request_id=self.request_id, error=type(e).__name__)
+            status, value, headers = 500, {"error": {"code": "internal", "message": "internal error; "
+                                                     "see the server log"}}, None
+            self.close_connection = True
         self.deadline = time.monotonic() + config.request_timeout   # a slow reader gets as long
         self._respond(status, value, headers)
 
@@ -2045,8 +2052,11 @@ class Handler(BaseHTTPRequestHandler):
         except StorageError:
             log("storage error", request_id=self.request_id)
             raise HTTPError(503, "unavailable", "storage error; try again", {"Retry-After": "1"})
-        if name == "claim" and result:
-            self._claimed = result["intents"]
+        if name == "claim":
+            if result:
+                self._claimed = result["intents"]
+            elif self.server.rate is not None and value.get("wait"):
+                self.server.rate.refund(scope.name)   # an idle long poll costs its worker nothing
         return status, result, None
 
     def _read_headers(self):
