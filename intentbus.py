@@ -1853,7 +1853,7 @@ class Api:
                                     params.get("after"), scope)
 
     def get(self, scope, params, body):
-        _only(params, {"wait"}, "the query")
+        _only(params, {"id", "wait"}, "the query")
         return 200, self.queue.get(params["id"], params.get("wait"), scope)
 
     def claim(self, scope, params, body):
