@@ -313,6 +313,20 @@ class Storage:
             raise
         self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
 
+    def checkpoint(self, min_bytes=4 << 20):
+        """Copy the WAL back into the database once it has grown past min_bytes. PASSIVE: it
+        never waits for, nor blocks, the writer; what it cannot copy now is copied next time."""
+        try:
+            if os.path.getsize(self.path + "-wal") < min_bytes:
+                return
+        except OSError:
+            return
+        conn = self._reader()
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            self._give_back(conn)
+
     def quick_check(self):
         rows = self._wconn.execute("PRAGMA quick_check").fetchall()
         if [r[0] for r in rows] != ["ok"]:
@@ -341,6 +355,9 @@ class Storage:
         return self._thread is not None
 
     def start_writer(self):
+        # Checkpoints move to the sweeper (checkpoint()), off the commit path of requests.
+        self._wconn.execute("PRAGMA wal_autocheckpoint = 0")
+        self._wconn.execute("PRAGMA journal_size_limit = %d" % (16 << 20))
         self._thread = threading.Thread(target=self._write_loop, name="intentbus-writer", daemon=True)
         self._thread.start()
 
@@ -1613,6 +1630,7 @@ class Sweeper:
         while True:
             try:
                 deadline = self.queue.tick()
+                self.queue.store.checkpoint()
                 if time.monotonic() - last_prune > self.prune_every:
                     last_prune = time.monotonic()
                     removed = self.queue.prune()
