@@ -1819,16 +1819,12 @@ def _strict_float(text):
 def _check_depth(value, depth=0):
     if depth > MAX_JSON_DEPTH:
         raise ValueError("nested more than %d levels deep" % MAX_JSON_DEPTH)
-    if isinstance(value, dict):
-        for v in value.values():
-            if isinstance(v, (dict, list)):
-                _check_depth(v, depth + 1)
-    elif isinstance(value, list):
-        for v in value:
-            if isinstance(v, (dict, list)):
-                _check_depth(v, depth + 1)
-    elif isinstance(value, int) and not -2 ** 63 <= value < 2 ** 63:
-        raise ValueError("integer out of range")
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else (value,)
+    for v in items:
+        if isinstance(v, (dict, list)):
+            _check_depth(v, depth + 1)
+        elif isinstance(v, int) and not -2 ** 63 <= v < 2 ** 63:
+            raise ValueError("integer out of range")
 
 
 def _loads(data):
@@ -2080,10 +2076,12 @@ class Handler(BaseHTTPRequestHandler):
     def _read_headers(self):
         headers = {}
         total = 0
+        count = 0
         while True:
             line = self.rfile.readline(MAX_HEADER_LINE + 1)
             total += len(line)
-            if len(line) > MAX_HEADER_LINE or total > MAX_HEADER_BYTES or len(headers) >= MAX_HEADERS:
+            count += 1
+            if len(line) > MAX_HEADER_LINE or total > MAX_HEADER_BYTES or count > MAX_HEADERS + 1:
                 raise HTTPError(431, "too_large", "request headers too large or too many", close=True)
             if line in (b"\r\n", b"\n"):
                 return headers
@@ -2636,15 +2634,19 @@ def build_parser():
     token = with_db(sub.add_parser("token", help="scoped API tokens: add, list, revoke"))
     token_sub = token.add_subparsers(dest="token_command", metavar="ACTION")
     token_sub.required = True
-    add = token_sub.add_parser("add", help="create a token and print it once")
+    def token_db(p):   # --db may also come after the action
+        p.add_argument("--db", default=argparse.SUPPRESS, help="SQLite database file")
+        return p
+    add = token_db(token_sub.add_parser("add", help="create a token and print it once"))
     add.add_argument("name")
     add.add_argument("--role", required=True, choices=ROLES)
     add.add_argument("--namespace", help="tenant (default: 'default'; admin: every namespace)")
     add.add_argument("--goals", help="comma-separated goals the token is limited to")
     add.add_argument("--require-signature", action="store_true",
                      help="the token must sign each request (HMAC-SHA256) instead of sending itself")
-    token_sub.add_parser("list", help="list tokens (never their secrets)")
-    revoke = token_sub.add_parser("revoke", help="revoke a token (a running server stops accepting it at once)")
+    token_db(token_sub.add_parser("list", help="list tokens (never their secrets)"))
+    revoke = token_db(token_sub.add_parser("revoke", help="revoke a token (a running server stops "
+                                                          "accepting it within half a second)"))
     revoke.add_argument("name")
     backup = with_db(sub.add_parser("backup", help="consistent online copy of the database"))
     backup.add_argument("file")
