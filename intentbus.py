@@ -402,14 +402,18 @@ class Storage:
             self._leading = True
             batch = self._pending
             self._pending = collections.deque()
+        self._lead(batch)
+        return op
+
+    def _lead(self, batch):
+        """Run a batch as the one writer, then hand over: the writer thread takes what arrived."""
         try:
             self._run_batch(batch)
         finally:
             with self._cv:
                 self._leading = False
                 if self._pending:
-                    self._cv.notify()   # more arrived meanwhile: the writer thread takes them
-        return op
+                    self._cv.notify()
 
     def cancel(self, op):
         """Withdraw a parked op. False if it is queued, running or done: then it will finish soon."""
@@ -477,11 +481,7 @@ class Storage:
                 self._leading = True
                 batch = self._pending
                 self._pending = collections.deque()
-            try:
-                self._run_batch(batch)
-            finally:
-                with self._cv:
-                    self._leading = False
+            self._lead(batch)
 
     def _run_batch(self, batch):
         """One transaction, one commit. Write ops follow a rule that makes per-op savepoints
