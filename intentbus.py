@@ -231,6 +231,7 @@ class Storage:
         self._cv = threading.Condition(self._lock)
         self._pending = collections.deque()
         self._update_sql = {}
+        self._checkpoint_due = False
         self._batch = None
         self._leader = None
         self._leading = False          # a transaction is under way (on some thread)
@@ -317,18 +318,25 @@ class Storage:
         self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
 
     def checkpoint(self, min_bytes=4 << 20):
-        """Copy the WAL back into the database once it has grown past min_bytes. PASSIVE: it
-        never waits for, nor blocks, the writer; what it cannot copy now is copied next time."""
+        """Ask for a checkpoint once the WAL has grown past min_bytes. The writer runs it between
+        two transactions (see _lead): a checkpoint that restarts the WAL keeps it small, where
+        one beside a busy writer never catches up and the WAL grows without end."""
         try:
-            if os.path.getsize(self.path + "-wal") < min_bytes:
-                return
+            if os.path.getsize(self.path + "-wal") >= min_bytes:
+                self._checkpoint_due = True
         except OSError:
-            return
-        conn = self._reader()
+            pass
+
+    def _checkpoint_now(self):
+        self._checkpoint_due = False
+        conn = self._wconn
+        conn.execute("PRAGMA busy_timeout = 100")   # never hold writes up long for a slow reader
         try:
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            conn.execute("PRAGMA wal_checkpoint(RESTART)")
+        except sqlite3.Error:
+            pass   # busy: next time
         finally:
-            self._give_back(conn)
+            conn.execute("PRAGMA busy_timeout = %d" % self.BUSY_TIMEOUT_MS)
 
     def quick_check(self):
         rows = self._wconn.execute("PRAGMA quick_check").fetchall()
@@ -412,6 +420,8 @@ class Storage:
         """Run a batch as the one writer, then hand over: the writer thread takes what arrived."""
         try:
             self._run_batch(batch)
+            if self._checkpoint_due:
+                self._checkpoint_now()
         finally:
             with self._cv:
                 self._leading = False
@@ -650,22 +660,25 @@ class Storage:
 
     def expired_leases(self, now, limit):
         cur = self._wconn.execute(
-            "SELECT %s FROM intents WHERE status = 'claimed' AND lease_expires_at <= ? "
+            "SELECT %s FROM intents INDEXED BY intents_lease "
+            "WHERE status = 'claimed' AND lease_expires_at <= ? "
             "ORDER BY lease_expires_at LIMIT ?" % INTENT_COLUMNS, (now, limit))
         return [_row_dict(cur, row) for row in cur.fetchall()]
 
     def due_delayed(self, now, limit):
         """Delayed intents whose run_at has come: (id, route) pairs."""
         return self._wconn.execute(
-            "SELECT id, route FROM intents WHERE status = 'open' AND delayed = 1 AND run_at <= ? "
+            "SELECT id, route FROM intents INDEXED BY intents_delayed "
+            "WHERE status = 'open' AND delayed = 1 AND run_at <= ? "
             "ORDER BY run_at LIMIT ?", (now, limit)).fetchall()
 
     def next_deadline(self):
         """The earliest lease expiry or delayed run_at, or None."""
         conn = self._wconn
-        lease = conn.execute("SELECT min(lease_expires_at) FROM intents "
+        # INDEXED BY: left to itself the planner picks intents_status and walks every open intent.
+        lease = conn.execute("SELECT min(lease_expires_at) FROM intents INDEXED BY intents_lease "
                              "WHERE status = 'claimed'").fetchone()[0]
-        due = conn.execute("SELECT min(run_at) FROM intents "
+        due = conn.execute("SELECT min(run_at) FROM intents INDEXED BY intents_delayed "
                            "WHERE status = 'open' AND delayed = 1").fetchone()[0]
         times = [t for t in (lease, due) if t is not None]
         return min(times) if times else None
@@ -749,7 +762,7 @@ class Storage:
         return self._read_one(sql + " AND namespace = ?", (namespace,))[0]
 
     def holdings(self, namespace=None):
-        sql = "SELECT worker, count(*) FROM intents WHERE status = 'claimed'"
+        sql = "SELECT worker, count(*) FROM intents INDEXED BY intents_lease WHERE status = 'claimed'"
         if namespace is None:
             return dict(self._read(sql + " GROUP BY worker"))
         return dict(self._read(sql + " AND namespace = ? GROUP BY worker", (namespace,)))
