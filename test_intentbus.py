@@ -573,6 +573,36 @@ class RestartAndAuth(TempDirCase):
         finally:
             srv.stop()
 
+    def test_sigterm_answers_long_polls_and_exits_cleanly(self):
+        p = subprocess.Popen([PY, os.path.join(HERE, "intentbus.py"), "serve", "--db", self.db, "--port", "0"],
+                             stderr=subprocess.PIPE, text=True)
+        try:
+            line = p.stderr.readline()
+            self.assertIn("auth=off", line)
+            url = line.split("listening on ")[1].split()[0]
+            got = {}
+            t = threading.Thread(target=lambda: got.setdefault(
+                "claim", Client(url).claim("poller", goals=["other"], wait=60)))
+            t.start()
+            c = Client(url)
+            kept = c.submit("g", "kept")["id"]
+            eventually(lambda: c.stats()["workers"], 5)
+            time.sleep(0.2)   # let the claim park; if it has not yet, it is answered empty anyway
+            p.send_signal(signal.SIGTERM)
+            self.assertEqual(p.wait(20), 0)
+            t.join(20)
+        finally:
+            if p.poll() is None:
+                p.kill()
+            p.communicate(timeout=10)
+        self.assertFalse(t.is_alive())        # the 60 s long poll was answered at shutdown
+        self.assertEqual(got["claim"], [])
+        srv = intentbus.start_server(db=self.db, port=0)
+        try:
+            self.assertEqual(Client(srv.url).get(kept)["payload"], "kept")
+        finally:
+            srv.stop()
+
     def test_refuses_a_public_address_without_a_token(self):
         with self.assertRaises(SystemExit) as e:
             intentbus.start_server(db=self.db, host="0.0.0.0", port=0)
