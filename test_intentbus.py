@@ -906,21 +906,21 @@ class Limits(TempDirCase):
         for _ in range(6):
             c.claim(wait=0.1)                     # idle long polls are refunded
         codes = []
-        for _ in range(8):
+        for _ in range(20):
             try:
                 c.submit("g")
                 codes.append(201)
             except Unavailable as e:
                 codes.append((e.status, e.code, e.retry_after is not None))
         self.assertIn((429, "rate_limited", True), codes)
-        bad = [None] * 5
-        for n in range(5):
+        bad = [None] * 8
+        for n in range(8):
             try:
                 Client(srv.url, "wrong").stats()
             except IntentBusError as e:
                 bad[n] = e.status
         self.assertEqual(bad[:3], [401, 401, 401])
-        self.assertEqual(bad[-1], 429)
+        self.assertIn(429, bad)
 
     def test_quota(self):
         srv = self.start(max_open=3)
@@ -938,7 +938,7 @@ class Limits(TempDirCase):
         srv = self.start(max_connections=4, request_timeout=1, idle_timeout=2)
         host, port = srv.httpd.server_address[:2]
         held = [socket.create_connection((host, port)) for _ in range(4)]
-        time.sleep(0.2)
+        self.assertTrue(eventually(lambda: srv.httpd._active == 4, 10))
         extra = socket.create_connection((host, port))
         extra.settimeout(5)
         self.assertIn(b" 503 ", extra.recv(4096))
