@@ -17,7 +17,6 @@ Standard library only; Python 3.9+.
 """
 
 import argparse
-import base64
 import collections
 import datetime
 import hashlib
@@ -704,11 +703,6 @@ class Storage:
             [before] + list(statuses) + [limit])
         return cur.rowcount
 
-    def count_unfinished(self, namespace):
-        return self._wconn.execute(
-            "SELECT count(*) FROM intents WHERE namespace = ? AND status IN ('open', 'claimed')",
-            (namespace,)).fetchone()[0]
-
     def unfinished_by_namespace(self):
         return dict(self._wconn.execute(
             "SELECT namespace, count(*) FROM intents WHERE status IN ('open', 'claimed') "
@@ -851,10 +845,6 @@ class Forbidden(QueueError):
 
 class QuotaExceeded(QueueError):
     code = "quota_exceeded"
-
-
-class ShuttingDown(QueueError):
-    code = "unavailable"
 
 
 NAME_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
@@ -1751,7 +1741,7 @@ def add_token(store, name, role, namespace=None, goals=None, require_signature=F
 
 ERROR_STATUS = [   # most specific first
     (Invalid, 400), (TooLarge, 413), (NotFound, 404), (LeaseLost, 409), (Conflict, 409),
-    (Forbidden, 403), (QuotaExceeded, 429), (ShuttingDown, 503), (StorageFull, 507),
+    (Forbidden, 403), (QuotaExceeded, 429), (StorageFull, 507),
     (StorageError, 503), (QueueError, 400),
 ]
 
@@ -2017,7 +2007,6 @@ class Handler(BaseHTTPRequestHandler):
         self._respond(status, value, headers)
 
     def _serve(self, line):
-        config = self.server.config
         if len(line) > MAX_HEADER_LINE:
             raise HTTPError(414, "too_large", "request line too long", close=True)
         parts = line.decode("latin-1").split()

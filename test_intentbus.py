@@ -9,7 +9,6 @@ bounded polling loops. Everything talks to 127.0.0.1 only.
 
 import http.client
 import json
-import math
 import os
 import random
 import signal
@@ -31,7 +30,7 @@ sys.path.insert(0, HERE)
 
 import intentbus  # noqa: E402
 import stress  # noqa: E402
-from intentbus import Storage, Queue, Scope  # noqa: E402
+from intentbus import Storage, Queue  # noqa: E402
 from stress import Run, Submit, ClaimReq  # noqa: E402
 from worker import Client, IntentBusError, LeaseLost, NotFound, Unavailable  # noqa: E402
 
