@@ -338,7 +338,12 @@ class Storage:
             conn.execute("PRAGMA busy_timeout = %d" % self.BUSY_TIMEOUT_MS)
 
     def quick_check(self):
-        rows = self._wconn.execute("PRAGMA quick_check").fetchall()
+        try:
+            rows = self._wconn.execute("PRAGMA quick_check").fetchall()
+        except sqlite3.OperationalError:
+            raise
+        except sqlite3.DatabaseError as e:   # damage bad enough that the check itself fails
+            raise StorageCorrupt(str(e))
         if [r[0] for r in rows] != ["ok"]:
             raise StorageCorrupt("; ".join(str(r[0]) for r in rows[:5]))
 
@@ -1809,6 +1814,7 @@ def _query_value(name, raw):
 
 
 MAX_JSON_DEPTH = 64
+IDLE_POLL_REFUND = 0.2   # seconds an empty long poll must have waited to get its rate token back
 
 
 def _reject_constant(name):
@@ -1822,7 +1828,8 @@ def _strict_float(text):
     return value
 
 
-def _check_depth(value, depth=0):
+def _check_depth(value, depth=1):
+    """Levels count from 1 at the outermost container, as the README's "at most 64" does."""
     if depth > MAX_JSON_DEPTH:
         raise ValueError("nested more than %d levels deep" % MAX_JSON_DEPTH)
     items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else (value,)
@@ -1842,6 +1849,8 @@ def _loads(data):
     try:   # the C parser stops very deep nesting with RecursionError; _check_depth is stricter
         value = json.loads(text, parse_constant=_reject_constant, parse_float=_strict_float)
         _check_depth(value)
+        if "\\u" in text:   # only an escape can smuggle in a lone surrogate, which is not Unicode
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
     except (ValueError, RecursionError) as e:
         raise HTTPError(400, "bad_json", "the body is not valid JSON: %s" % str(e)[:200])
     return value
@@ -1959,7 +1968,7 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 self.connection.do_handshake()
             except (OSError, ssl.SSLError):
-                self.rfile = io.BytesIO(b"")   # a failed handshake ends the connection quietly
+                self.rfile = io.BufferedReader(io.BytesIO(b""))   # a failed handshake ends the connection quietly
                 return
         self.rfile = self.connection.makefile("rb", 65536)
 
@@ -1982,12 +1991,15 @@ class Handler(BaseHTTPRequestHandler):
         config = self.server.config
         self.idle = True
         self.deadline = time.monotonic() + config.idle_timeout
-        line = self.rfile.readline(MAX_HEADER_LINE + 1)
+        if not self.rfile.peek(1):   # idle until the first byte; from then on the request clock runs
+            self.close_connection = True
+            return
         self.idle = False
+        self.deadline = time.monotonic() + config.request_timeout
+        line = self.rfile.readline(MAX_HEADER_LINE + 1)
         if not line:
             self.close_connection = True
             return
-        self.deadline = time.monotonic() + config.request_timeout
         self.request_id = None
         self.started = time.monotonic()
         try:
@@ -1996,7 +2008,7 @@ class Handler(BaseHTTPRequestHandler):
             status, value, headers = e.status, {"error": {"code": e.code, "message": e.message}}, e.headers
             if e.close:
                 self.close_connection = True
-        except (OSError, ValueError):
+        except OSError:
             raise   # the connection itself failed
         except Exception as e:   # a bug: answer without leaking a trace or a path, log one line
             log("internal error", request_id=self.request_id, error=type(e).__name__)
@@ -2074,8 +2086,8 @@ class Handler(BaseHTTPRequestHandler):
         if name == "claim":
             if result:
                 self._claimed = result["intents"]
-            elif self.server.rate is not None and value.get("wait"):
-                self.server.rate.refund(scope.name)   # an idle long poll costs its worker nothing
+            elif self.server.rate is not None and time.monotonic() - self.started >= IDLE_POLL_REFUND:
+                self.server.rate.refund(scope.name)   # a long poll that sat idle costs nothing
         return status, result, None
 
     def _read_headers(self):
@@ -2208,6 +2220,16 @@ class RateLimiter:
             self._buckets[key] = (tokens, now)
             return (1 - tokens) / self.rate
 
+    def wait(self, key, now=None):
+        """Seconds until `key` may spend again (0 if it may now), spending nothing."""
+        if key not in self._buckets:   # the common case, without the lock: never limited
+            return 0.0
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            tokens, then = self._buckets.get(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - then) * self.rate)
+            return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+
     def refund(self, key):
         with self._lock:
             if key in self._buckets:
@@ -2283,8 +2305,10 @@ class Server(ThreadingHTTPServer):
                 request.setblocking(False)
                 body = b'{"error":{"code":"unavailable","message":"too many connections"}}'
                 request.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                             b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
-                             % (len(body), body))
+                             b"X-Request-ID: %s\r\nX-Content-Type-Options: nosniff\r\n"
+                             b"Cache-Control: no-store\r\nRetry-After: 1\r\nConnection: close\r\n"
+                             b"Content-Length: %d\r\n\r\n%s"
+                             % (_new_request_id().encode("ascii"), len(body), body))
             except (OSError, ValueError):
                 pass
             self.shutdown_request(request)
@@ -2345,6 +2369,11 @@ class Server(ThreadingHTTPServer):
         if not self.tokens.enabled:
             return ROOT   # no tokens at all: the server only listens on loopback
         headers = handler.headers
+        address = self.client_address_of(handler)
+        wait = self.auth_failures.wait(address)
+        if wait:   # locked out: not even a right guess is confirmed until the bucket refills
+            raise HTTPError(429, "rate_limited", "too many failed authentications",
+                            {"Retry-After": str(int(math.ceil(wait)))})
         secret = None
         auth = headers.get("authorization", "")
         if auth[:7].lower() == "bearer ":
@@ -2360,7 +2389,6 @@ class Server(ThreadingHTTPServer):
                     self.tokens.by_name(scope.name)["require_signature"]:
                 raise HTTPError(401, "unauthorized", "this token must sign its requests")
         if scope is None:
-            address = self.client_address_of(handler)
             wait = self.auth_failures.take(address)
             if wait:
                 raise HTTPError(429, "rate_limited", "too many failed authentications",
@@ -2384,6 +2412,8 @@ class Server(ThreadingHTTPServer):
         try:
             stamp = float(parts.get("ts", ""))
         except ValueError:
+            stamp = None
+        if stamp is not None and not math.isfinite(stamp):
             stamp = None
         nonce = parts.get("nonce", "")
         if entry is None or stamp is None or not (8 <= len(nonce) <= 64):
@@ -2438,14 +2468,35 @@ def sign_request(key_hex, method, path, query, stamp, nonce, body):
     return hmac.new(key_hex.encode(), message.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
+def open_storage(path, sync="full", max_db_mb=None):
+    """Open, migrate and check the database file; StorageCorrupt if it is damaged."""
+    try:
+        store = Storage(path, sync, max_db_mb)
+    except sqlite3.OperationalError:
+        raise
+    except sqlite3.DatabaseError as e:   # "file is not a database", "malformed"
+        raise StorageCorrupt(str(e))
+    try:
+        store.migrate()
+        store.quick_check()
+    except sqlite3.OperationalError:
+        store.close()
+        raise
+    except sqlite3.DatabaseError as e:
+        store.close()
+        raise StorageCorrupt(str(e))
+    except StorageCorrupt:
+        store.close()
+        raise
+    return store
+
+
 class Running:
     """A started server: its URL, its parts, and stop()."""
 
     def __init__(self, config, clock=time.time):
         self.config = config
-        self.store = Storage(config.db, config.sync, config.max_db_mb)
-        self.store.migrate()
-        self.store.quick_check()
+        self.store = open_storage(config.db, config.sync, config.max_db_mb)
         self.queue = Queue(self.store, config.lease, config.backoff_base, config.backoff_max,
                            config.max_payload, config.max_result, config.keep_done, config.keep_dead,
                            config.max_open, clock=clock)
@@ -2593,12 +2644,16 @@ def build_parser():
         prog="intentbus.py", description="Intent Bus: a durable job queue on SQLite with an HTTP API. "
         "Every flag also reads an INTENTBUS_* environment variable (e.g. --db: INTENTBUS_DB).")
     parser.add_argument("--version", action="version", version="intentbus " + __version__)
+    # --db may come before or after the command (and after a token action); the default is
+    # filled in by parse_args below, so no level's default overwrites another's value.
+    db_help = "SQLite database file (default: %s; INTENTBUS_DB)" % _env_default(
+        "--db", str, SERVE_DEFAULTS["db"])
+    parser.add_argument("--db", default=argparse.SUPPRESS, help=db_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     def with_db(p):
-        p.add_argument("--db", default=_env_default("--db", str, SERVE_DEFAULTS["db"]),
-                       help="SQLite database file (default: %(default)s; INTENTBUS_DB)")
+        p.add_argument("--db", default=argparse.SUPPRESS, help=db_help)
         return p
 
     serve = with_db(sub.add_parser("serve", help="run the HTTP server"))
@@ -2639,18 +2694,15 @@ def build_parser():
     token = with_db(sub.add_parser("token", help="scoped API tokens: add, list, revoke"))
     token_sub = token.add_subparsers(dest="token_command", metavar="ACTION")
     token_sub.required = True
-    def token_db(p):   # --db may also come after the action
-        p.add_argument("--db", default=argparse.SUPPRESS, help="SQLite database file")
-        return p
-    add = token_db(token_sub.add_parser("add", help="create a token and print it once"))
+    add = with_db(token_sub.add_parser("add", help="create a token and print it once"))
     add.add_argument("name")
     add.add_argument("--role", required=True, choices=ROLES)
     add.add_argument("--namespace", help="tenant (default: 'default'; admin: every namespace)")
     add.add_argument("--goals", help="comma-separated goals the token is limited to")
     add.add_argument("--require-signature", action="store_true",
                      help="the token must sign each request (HMAC-SHA256) instead of sending itself")
-    token_db(token_sub.add_parser("list", help="list tokens (never their secrets)"))
-    revoke = token_db(token_sub.add_parser("revoke", help="revoke a token (a running server stops "
+    with_db(token_sub.add_parser("list", help="list tokens (never their secrets)"))
+    revoke = with_db(token_sub.add_parser("revoke", help="revoke a token (a running server stops "
                                                           "accepting it within half a second)"))
     revoke.add_argument("name")
     backup = with_db(sub.add_parser("backup", help="consistent online copy of the database"))
@@ -2672,8 +2724,10 @@ def serve(args):
     try:
         running = Running(config)
     except StorageCorrupt as e:
-        raise SystemExit("intentbus: %s is damaged (quick_check: %s). Stop here and restore the "
-                         "newest backup: cp BACKUP %s (see README, Backups)" % (config.db, e, config.db))
+        raise SystemExit("intentbus: %s is damaged (%s). Stop here and restore the newest "
+                         "backup: cp BACKUP %s (see README, Backups)" % (config.db, e, config.db))
+    except sqlite3.OperationalError as e:
+        raise SystemExit("intentbus: cannot use the database %s: %s" % (config.db, e))
     except OSError as e:
         raise SystemExit("intentbus: cannot listen on %s:%s: %s" % (config.host, config.port, e.strerror))
     stop = threading.Event()
@@ -2696,8 +2750,11 @@ def serve(args):
 
 
 def _admin_queue(args):
-    store = Storage(args.db)
-    store.migrate()
+    try:
+        store = Storage(args.db)
+        store.migrate()
+    except sqlite3.DatabaseError as e:
+        raise SystemExit("intentbus %s: cannot use the database %s: %s" % (args.command, args.db, e))
     return store, Queue(store)
 
 
@@ -2757,10 +2814,15 @@ def admin(args):
                     raise SystemExit("intentbus token revoke: no token named %r" % args.name)
                 print("revoked %s" % args.name)
         elif args.command == "backup":
+            if os.path.lexists(args.file):
+                raise SystemExit("intentbus backup: %s exists; give a new file name (a backup "
+                                 "never overwrites)" % args.file)
             store.backup(args.file)
             print("backed up %s to %s" % (args.db, args.file))
     except QueueError as e:
         raise SystemExit("intentbus %s: %s" % (args.command, e.message))
+    except sqlite3.DatabaseError as e:
+        raise SystemExit("intentbus %s: database error on %s: %s" % (args.command, args.db, e))
     finally:
         store.close()
     return 0
@@ -2772,8 +2834,15 @@ def _when(stamp):
     return datetime.datetime.fromtimestamp(stamp, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def main(argv=None):
+def parse_args(argv=None):
     args = build_parser().parse_args(argv)
+    if not hasattr(args, "db"):
+        args.db = _env_default("--db", str, SERVE_DEFAULTS["db"])
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.command == "serve":
         return serve(args)
     return admin(args)

@@ -903,7 +903,7 @@ class Limits(TempDirCase):
         srv = self.start(token="t", rate=2, burst=4, auth_rate=0.5, auth_burst=3)
         c = Client(srv.url, "t")
         for _ in range(6):
-            c.claim(wait=0.1)                     # idle long polls are refunded
+            c.claim(wait=0.25)                    # idle long polls are refunded
         codes = []
         for _ in range(20):
             try:
