@@ -210,6 +210,7 @@ class Storage:
     """
 
     MAX_BATCH = 512
+    MAX_IDLE_READERS = 64
     BUSY_TIMEOUT_MS = 30000   # another process (an admin command) may hold the write lock briefly
 
     def __init__(self, path, sync="full", max_db_mb=None):
@@ -238,6 +239,7 @@ class Storage:
         self._thread = None
         self._stopping = False
         self._readers = []
+        self._read_lock = threading.Lock()
         self.current_op = None
         self.on_external_change = []   # callbacks, run on the writer thread inside a transaction
         self.on_rollback = []          # callbacks, run on the writer thread after a failed batch
@@ -247,7 +249,7 @@ class Storage:
 
     # ----- connections ---------------------------------------------------------------
 
-    def _connect(self):
+    def _connect(self, cache_kib=32768):
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                timeout=self.BUSY_TIMEOUT_MS / 1000.0)
         conn.execute("PRAGMA busy_timeout = %d" % self.BUSY_TIMEOUT_MS)
@@ -257,8 +259,8 @@ class Storage:
         conn.execute("PRAGMA synchronous = %s" % self.sync.upper())
         conn.execute("PRAGMA foreign_keys = OFF")
         # 2 MiB of page cache (SQLite's default) thrashes once the indexes pass a few hundred
-        # thousand intents; 32 MiB per connection keeps the claim path's pages in memory.
-        conn.execute("PRAGMA cache_size = -32768")
+        # thousand intents; 32 MiB for the writer keeps the claim path's pages in memory.
+        conn.execute("PRAGMA cache_size = -%d" % cache_kib)
         if self.max_db_mb:
             page = conn.execute("PRAGMA page_size").fetchone()[0]
             conn.execute("PRAGMA max_page_count = %d" % max(1, int(self.max_db_mb * 1048576 // page)))
@@ -268,11 +270,13 @@ class Storage:
         with self._lock:
             if self._readers:
                 return self._readers.pop()
-        return self._connect()
+        return self._connect(cache_kib=4096)   # reads touch few pages; many readers may be idle
 
     def _give_back(self, conn):
         with self._lock:
-            if len(self._readers) < 16:
+            # Opening a connection costs more than most reads, so keep enough for every
+            # request thread that reads at once (up to the connection cap's order of size).
+            if len(self._readers) < self.MAX_IDLE_READERS:
                 self._readers.append(conn)
                 return
         conn.close()
@@ -280,7 +284,10 @@ class Storage:
     def _read(self, sql, args=()):
         conn = self._reader()
         try:
-            return conn.execute(sql, args).fetchall()
+            # One read at a time: SQLite releases the GIL inside each call, and forty threads
+            # trading it (and WAL read locks) cost several times the read itself.
+            with self._read_lock:
+                return conn.execute(sql, args).fetchall()
         finally:
             self._give_back(conn)
 
@@ -722,13 +729,8 @@ class Storage:
     # ----- intents: reads (own connections, any thread) --------------------------------
 
     def get_intent(self, intent_id):
-        conn = self._reader()
-        try:
-            cur = conn.execute("SELECT %s FROM intents WHERE id = ?" % INTENT_COLUMNS, (intent_id,))
-            row = cur.fetchone()
-            return _row_dict(cur, row) if row else None
-        finally:
-            self._give_back(conn)
+        rows = self._read("SELECT %s FROM intents WHERE id = ?" % INTENT_COLUMNS, (intent_id,))
+        return dict(zip(_INTENT_KEYS, rows[0])) if rows else None
 
     def list_intents(self, status=None, goal=None, namespace=None, submitted_by=None,
                      after=0, limit=100):
@@ -741,12 +743,7 @@ class Storage:
                 args.append(value)
         sql += " ORDER BY id LIMIT ?"
         args.append(limit)
-        conn = self._reader()
-        try:
-            cur = conn.execute(sql, args)
-            return [_row_dict(cur, row) for row in cur.fetchall()]
-        finally:
-            self._give_back(conn)
+        return [dict(zip(_INTENT_KEYS, row)) for row in self._read(sql, args)]
 
     def count_by_goal_and_status(self, namespace=None):
         if namespace is None:
