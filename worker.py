@@ -1,31 +1,52 @@
 #!/usr/bin/env python3
-"""Intent Bus worker: runs intents anywhere Python runs (a Termux phone, a Pi, a VPS).
+"""Intent Bus worker: claims intents from an Intent Bus server and runs them.
+
+One file, standard library only, Python 3.9+. Copy it anywhere (a Termux phone, a Raspberry Pi, a
+VPS) and run:
 
     python worker.py --server https://bus.example.org --token-file ~/.intentbus-token --cap ffmpeg
 
-It claims intents it has a handler for, runs them, and reports the outcome. This file stands
-alone (standard library only, Python 3.9+): copy it to the device and run it.
+Handlers are executables in ./handlers/<goal> (or --run GOAL=COMMAND). The handler contract:
 
-Sections: errors, Client (the project's one HTTP client), Worker runtime, CLI.
+  stdin      the intent's payload as JSON (one line)
+  env        INTENT_ID, INTENT_GOAL, INTENT_ATTEMPT, INTENT_MAX_ATTEMPTS (INTENTBUS_TOKEN is removed)
+  exit 0     fulfilled; the result is stdout, parsed as JSON if it is JSON, else the text (one
+             trailing newline dropped; empty stdout gives null). stdout longer than --max-result
+             bytes (default 60000, under the server's default limit of 65536) fails the intent
+             for good: a cut result would be a wrong result.
+  exit 75    EX_TEMPFAIL: failed for now, retried after the intent's backoff.
+  exit 100   "do not retry": the intent goes dead at once (fail with retry=false). 100 is outside
+             sysexits.h (64-78) and the shell's own codes (126, 127, 128+N), so a handler reaches
+             it only on purpose; note that apt-get exits 100 on errors, so a handler that wraps
+             apt-get should map its failures to 1 or 75.
+  other      failed and retried while attempts remain; the error is the tail of stderr (the last
+             4000 characters).
+  --timeout  a job running longer is killed (its whole process group) and fails with "timed out".
+  Anything the handler leaves running in its process group is killed when it exits.
 
-Handler contract (executables in --handlers DIR named after the goal, or --run GOAL=COMMAND):
-- stdin: the payload as JSON. Environment: INTENT_ID, INTENT_GOAL, INTENT_ATTEMPT,
-  INTENT_MAX_ATTEMPTS (plus the worker's own environment).
-- exit 0: fulfilled. stdout is the result: JSON if it parses, else the text (at most 60000 bytes).
-- exit 75 (EX_TEMPFAIL) or any other non-zero code: failed, retried after the backoff while
-  attempts remain; the tail of stderr (last 4000 characters) is the error.
-- exit 100: failed for good ("do not retry"): the intent goes to the dead-letter queue at once.
-  100 is outside the sysexits range and the shell's 126-165, so no tool uses it by accident.
+The same file is a library. `Client` wraps the whole HTTP API (stress.py and the tests use it),
+and `Worker` runs Python functions:
+
+    from worker import Worker
+    w = Worker("http://127.0.0.1:8080", token, caps=["gpu"])
+
+    @w.handler("thumbnail")
+    def thumbnail(payload):          # or (payload, job): job.id, job.attempt, job.cancelled
+        return {"ok": True}          # raising fails the intent (PermanentError: no retry)
+
+    w.run()
 """
 
 import argparse
-import datetime
+import errno
 import hashlib
 import hmac
 import http.client
+import inspect
 import json
 import os
 import random
+import re
 import secrets
 import shlex
 import signal
@@ -36,61 +57,115 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import urllib.parse
 
 __version__ = "0.1.0"
 
-EXIT_RETRY = 75        # EX_TEMPFAIL: try again later
-EXIT_NO_RETRY = 100    # give up: dead at once
+__all__ = ["IntentBusError", "LeaseLost", "NotFound", "Unavailable", "PermanentError",
+           "Client", "Worker", "Job", "main", "sign_request"]
+
+EXIT_RETRY = 75          # handler exit code: retry later (EX_TEMPFAIL); any other non-zero too
+EXIT_NO_RETRY = 100      # handler exit code: do not retry (dead at once)
 MAX_RESULT_BYTES = 60000
 MAX_ERROR_CHARS = 4000
 
-
-def log(message, **fields):
-    """One line on stderr with a UTC timestamp. Never pass a token here."""
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
-    extra = "".join(" %s=%s" % (k, v) for k, v in fields.items() if v is not None)
-    sys.stderr.write("%sZ %s%s\n" % (stamp, message, extra))
-    sys.stderr.flush()
+GOAL_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+CAP_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+WORKER_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 
 
 # =====================================================================================
-# Errors
+# 1. Errors
 # =====================================================================================
 
 class IntentBusError(Exception):
-    """The server refused a request. .status, .code, .message, .retry_after (seconds or None)."""
+    """An error answer from the server (or no answer at all).
 
-    def __init__(self, message, status=None, code=None, retry_after=None):
-        Exception.__init__(self, message)
+    .status is the HTTP status (None when there was no answer), .code the server's error code
+    ("lease_lost", "not_found", "invalid", ... or "network"/"timeout"), .message its text and
+    .retry_after the Retry-After header in seconds (or None)."""
+
+    def __init__(self, message, status=None, code="error", retry_after=None):
+        super().__init__(message)
         self.message = message
         self.status = status
         self.code = code
         self.retry_after = retry_after
 
     def __str__(self):
-        return "%s %s: %s" % (self.status or "-", self.code or "error", self.message)
+        if self.status is None:
+            return "%s (%s)" % (self.message, self.code)
+        return "%s %s: %s" % (self.status, self.code, self.message)
 
 
 class LeaseLost(IntentBusError):
-    """409 lease_lost: the token is stale; the intent belongs to someone else now."""
+    """409 lease_lost: the token is stale or wrong; the intent is no longer ours."""
 
 
 class NotFound(IntentBusError):
-    """404: no such intent (or not visible to this token)."""
+    """404: no such intent (or endpoint)."""
 
 
 class Unavailable(IntentBusError):
-    """The server could not be reached, timed out, or answered 5xx or 429: try again later."""
+    """No usable answer: a network error, a timeout, 5xx, 408 or 429. The caller may retry later."""
+
+
+class PermanentError(Exception):
+    """Raise it from a Python handler to fail the intent without a retry (it goes dead)."""
 
 
 # =====================================================================================
-# Client: every endpoint of the server API, over one keep-alive connection
+# 2. Client: one keep-alive HTTP connection to the server. Not shared across threads.
 # =====================================================================================
+
+_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_RESEND_ERRORS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)  # incl. RemoteDisconnected
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    def connect(self):
+        super().connect()
+        _nodelay(self.sock)
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    def connect(self):
+        super().connect()
+        _nodelay(self.sock)
+
+
+def _nodelay(sock):
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+
+
+def _retry_after(value):
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            import email.utils
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    if seconds != seconds:   # NaN
+        return None
+    return max(0.0, min(seconds, 3600.0))
+
+
+def _quote(value):
+    return urllib.parse.quote(str(value), safe="")
+
 
 def sign_request(token, method, path, query, stamp, nonce, body):
-    """HMAC-SHA256 keyed by sha256(token) (the server stores only that hash) over the method,
-    the path, the sorted query, the timestamp, the nonce and the body's sha256."""
+    """The request signature for --require-signature tokens: HMAC-SHA256 keyed by sha256(token)
+    (the server stores only that hash) over the method, the path, the sorted query, the
+    timestamp, the nonce and the body's sha256. Returns the hex digest."""
     key = hashlib.sha256(token.encode("utf-8")).hexdigest().encode()
     sorted_query = urllib.parse.urlencode(sorted(urllib.parse.parse_qsl(query, keep_blank_values=True)))
     message = "\n".join([method.upper(), path, sorted_query, stamp, nonce,
@@ -99,138 +174,205 @@ def sign_request(token, method, path, query, stamp, nonce, body):
 
 
 class Client:
-    """A small client for the Intent Bus API. One connection, kept alive; not for sharing
-    between threads (give each thread its own Client).
+    """A small client for every endpoint of the Intent Bus HTTP API.
 
-    With sign_as=NAME, requests are signed with the token (HMAC-SHA256) instead of carrying it,
-    for tokens created with --require-signature. HTTPS certificates are always verified;
-    ca_file trusts a self-signed one.
-    """
+    One persistent HTTP/1.1 connection (TCP_NODELAY, headers and body in one write). When a reused
+    keep-alive connection turns out to have been closed by the server before any byte of the
+    answer, it reconnects and sends the request once more; any other network error or timeout
+    raises Unavailable. Error answers raise IntentBusError (LeaseLost for 409 lease_lost, NotFound
+    for 404, Unavailable for 5xx, 408 and 429). Use one Client per thread.
+
+    sign_as=NAME signs every request with HMAC-SHA256 as the scoped token NAME (for tokens created
+    with --require-signature); the token itself is then never sent."""
 
     def __init__(self, url="http://127.0.0.1:8080", token=None, timeout=30.0, ca_file=None,
                  sign_as=None):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("server URL must look like http://host:port or https://host")
-        self.scheme = parts.scheme
-        self.host = parts.hostname
-        self.port = parts.port or (443 if parts.scheme == "https" else 80)
-        self.base = parts.path.rstrip("/")
-        self.timeout = timeout
-        self._token = token
-        self._sign_as = sign_as
-        self._context = ssl.create_default_context(cafile=ca_file) if parts.scheme == "https" else None
+            raise ValueError("server URL must look like http://HOST:PORT or https://HOST, not %r"
+                             % _safe_url(url))
+        if token is not None:
+            token = str(token)
+            if any(c < " " or c > "~" for c in token):   # no header injection, ever
+                raise ValueError("the token must be printable ASCII (no control characters)")
+        self.url = _safe_url(url).rstrip("/")
+        self.timeout = float(timeout)
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port or (443 if self._https else 80)
+        self._prefix = parts.path.rstrip("/")
+        self._ssl = ssl.create_default_context(cafile=ca_file) if self._https else None
         self._conn = None
         self._aborted = False
-        self._headers = {"Content-Type": "application/json", "Accept": "application/json",
-                         "User-Agent": "intentbus-worker/" + __version__}
-        if token and not sign_as:
-            self._headers["Authorization"] = "Bearer " + token
+        self._sign_key = None
+        base = {"Accept": "application/json", "User-Agent": "intentbus-worker/" + __version__}
+        if token and sign_as:
+            self._sign_key = token
+            self._sign_as = str(sign_as)
+        elif token:
+            base["Authorization"] = "Bearer " + token
+        self._headers = base
+        self._headers_json = dict(base, **{"Content-Type": "application/json"})
 
-    def __repr__(self):   # never shows the token
-        return "Client(%s://%s:%d)" % (self.scheme, self.host, self.port)
+    def __repr__(self):   # never the token
+        return "<Client %s>" % self.url
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def close(self):
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    def abort(self):
-        """From another thread: break a request in progress (e.g. a long poll at shutdown)."""
-        self._aborted = True
-        conn = self._conn
-        if conn is not None and conn.sock is not None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
             try:
-                conn.sock.shutdown(socket.SHUT_RDWR)
+                conn.close()
             except OSError:
                 pass
 
-    def _connection(self, timeout):
-        if self._conn is None:
-            if self.scheme == "https":
-                conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
-                                                   context=self._context)
-            else:
-                conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-            conn.connect()
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._conn = conn
-        else:
-            self._conn.sock.settimeout(timeout)
-        return self._conn
+    def abort(self):
+        """Interrupt a request in progress (e.g. a long-polling claim) from another thread.
 
-    def request(self, method, path, body=None, query=None, headers=None, timeout=None):
-        """Send one request; returns (status, decoded JSON or None). Raises IntentBusError kinds."""
-        path = self.base + path
-        qs = ""
-        if query:
-            qs = urllib.parse.urlencode([(k, v) for k, v in query.items() if v is not None])
-        data = b"" if body is None else json.dumps(body, separators=(",", ":")).encode("utf-8")
-        send_headers = dict(self._headers)
-        if headers:
-            send_headers.update(headers)
-        if self._sign_as:
-            stamp, nonce = str(int(time.time())), secrets.token_hex(12)
-            sig = sign_request(self._token, method, path, qs, stamp, nonce, data)
-            send_headers["Authorization"] = "IntentBus-HMAC name=%s, ts=%s, nonce=%s, sig=%s" % (
-                self._sign_as, stamp, nonce, sig)
-        target = path + ("?" + qs if qs else "")
-        if self._aborted:
-            raise Unavailable("client aborted")
-        for attempt in (0, 1):
-            reused = self._conn is not None
+        The interrupted request raises Unavailable; later requests reconnect."""
+        self._aborted = True
+        conn = self._conn
+        sock = conn.sock if conn is not None else None
+        if sock is not None:
             try:
-                conn = self._connection(timeout or self.timeout)
-                conn.request(method, target, body=data, headers=send_headers)
-                response = conn.getresponse()
-                raw = response.read()
-                break
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    # ----- the one request path ---------------------------------------------------------
+
+    def request(self, method, path, body=None, query=None, headers=None, timeout=None, check=True):
+        """Send one request; return (status, decoded JSON or None).
+
+        Raises Unavailable on network errors, timeouts, 5xx, 408 and 429. With check=True (the default)
+        other 4xx answers raise IntentBusError / LeaseLost / NotFound; with check=False they are
+        returned as (status, error object)."""
+        target = self._prefix + path
+        if query:
+            pairs = []
+            for key, value in query.items():
+                if value is None:
+                    continue
+                if isinstance(value, (list, tuple)):
+                    value = ",".join(str(v) for v in value)
+                elif isinstance(value, bool):
+                    value = "true" if value else "false"
+                pairs.append((key, str(value)))
+            if pairs:
+                target += "?" + urllib.parse.urlencode(pairs)
+        if body is not None:
+            data = _encode(body).encode("utf-8")
+            hdrs = self._headers_json
+        else:
+            data = None
+            hdrs = self._headers
+        if headers or self._sign_key is not None:
+            hdrs = dict(hdrs)
+            if headers:
+                hdrs.update(headers)
+            if self._sign_key is not None:
+                hdrs["Authorization"] = self._signature(method, target, data)
+        status, reply, raw = self._roundtrip(method, target, data, hdrs,
+                                             self.timeout if timeout is None else timeout)
+        obj = None
+        if raw:
+            try:
+                obj = json.loads(raw)
+            except (ValueError, RecursionError):
+                obj = None
+                if status < 300:
+                    raise Unavailable("the server's answer is not JSON (a captive portal or proxy?)",
+                                      status, "bad_answer")
+        if 200 <= status < 300:
+            return status, obj
+        if status in (408, 425, 429) or status >= 500 or 300 <= status < 400 or status < 200:
+            code, message = _error_of(obj, status)
+            if 300 <= status < 400:
+                message = "redirected to %s (check the server URL)" % reply.getheader("Location", "?")
+            raise Unavailable(message, status, code, _retry_after(reply.getheader("Retry-After")))
+        if not check:
+            return status, obj
+        code, message = _error_of(obj, status)
+        if status == 404:
+            raise NotFound(message, status, code)
+        if status == 409 and code == "lease_lost":
+            raise LeaseLost(message, status, code)
+        raise IntentBusError(message, status, code, _retry_after(reply.getheader("Retry-After")))
+
+    def _signature(self, method, target, data):
+        path, _, query = target.partition("?")
+        stamp = str(int(time.time()))
+        nonce = secrets.token_hex(12)
+        sig = sign_request(self._sign_key, method, path, query, stamp, nonce, data)
+        return "IntentBus-HMAC name=%s, ts=%s, nonce=%s, sig=%s" % (self._sign_as, stamp, nonce, sig)
+
+    def _new_conn(self, timeout):
+        if self._https:
+            return _HTTPSConnection(self._host, self._port, timeout=timeout, context=self._ssl)
+        return _HTTPConnection(self._host, self._port, timeout=timeout)
+
+    def _roundtrip(self, method, target, data, hdrs, timeout):
+        self._aborted = False
+        for attempt in (0, 1):
+            conn = self._conn
+            if conn is None:
+                conn = self._conn = self._new_conn(timeout)
+            reused = conn.sock is not None
+            conn.timeout = timeout
+            if reused:
+                conn.sock.settimeout(timeout)
+            try:
+                conn.request(method, target, data, hdrs)
+                reply = conn.getresponse()
+            except _RESEND_ERRORS as e:
                 self.close()
                 if reused and attempt == 0 and not self._aborted:
                     continue   # the server closed an idle keep-alive connection: send once more
-                raise Unavailable("connection lost: %s" % e)
+                raise self._network_error(e, timeout)
             except ssl.SSLCertVerificationError as e:
                 self.close()
-                raise IntentBusError("TLS certificate not trusted: %s (use --ca-file for a "
-                                     "self-signed certificate)" % e.verify_message, code="tls")
+                raise IntentBusError("TLS certificate of %s not trusted: %s (use --ca-file for a "
+                                     "self-signed certificate)" % (self.url, e.verify_message),
+                                     None, "tls")
+            except (OSError, http.client.HTTPException, ValueError) as e:
+                self.close()
+                raise self._network_error(e, timeout)
+            try:
+                raw = reply.read()
             except (OSError, http.client.HTTPException) as e:
                 self.close()
-                raise Unavailable("cannot reach %s:%d: %s" % (self.host, self.port, e or type(e).__name__))
-        if response.getheader("Connection", "").lower() == "close":
-            self.close()
-        status = response.status
-        try:
-            value = json.loads(raw) if raw else None
-        except ValueError:
-            value = None
-        if status < 400:
-            return status, value
-        error = (value or {}).get("error", {}) if isinstance(value, dict) else {}
-        code, message = error.get("code"), error.get("message") or raw[:200].decode("latin-1")
-        retry_after = response.getheader("Retry-After")
-        try:
-            retry_after = float(retry_after) if retry_after else None
-        except ValueError:
-            retry_after = None
-        if status == 409 and code == "lease_lost":
-            raise LeaseLost(message, status, code)
-        if status == 404:
-            raise NotFound(message, status, code)
-        if status >= 500 or status == 429:
-            raise Unavailable(message, status, code, retry_after)
-        raise IntentBusError(message, status, code, retry_after)
+                raise self._network_error(e, timeout)
+            if reply.will_close:
+                self.close()
+            return reply.status, reply, raw
+        raise Unavailable("unreachable", None, "network")   # not reached
 
-    # ----- the endpoints -------------------------------------------------------------
+    def _network_error(self, error, timeout):
+        if self._aborted:
+            return Unavailable("request aborted", None, "aborted")
+        if isinstance(error, socket.timeout):
+            return Unavailable("no answer from %s within %gs" % (self.url, timeout), None, "timeout")
+        text = str(error) or error.__class__.__name__
+        if isinstance(error, ssl.SSLError):
+            text = "TLS: " + text
+        return Unavailable("cannot reach %s: %s" % (self.url, text), None, "network")
 
-    def submit(self, goal, payload=None, priority=None, requires=None, delay=None, run_at=None,
+    # ----- the API ----------------------------------------------------------------------
+
+    def submit(self, goal, payload=None, *, priority=None, requires=None, delay=None, run_at=None,
                max_attempts=None, lease=None, backoff=None, idempotency_key=None):
-        body = {"goal": goal, "payload": payload}
-        for name, value in (("priority", priority), ("requires", requires), ("delay", delay),
-                            ("run_at", run_at), ("max_attempts", max_attempts), ("lease", lease),
-                            ("backoff", backoff), ("idempotency_key", idempotency_key)):
+        body = {"goal": goal}
+        for key, value in (("payload", payload), ("priority", priority), ("requires", requires),
+                           ("delay", delay), ("run_at", run_at), ("max_attempts", max_attempts),
+                           ("lease", lease), ("backoff", backoff),
+                           ("idempotency_key", idempotency_key)):
             if value is not None:
-                body[name] = list(value) if name == "requires" else value
+                body[key] = list(value) if key == "requires" else value
         return self.request("POST", "/intents", body)[1]
 
     def submit_many(self, intents):
@@ -238,22 +380,26 @@ class Client:
 
     def claim(self, worker=None, caps=(), goals=(), max=1, wait=0, lease=None):
         body = {"caps": list(caps), "goals": list(goals), "max": max, "wait": wait}
-        if worker:
+        if worker is not None:
             body["worker"] = worker
         if lease is not None:
             body["lease"] = lease
-        status, value = self.request("POST", "/claim", body, timeout=max_(self.timeout, wait + 10))
-        return value["intents"] if status == 200 and value else []
+        status, obj = self.request("POST", "/claim", body,
+                                   timeout=max_(self.timeout, (wait or 0) + 10.0))
+        if status == 204 or not obj:
+            return []
+        return obj.get("intents") or []
 
     def fulfill(self, id, token, result=None):
-        return self.request("POST", "/intents/%s/fulfill" % _quote(id), {"token": token, "result": result})[1]
+        return self.request("POST", "/intents/%s/fulfill" % _quote(id),
+                            {"token": token, "result": result})[1]
 
     def fulfill_many(self, items):
         return self.request("POST", "/intents/fulfill", {"intents": list(items)})[1]["results"]
 
     def fail(self, id, token, error="", retry=True):
         return self.request("POST", "/intents/%s/fail" % _quote(id),
-                            {"token": token, "error": error, "retry": retry})[1]
+                            {"token": token, "error": error, "retry": bool(retry)})[1]
 
     def extend(self, id, token, lease=None):
         body = {"token": token}
@@ -274,12 +420,13 @@ class Client:
         return self.request("POST", "/intents/retry", query={"status": status, "goal": goal})[1]["count"]
 
     def get(self, id, wait=None):
+        timeout = max_(self.timeout, wait + 10.0) if wait else None
         return self.request("GET", "/intents/%s" % _quote(id), query={"wait": wait},
-                            timeout=max_(self.timeout, (wait or 0) + 10))[1]
+                            timeout=timeout)[1]
 
     def list(self, status=None, goal=None, limit=None, after=None):
-        return self.request("GET", "/intents", query={"status": status, "goal": goal, "limit": limit,
-                                                       "after": after})[1]
+        return self.request("GET", "/intents", query={"status": status, "goal": goal,
+                                                      "limit": limit, "after": after})[1]
 
     def stats(self):
         return self.request("GET", "/stats")[1]
@@ -291,25 +438,66 @@ class Client:
 max_ = max   # Client.claim has a parameter named max
 
 
-def _quote(value):
-    return urllib.parse.quote(str(value), safe="")
+def _error_of(obj, status):
+    if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
+        err = obj["error"]
+        return str(err.get("code") or "error"), str(err.get("message") or "")
+    return ("unavailable" if status >= 500 else "http_%d" % status), "HTTP %d" % status
+
+
+def _safe_url(url):
+    """The URL without user:password@ (for logs and messages)."""
+    try:
+        parts = urllib.parse.urlsplit(str(url))
+    except ValueError:
+        return "<bad url>"
+    netloc = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 # =====================================================================================
-# Worker runtime
+# 3. Worker runtime: handlers, job execution, heartbeats, shutdown
 # =====================================================================================
+
+KILL_AFTER = 2.0          # seconds between SIGTERM and SIGKILL of a handler's process group
+BACKOFF_FIRST = 0.5       # seconds; doubled per failure, with jitter
+BACKOFF_CAP = 60.0
+EMPTY_CLAIM_EVERY = 1.0   # at most one empty claim answer a second (--wait 0, a closing server)
+ANSWER_MARGIN = 0.25      # seconds a claim answer may take to travel back to us
+
+
+def _now_text():
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % (int(t * 1000) % 1000)
+
+
+_log_lock = threading.RLock()   # reentrant: signal handlers log on the main thread, which may hold it
+
+
+def stderr_log(message):
+    # one line, even when the message quotes server text that holds newlines
+    text = " | ".join(part for part in str(message).splitlines() if part.strip())
+    line = "%s worker %s\n" % (_now_text(), text)
+    with _log_lock:
+        try:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+        except (OSError, ValueError, RuntimeError):   # RuntimeError: a signal interrupted a write
+            pass
+
 
 class Backoff:
-    """Exponential backoff with full jitter, capped, honouring Retry-After."""
+    """Exponential backoff with jitter, capped, honouring Retry-After."""
 
-    def __init__(self, base=0.5, cap=60.0):
-        self.base, self.cap, self.failures = base, cap, 0
+    def __init__(self, first=BACKOFF_FIRST, cap=BACKOFF_CAP):
+        self.first, self.cap, self.failures = first, cap, 0
 
     def next(self, retry_after=None):
+        delay = min(self.cap, self.first * 2 ** min(self.failures, 20))
         self.failures += 1
-        delay = random.uniform(0, min(self.cap, self.base * 2 ** min(self.failures, 16)))
+        delay *= random.uniform(0.5, 1.0)
         if retry_after:
-            delay = max(delay, min(retry_after, self.cap))
+            delay = max(delay, retry_after)
         return delay
 
     def reset(self):
@@ -317,365 +505,939 @@ class Backoff:
 
 
 class Job:
-    """One claimed intent being run."""
+    """One claimed intent being run. Python handlers taking two arguments get it as `job`."""
 
-    def __init__(self, intent):
+    def __init__(self, intent, lease_default, claimed_at):
         self.intent = intent
-        self.id = intent["id"]
-        self.token = intent["token"]
-        self.lease = float(intent.get("lease") or 60)
-        self.lease_expires_at = float(intent.get("lease_expires_at") or time.time() + self.lease)
-        self.lost = threading.Event()
-        self.done = threading.Event()
-        self.release_now = threading.Event()
-        self.process = None
-        self.started = time.time()
+        self.id = str(intent["id"])
+        self.goal = intent.get("goal")
+        self.payload = intent.get("payload")
+        self.token = intent.get("token")
+        self.attempt = intent.get("attempt")
+        self.max_attempts = intent.get("max_attempts")
+        self.lease = float(intent.get("lease") or lease_default or 60.0)
+        self.expires = claimed_at + self.lease     # local monotonic time
+        self.cancelled = threading.Event()          # set when the job should stop (lease lost, timeout, shutdown)
+        self.kill_reason = None
+        self.lost_because = None
+        self.started = None
+        self.proc = None
+        self.signalled = False
+        self.forced = False
+        self.exited = False
+        self._wake = threading.Event()
+
+    def __repr__(self):
+        return "<Job %s %s attempt %s>" % (self.id, self.goal, self.attempt)
+
+    def request_kill(self, reason):
+        if self.kill_reason is None:
+            self.kill_reason = reason
+        self._wake.set()
+
+
+class _Command:
+    def __init__(self, argv):
+        self.argv = list(argv)
+
+    def __repr__(self):
+        return " ".join(shlex.quote(a) for a in self.argv)
 
 
 class Worker:
-    """Claims intents whose goals it has handlers for, runs them, reports the outcome."""
+    """Claims intents for the goals it has handlers for, and runs them.
+
+    Handlers: @worker.handler(goal) for Python callables, worker.command(goal, argv_or_string) for
+    a command, and handlers_dir (executables named after their goal, rescanned before each claim).
+    """
 
     def __init__(self, url="http://127.0.0.1:8080", token=None, caps=(), name=None, goals=None,
-                 concurrency=1, lease=None, wait=25, timeout=None, grace=30.0, ca_file=None,
-                 sign_as=None):
-        self.url, self._token, self.ca_file, self.sign_as = url, token, ca_file, sign_as
-        self.caps = sorted(set(caps))
-        self.name = name or socket.gethostname() or "worker"
-        self.only_goals = set(goals) if goals else None
-        self.concurrency = max(1, int(concurrency))
-        self.lease, self.wait, self.timeout, self.grace = lease, wait, timeout, grace
-        self.handlers = {}           # goal -> callable(payload) or [argv]
-        self.stopping = threading.Event()
-        self.failed_jobs = 0
+                 concurrency=1, lease=None, wait=25, timeout=None, grace=30, ca_file=None,
+                 handlers_dir=None, max_result=MAX_RESULT_BYTES, log=stderr_log, sign_as=None):
+        self.url = url
+        self._token = token
+        self._ca_file = ca_file
+        self._sign_as = sign_as
+        self.caps = sorted(set(caps or ()))
+        for cap in self.caps:
+            if not CAP_RE.match(cap):
+                raise ValueError("capability %r: use 1-64 characters of A-Z a-z 0-9 _ . : -" % cap)
+        self.name = name or re.sub(r"[^A-Za-z0-9_.:@-]", "-", socket.gethostname())[:128] or "worker"
+        if not WORKER_RE.match(self.name):
+            raise ValueError("worker name %r: use 1-128 characters of A-Z a-z 0-9 _ . : @ -" % self.name)
+        self.goals = set(goals) if goals else None
+        self.concurrency = int(concurrency)
+        if not 1 <= self.concurrency <= 1000:
+            raise ValueError("concurrency must be 1 to 1000")
+        self.lease = float(lease) if lease else None
+        self.wait = float(wait)
+        self.timeout = float(timeout) if timeout else None
+        self.grace = float(grace)
+        self.handlers_dir = os.path.abspath(handlers_dir) if handlers_dir else None
+        self.max_result = int(max_result)
+        self.log = log or (lambda message: None)
+        self._python = {}
+        self._commands = {}
+        self.claim_client = self._client()   # the long poll; heartbeats and acks use others
+        self.stopping = threading.Event()   # set by stop(): no new claims
+        self._cv = threading.Condition()
+        self._free = 0
         self._jobs = {}
-        self._lock = threading.Lock()
-        self._claimer = None
+        self._queue = []
+        self.failures = 0           # jobs that did not end fulfilled (for --once)
+        self.completed = 0
+        self.exit_code = 0
+        self._no_handlers_logged = False
 
-    def client(self, timeout=30.0):
-        return Client(self.url, self._token, timeout=timeout, ca_file=self.ca_file, sign_as=self.sign_as)
+    def __repr__(self):
+        return "<Worker %s %s>" % (self.name, _safe_url(self.url))
+
+    def _client(self, timeout=30.0):
+        return Client(self.url, self._token, timeout=timeout, ca_file=self._ca_file,
+                      sign_as=self._sign_as)
+
+    # ----- handlers ----------------------------------------------------------------------
 
     def handler(self, goal):
-        """Decorator: @w.handler("goal") def handle(payload): return result."""
+        """Decorator: run fn(payload) (or fn(payload, job)) for intents of this goal.
+
+        The return value (JSON-able) fulfills the intent; an exception fails it (retried while
+        attempts remain); PermanentError fails it for good. A Python function cannot be killed:
+        on a timeout, a lost lease or shutdown the worker sets job.cancelled, stops waiting for
+        it and reports (or releases) the intent; a long handler should check job.cancelled."""
+        _check_goal(goal)
+
         def register(fn):
-            self.handlers[goal] = fn
+            try:
+                params = [p for p in inspect.signature(fn).parameters.values()
+                          if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+                takes_job = len(params) >= 2
+            except (TypeError, ValueError):
+                takes_job = False
+            self._python[goal] = (fn, takes_job)
             return fn
         return register
 
-    def command(self, goal, argv):
-        self.handlers[goal] = list(argv)
+    def command(self, goal, command):
+        """Run COMMAND (an argv list, or a string split like a shell would) for this goal."""
+        _check_goal(goal)
+        argv = shlex.split(command) if isinstance(command, str) else list(command)
+        if not argv:
+            raise ValueError("empty command for goal %r" % goal)
+        self._commands[goal] = _Command(argv)
 
-    def goals(self):
-        goals = sorted(self.handlers)
-        if self.only_goals is not None:
-            goals = [g for g in goals if g in self.only_goals]
-        return goals
+    def _dir_handlers(self):
+        found = {}
+        if not self.handlers_dir:
+            return found
+        try:
+            entries = list(os.scandir(self.handlers_dir))
+        except OSError:
+            return found
+        for entry in entries:
+            if GOAL_RE.match(entry.name) and not entry.name.startswith("."):
+                try:
+                    if entry.is_file() and os.access(entry.path, os.X_OK):
+                        found[entry.name] = _Command([entry.path])
+                except OSError:
+                    pass
+        return found
 
-    # ----- the claim loop --------------------------------------------------------------
+    def current_handlers(self):
+        """{goal: handler} as of now: directory, then --run commands, then Python functions."""
+        table = self._dir_handlers()
+        table.update(self._commands)
+        for goal, entry in self._python.items():
+            table[goal] = entry
+        if self.goals is not None:
+            table = {g: h for g, h in table.items() if g in self.goals}
+        return table
 
-    def run(self, once=False):
-        """Claim and run until stop() (or one batch with once=True). Returns the exit code."""
-        goals = self.goals()
-        if not goals:
-            raise SystemExit("worker: no handlers; give --handlers DIR or --run GOAL=COMMAND")
-        log("worker started", name=self.name, server=self.url, caps=",".join(self.caps) or "-",
-            goals=",".join(goals), concurrency=self.concurrency)
-        self._claimer = self.client()
-        backoff = Backoff()
-        threads = []
-        while not self.stopping.is_set():
-            with self._lock:
-                free = self.concurrency - len(self._jobs)
-            if free <= 0:
-                time.sleep(0.05)
-                continue
-            try:
-                intents = self._claimer.claim(self.name, self.caps, goals, max=free,
-                                              wait=0 if once else self.wait, lease=self.lease)
-                if backoff.failures:
-                    log("reconnected", server=self.url)
-                backoff.reset()
-            except Unavailable as e:
-                if self.stopping.is_set():
-                    break
-                delay = backoff.next(e.retry_after)
-                log("server unavailable, retrying", error=e.message[:120], in_s="%.1f" % delay)
-                self.stopping.wait(delay)
-                continue
-            except IntentBusError as e:
-                log("claim refused", error=str(e)[:200])
-                if e.status in (401, 403):
-                    return 2
-                self.stopping.wait(backoff.next(e.retry_after))
-                continue
-            for intent in intents:
-                job = Job(intent)
-                with self._lock:
-                    self._jobs[job.id] = job
-                log("claimed", id=job.id, goal=intent["goal"], attempt="%s/%s" % (
-                    intent.get("attempt"), intent.get("max_attempts")))
-                t = threading.Thread(target=self._run_job, args=(job,), daemon=True)
-                t.start()
-                threads.append(t)
-            if once:
-                break
-        self._drain(threads)
-        return 1 if (once and self.failed_jobs) else 0
+    def goals_handled(self):
+        """The goals this worker claims now (sorted)."""
+        return sorted(self.current_handlers())
+
+    # ----- running -----------------------------------------------------------------------
 
     def stop(self):
-        """First call: stop claiming, let jobs finish within grace, then release what remains."""
-        self.stopping.set()
-        if self._claimer is not None:
-            self._claimer.abort()
+        """Stop claiming; running jobs get `grace` seconds, then are killed and released."""
+        if not self.stopping.is_set():
+            self.stopping.set()
+            self.claim_client.abort()
+            with self._cv:
+                self._cv.notify_all()
 
-    def _drain(self, threads):
-        deadline = time.time() + self.grace
-        for t in threads:
-            t.join(max(0.0, deadline - time.time()))
-        with self._lock:
-            left = list(self._jobs.values())
-        for job in left:
-            log("grace over, releasing", id=job.id)
-            job.release_now.set()
-            _kill(job.process)
-        for t in threads:
-            t.join(10)
-
-    # ----- one job -------------------------------------------------------------------
-
-    def _run_job(self, job):
-        acks = self.client()
-        beat = threading.Thread(target=self._heartbeat, args=(job,), daemon=True)
-        beat.start()
+    def run(self, once=False, install_signals=True):
+        """Run until stop() (or SIGTERM/SIGINT). Returns the exit code (0 ok, 1 a job failed in
+        once mode, 2 a fatal error such as a refused token)."""
+        self.concurrency = int(self.concurrency)
+        if not 1 <= self.concurrency <= 1000:
+            raise ValueError("concurrency must be 1 to 1000")
+        self._free = self.concurrency
+        self._queue = []
+        self.failures = self.completed = self.exit_code = 0
+        self.stopping.clear()
+        if not self.current_handlers():
+            raise ValueError("no handlers: add executables to %s, use --run GOAL=COMMAND, or "
+                             "@worker.handler(goal)" % (self.handlers_dir or "a handlers directory"))
+        previous = {}
+        if install_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, self._on_signal)
+        self.log("%s starting: server=%s caps=%s goals=%s concurrency=%d auth=%s pid=%d" % (
+            self.name, _safe_url(self.url), ",".join(self.caps) or "-",
+            ",".join(sorted(self.current_handlers())), self.concurrency,
+            "on" if self._token else "off", os.getpid()))
+        slots = [threading.Thread(target=self._slot, name="intentbus-slot-%d" % i, daemon=True)
+                 for i in range(self.concurrency)]
+        for t in slots:
+            t.start()
+        claimer = threading.Thread(target=self._claim_loop, args=(once,), name="intentbus-claim",
+                                   daemon=True)
+        claimer.start()
         try:
-            outcome = self._execute(job)
-            job.done.set()
-            if job.release_now.is_set():
-                self._deliver(acks, job, lambda: acks.release(job.id, job.token), "released")
-            elif job.lost.is_set():
-                log("lease lost, result dropped", id=job.id)
-            else:
-                kind, value, retry = outcome
-                took = "%.2f" % (time.time() - job.started)
-                if kind == "ok":
-                    if self._deliver(acks, job, lambda: acks.fulfill(job.id, job.token, value), "done"):
-                        log("done", id=job.id, s=took)
-                else:
-                    self.failed_jobs += 1
-                    if self._deliver(acks, job, lambda: acks.fail(job.id, job.token, value, retry), "fail"):
-                        log("failed", id=job.id, s=took, retry="yes" if retry else "no",
-                            reason=json.dumps(value[-200:]))
+            while claimer.is_alive() and not self.stopping.is_set():
+                claimer.join(0.5)
+            while not self.stopping.is_set() and not self._wait_idle(0.5):
+                pass                    # --once: let the batch finish (a signal still counts)
+            if self.stopping.is_set():
+                self._shutdown()
         finally:
-            job.done.set()
-            acks.close()
-            with self._lock:
-                self._jobs.pop(job.id, None)
+            if claimer.is_alive():
+                self.stop()
+            deadline = time.monotonic() + 5.0
+            while claimer.is_alive() and time.monotonic() < deadline:
+                self.claim_client.abort()   # stop() may have come just before a claim was sent
+                claimer.join(0.1)
+            with self._cv:
+                self._queue.extend([None] * self.concurrency)
+                self._cv.notify_all()
+            for t in slots:   # they release what the claimer got last; a later run() starts afresh
+                t.join(max(0.0, deadline - time.monotonic()))
+            self.claim_client.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if self.exit_code:
+            return self.exit_code
+        if once and self.failures:
+            return 1
+        return 0
 
-    def _deliver(self, client, job, send, what):
-        """Send an acknowledgement, retrying through network trouble until the lease would have
-        run out. Sent at most once successfully; a lost lease means someone else owns it now."""
-        backoff = Backoff(base=0.2, cap=10)
-        while True:
+    def _on_signal(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.stopping.is_set():
+            self.log("%s again: quitting now" % name)
+            self._force_quit()
+        with self._cv:
+            running = len(self._jobs)
+        self.log("%s: no new claims; waiting up to %gs for %d running job(s) (again to quit now)"
+                 % (name, self.grace, running))
+        self.stop()
+
+    def _force_quit(self):
+        with self._cv:
+            jobs = list(self._jobs.values())
+        for job in jobs:
+            job.forced = True           # its slot must not report it: released below
+            job.kill_reason = job.kill_reason or "shutdown"
+            job.signalled = True
+            job.cancelled.set()
+            _kill_group(job.proc, signal.SIGKILL)
+        deadline = time.monotonic() + 2.0
+        client = self._client(timeout=1.0)
+        for job in jobs:
+            if time.monotonic() >= deadline:
+                break
             try:
-                send()
-                return True
-            except LeaseLost:
-                log("lease lost, result dropped", id=job.id)
-                return False
-            except Unavailable as e:
-                delay = backoff.next(e.retry_after)
-                if time.time() + delay > job.lease_expires_at:
-                    log("could not report before the lease ran out", id=job.id, what=what)
-                    return False
-                time.sleep(delay)
-            except IntentBusError as e:
-                log("report refused", id=job.id, what=what, error=str(e)[:200])
-                return False
+                client.release(job.id, job.token)
+                self.log("released %s" % job.id)
+            except IntentBusError:
+                pass
+        client.close()
+        os._exit(130)
 
-    def _heartbeat(self, job):
-        client = self.client(timeout=max(2.0, job.lease / 3))
+    def _shutdown(self):
+        if not self._wait_idle(self.grace):
+            with self._cv:
+                jobs = list(self._jobs.values())
+            self.log("grace period over: stopping %d job(s) and releasing them" % len(jobs))
+            for job in jobs:
+                job.request_kill("shutdown")
+                job.cancelled.set()
+            self._wait_idle(KILL_AFTER + 10.0)
+        self.log("%s stopped" % self.name)
+
+    def _wait_idle(self, limit):
+        deadline = None if limit is None else time.monotonic() + limit
+        with self._cv:
+            while self._free < self.concurrency or self._queue:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cv.wait(left if left is not None else 1.0)
+        return True
+
+    def _sleep(self, seconds):
+        """Sleep, waking early on stop(). Returns False if stopping."""
+        return not self.stopping.wait(seconds)
+
+    def _claim_loop(self, once):
+        backoff = Backoff()
+        outage = None
         try:
-            while not job.done.wait(max(0.05, job.lease / 3)):
-                try:
-                    answer = client.extend(job.id, job.token, self.lease)
-                    job.lease_expires_at = float(answer.get("lease_expires_at") or job.lease_expires_at)
-                except LeaseLost:
-                    log("lease lost, stopping the job", id=job.id)
-                    job.lost.set()
-                    _kill(job.process)
+            while not self.stopping.is_set():
+                with self._cv:
+                    while self._free == 0 and not self.stopping.is_set():
+                        self._cv.wait()
+                    free = self._free
+                if self.stopping.is_set():
                     return
-                except IntentBusError as e:   # network trouble: the next beat tries again
-                    log("heartbeat failed", id=job.id, error=str(e)[:120])
+                goals = sorted(self.current_handlers())
+                if not goals:
+                    if not self._no_handlers_logged:
+                        self.log("no handlers left in %s; waiting for some" % self.handlers_dir)
+                        self._no_handlers_logged = True
+                    if once or not self._sleep(5.0):
+                        return
+                    continue
+                self._no_handlers_logged = False
+                sent = time.monotonic()
+                try:
+                    intents = self.claim_client.claim(
+                        worker=self.name, caps=self.caps, goals=goals, max=min(free, 100),
+                        wait=self.wait, lease=self.lease)
+                except Unavailable as e:
+                    if self.stopping.is_set():
+                        return
+                    if once:
+                        self.log("claim failed: %s" % e)
+                        self.failures += 1
+                        return
+                    delay = backoff.next(e.retry_after)
+                    outage = outage or time.monotonic()
+                    self.log("server unavailable (%s); reconnecting in %.1fs" % (e, delay))
+                    if not self._sleep(delay):
+                        return
+                    continue
+                except IntentBusError as e:
+                    if e.code == "tls" and not once:   # e.g. a captive portal on public Wi-Fi
+                        delay = backoff.next()
+                        outage = outage or time.monotonic()
+                        self.log("%s; retrying in %.1fs" % (e.message, delay))
+                        if not self._sleep(delay):
+                            return
+                        continue
+                    self.log("fatal: the server refused the claim: %s" % e)
+                    self.exit_code = 2
+                    self.stop()
+                    return
+                if outage is not None:
+                    self.log("reconnected to %s after %.1fs" % (_safe_url(self.url),
+                                                                time.monotonic() - outage))
+                    outage = None
+                backoff.reset()
+                if intents:
+                    # The server starts a lease when it hands the intent out, just before it
+                    # answers: for a long poll that can be up to `wait` after `sent`, so counting
+                    # from `sent` would find a lease shorter than the wait expired on arrival.
+                    claimed_at = max(sent, time.monotonic() - ANSWER_MARGIN)
+                    jobs = [Job(i, self.lease, claimed_at) for i in intents]
+                    with self._cv:
+                        self._free -= len(jobs)
+                        for job in jobs:
+                            self._jobs[job.id] = job
+                        self._queue.extend(jobs)
+                        self._cv.notify_all()
+                if once:
+                    return
+                if not intents:   # --wait 0, or a server that ends long polls early: no busy loop
+                    pause = EMPTY_CLAIM_EVERY - (time.monotonic() - sent)
+                    if pause > 0 and not self._sleep(pause):
+                        return
+        except Exception:
+            self.log("claim loop crashed: %s" % traceback.format_exc().strip().replace("\n", " | "))
+            self.exit_code = 2
+            self.stop()
+
+    def _slot(self):
+        client = self._client()
+        try:
+            while True:
+                with self._cv:
+                    while not self._queue:
+                        self._cv.wait()
+                    job = self._queue.pop(0)
+                    if job is None:
+                        return
+                try:
+                    ok = self._run_job(job, client)
+                except Exception as e:
+                    ok = False
+                    self.log("job %s crashed the worker slot: %s" % (
+                        job.id, traceback.format_exc().strip().replace("\n", " | ")))
+                    try:   # nothing supervises its handler any more: stop it, and fail the intent
+                        _kill_group(job.proc, signal.SIGKILL)
+                        self._deliver(job, client, "fail", retry=True, error="the worker crashed "
+                                      "running it: %s: %s" % (type(e).__name__, e))
+                    except Exception:
+                        pass
+                with self._cv:
+                    self._jobs.pop(job.id, None)
+                    self._free += 1
+                    if ok:
+                        self.completed += 1
+                    else:
+                        self.failures += 1
+                    self._cv.notify_all()
         finally:
             client.close()
 
-    def _execute(self, job):
-        """Run the handler. Returns ("ok", result, None) or ("fail", error, retry)."""
-        handler = self.handlers[job.intent["goal"]]
-        if callable(handler):
-            try:
-                return "ok", handler(job.intent.get("payload")), None
-            except Exception as e:
-                return "fail", ("%s: %s" % (type(e).__name__, e))[-MAX_ERROR_CHARS:], True
-        env = dict(os.environ, INTENT_ID=str(job.id), INTENT_GOAL=job.intent["goal"],
-                   INTENT_ATTEMPT=str(job.intent.get("attempt", "")),
-                   INTENT_MAX_ATTEMPTS=str(job.intent.get("max_attempts", "")))
-        try:
-            job.process = subprocess.Popen(handler, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                           stderr=subprocess.PIPE, env=env, start_new_session=True)
-        except OSError as e:
-            return "fail", "cannot start handler: %s" % e, True
-        out, err = [], []
-        readers = [threading.Thread(target=_collect, args=(job.process.stdout, out, MAX_RESULT_BYTES + 1)),
-                   threading.Thread(target=_collect, args=(job.process.stderr, err, None))]
-        for r in readers:
-            r.daemon = True
-            r.start()
-        try:
-            job.process.stdin.write(json.dumps(job.intent.get("payload")).encode("utf-8"))
-            job.process.stdin.close()
-        except OSError:
-            pass   # the handler did not read its stdin: that is its business
+    # ----- one job -------------------------------------------------------------------------
+
+    def _run_job(self, job, client):
+        """Run one claimed intent and report it. Returns True if it was fulfilled."""
+        if self.stopping.is_set():
+            self._deliver(job, client, "release")
+            return False
+        handler = self.current_handlers().get(job.goal)
+        self.log("claimed %s goal=%s attempt=%s/%s" % (job.id, job.goal, job.attempt, job.max_attempts))
+        if handler is None:
+            self._deliver(job, client, "fail", error="no handler for goal %r on worker %s"
+                          % (job.goal, self.name), retry=True)
+            return False
+        job.started = time.monotonic()
+        if isinstance(handler, _Command):
+            outcome = self._run_process(job, handler, client)
+        else:
+            outcome = self._run_python(job, handler, client)
+        kind, value = outcome
+        if job.forced:
+            return False
+        took = time.monotonic() - job.started
+        if kind == "lease_lost":
+            self.log("lease lost on %s after %.2fs: %s; not reporting" % (job.id, took, value))
+            return False
+        if kind == "release":
+            self.log("releasing %s after %.2fs (shutting down)" % (job.id, took))
+            self._deliver(job, client, "release")
+            return False
+        if kind == "fulfill":
+            if self._deliver(job, client, "fulfill", result=value):
+                self.log("done %s in %.2fs" % (job.id, took))
+                return True
+            return False
+        error, retry = value
+        answer = self._deliver(job, client, "fail", error=error, retry=retry)
+        if answer:
+            state = answer.get("status") if isinstance(answer, dict) else None
+            self.log("failed %s in %.2fs (%s): %s" % (
+                job.id, took, "dead" if state == "dead" else "will retry" if retry else "no retry",
+                _one_line(error)))
+        return False
+
+    def _supervise(self, job, client, kill):
+        """Heartbeats, the timeout and kill requests, until the job exits (or must be abandoned)."""
+        every = max(0.1, job.lease / 3.0)
+        next_beat = time.monotonic() + every
         deadline = job.started + self.timeout if self.timeout else None
-        timed_out = False
-        while job.process.poll() is None:
-            if deadline is not None and time.time() > deadline:
-                timed_out = True
-                _kill(job.process)
-            if job.lost.is_set() or job.release_now.is_set():
-                _kill(job.process)
+        term_at = None
+        beat_failures = 0
+        while not job.exited:
+            now = time.monotonic()
+            if job.kill_reason is None:
+                if deadline is not None and now >= deadline:
+                    job.kill_reason = "timeout"
+                elif now >= job.expires:
+                    job.kill_reason = "lease_expired"
+            if job.kill_reason is not None:
+                job.cancelled.set()
+                if kill is None:
+                    return          # a Python function cannot be killed: abandon it
+                if term_at is None:
+                    if job.kill_reason == "timeout":
+                        self.log("timed out %s after %gs: killing it" % (job.id, self.timeout))
+                    elif job.kill_reason in ("lease_lost", "lease_expired"):
+                        self.log("lease lost on %s: killing its handler" % job.id)
+                    kill(signal.SIGTERM)
+                    term_at = now
+                elif now - term_at >= KILL_AFTER:
+                    kill(signal.SIGKILL)
+                    term_at = now - KILL_AFTER + 1.0   # repeat each second until it is gone
+                wake = term_at + KILL_AFTER
+            elif now >= next_beat:
+                sent = time.monotonic()
+                saved, client.timeout = client.timeout, max(1.0, min(10.0, job.expires - sent))
+                try:
+                    client.extend(job.id, job.token, lease=self.lease)
+                    job.expires = sent + (self.lease or job.lease)
+                    next_beat = sent + every
+                    if beat_failures:
+                        self.log("heartbeat for %s got through again" % job.id)
+                        beat_failures = 0
+                except (LeaseLost, NotFound) as e:
+                    job.kill_reason = "lease_lost"
+                    job.lost_because = e.message
+                except Unavailable as e:   # try again soon, while the lease lasts
+                    left = job.expires - time.monotonic()
+                    next_beat = time.monotonic() + max(min(1.0, every / 2.0), min(left / 4.0, every))
+                    if not beat_failures:   # one line per outage, not per try
+                        self.log("heartbeat for %s failed (%s); retrying until the lease ends in "
+                                 "%.1fs" % (job.id, e, left))
+                    beat_failures += 1
+                except IntentBusError as e:   # e.g. 409 lease_limit: no more extensions
+                    next_beat = job.expires + 3600.0
+                    self.log("heartbeat for %s refused (%s); the job has until its lease ends in "
+                             "%.1fs" % (job.id, e, job.expires - time.monotonic()))
+                finally:
+                    client.timeout = saved
+                continue
+            else:
+                wake = next_beat
+                if deadline is not None:
+                    wake = min(wake, deadline)
+                wake = min(wake, job.expires)
+            job._wake.wait(max(0.0, wake - time.monotonic()))
+            job._wake.clear()
+
+    def _run_python(self, job, entry, client):
+        fn, takes_job = entry
+        box = {}
+
+        def target():
             try:
-                job.process.wait(0.1)
-            except subprocess.TimeoutExpired:
-                pass
-        for r in readers:
-            r.join(5)
-        code = job.process.returncode
-        if timed_out:
-            return "fail", "timed out after %ss" % self.timeout, True
-        stdout = b"".join(out)
-        stderr = b"".join(err).decode("utf-8", "replace")
-        if code == 0:
-            if len(stdout) > MAX_RESULT_BYTES:
-                return "fail", "result larger than %d bytes" % MAX_RESULT_BYTES, False
-            text = stdout.decode("utf-8", "replace")
-            try:
-                return "ok", json.loads(text), None
-            except ValueError:
-                return "ok", text.rstrip("\n"), None
-        reason = stderr.strip()[-MAX_ERROR_CHARS:] or "exit code %d" % code
-        return "fail", reason, code != EXIT_NO_RETRY
+                try:
+                    value = fn(job.payload, job) if takes_job else fn(job.payload)
+                except PermanentError as e:
+                    box["error"] = (str(e) or "PermanentError", False)
+                    return
+                except BaseException:
+                    box["error"] = (_exception_text(), True)
+                    return
+                try:
+                    _encode(value)
+                except Exception as e:   # TypeError, ValueError, RecursionError: not sendable
+                    box["error"] = ("the handler's result is not JSON: %s" % e, False)
+                    return
+                box["result"] = value
+            finally:
+                job.exited = True
+                job._wake.set()
+        threading.Thread(target=target, name="intentbus-job-%s" % job.id, daemon=True).start()
+        self._supervise(job, client, None)
+        return self._outcome(job, box)
 
+    def _outcome(self, job, box):
+        """(kind, value): ("fulfill", result), ("fail", (error, retry)), ("release", None) or
+        ("lease_lost", why)."""
+        reason = job.kill_reason
+        if reason in ("lease_lost", "lease_expired"):
+            return "lease_lost", job.lost_because or "the lease ran out before a heartbeat got through"
+        if reason == "timeout" and (job.signalled or job.proc is None):
+            return "fail", ("timed out after %gs" % self.timeout, True)
+        if reason == "shutdown" and (job.signalled or job.proc is None):
+            return "release", None
+        if "error" in box:
+            return "fail", box["error"]
+        return "fulfill", box.get("result")
 
-def _collect(stream, chunks, limit):
-    size = 0
-    for block in iter(lambda: stream.read(65536), b""):
-        if limit is None:
-            chunks.append(block)
-            if len(chunks) > 64:   # keep only a tail of stderr
-                del chunks[:-16]
-        elif size < limit:
-            chunks.append(block[:limit - size])
-            size += len(block)
-    stream.close()
-
-
-def _kill(process):
-    """Kill a handler with its whole process group."""
-    if process is not None and process.poll() is None:
+    def _run_process(self, job, command, client):
+        env = dict(os.environ)
+        for secret in ("INTENTBUS_TOKEN", "INTENTBUS_TOKEN_FILE"):
+            env.pop(secret, None)     # the handler gets the job, not the worker's credentials
+        env.update(INTENT_ID=job.id, INTENT_GOAL=str(job.goal), INTENT_ATTEMPT=str(job.attempt),
+                   INTENT_MAX_ATTEMPTS=str(job.max_attempts))
         try:
-            os.killpg(process.pid, signal.SIGKILL)
+            proc = subprocess.Popen(command.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env=env, close_fds=True,
+                                    start_new_session=(os.name == "posix"))
+        except OSError as e:
+            return "fail", ("cannot start handler %r: %s" % (command, e.strerror or e), True)
+        job.proc = proc
+        out = _Capture(proc.stdout, self.max_result, head=True)
+        err = _Capture(proc.stderr, MAX_ERROR_CHARS * 4, head=False)
+        data = _encode(job.payload).encode("utf-8") + b"\n"
+
+        def feed_and_wait():
+            try:
+                proc.stdin.write(data)
+            except (OSError, ValueError):
+                pass    # the handler does not read its stdin
+            try:
+                proc.stdin.close()
+            except (OSError, ValueError):
+                pass
+            proc.wait()
+            job.exited = True
+            job._wake.set()
+        waiter = threading.Thread(target=feed_and_wait, name="intentbus-wait-%s" % job.id, daemon=True)
+        waiter.start()
+
+        def kill(sig):
+            job.signalled = True
+            _kill_group(proc, sig)
+        self._supervise(job, client, kill)
+        waiter.join()
+        _kill_group(proc, signal.SIGKILL, after_exit=True)   # whatever it left running
+        out.join(5.0)
+        err.join(5.0)
+        code = proc.returncode
+        box = {}
+        if code == 0:
+            raw = out.data()
+            if out.total > len(raw):
+                box["error"] = ("the handler wrote %d bytes to stdout; the limit is %d (--max-result)"
+                                % (out.total, self.max_result), False)
+            else:
+                box["result"] = _result_of(raw)
+        else:
+            if code < 0 and not job.signalled and \
+                    -code in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", 1)) and \
+                    self.stopping.wait(0.5):   # the same signal may be on its way to us too
+                job.kill_reason = job.kill_reason or "shutdown"   # stopped with us (systemd, a
+                job.signalled = True                              # terminal): give it back
+            text = err.text()[-MAX_ERROR_CHARS:].strip()
+            if not text:
+                text = ("handler killed by %s" % _signal_name(-code)) if code < 0 else \
+                    "handler exited with status %d" % code
+            box["error"] = (text, code != EXIT_NO_RETRY)
+        return self._outcome(job, box)
+
+    def _deliver(self, job, client, kind, result=None, error=None, retry=True):
+        """fulfill / fail / release, retried on network trouble until the lease would run out.
+        Returns the server's answer, or None if it could not be delivered."""
+        backoff = Backoff()
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                if kind == "fulfill":
+                    return client.fulfill(job.id, job.token, result)
+                if kind == "fail":
+                    return client.fail(job.id, job.token, error[:8000], retry)
+                answer = client.release(job.id, job.token)
+                self.log("released %s" % job.id)
+                return answer
+            except (LeaseLost, NotFound) as e:
+                if tries > 1:
+                    self.log("%s %s: %s (an earlier try probably got through)" % (kind, job.id, e))
+                else:
+                    self.log("lease lost on %s; its %s was refused: %s" % (job.id, kind, e.message))
+                return None
+            except Unavailable as e:
+                left = job.expires - time.monotonic()
+                if left <= 0.05:
+                    self.log("gave up on %s of %s: the lease ran out (%s)" % (kind, job.id, e))
+                    return None
+                delay = min(backoff.next(e.retry_after), left)
+                self.log("cannot %s %s (%s); reconnecting in %.1fs" % (kind, job.id, e, delay))
+                time.sleep(delay)
+            except IntentBusError as e:
+                if kind == "fulfill":   # e.g. 413 result too large: fail it instead, for good
+                    kind, error, retry = "fail", "the server refused the result: %s" % e.message, False
+                    self.log("server refused the result of %s: %s" % (job.id, e))
+                    continue
+                self.log("%s %s refused: %s" % (kind, job.id, e))
+                return None
+
+
+class _Capture:
+    """Reads a pipe in a thread: keeps the first `limit` bytes (head) or the last (tail)."""
+
+    def __init__(self, stream, limit, head):
+        self.stream, self.limit, self.head = stream, limit, head
+        self.chunks = []
+        self.kept = 0
+        self.total = 0
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        fd = self.stream.fileno()
+        try:
+            while True:
+                block = os.read(fd, 65536)
+                if not block:
+                    break
+                self.total += len(block)
+                if self.head:
+                    if self.kept < self.limit:
+                        block = block[:self.limit - self.kept]
+                        self.chunks.append(block)
+                        self.kept += len(block)
+                else:
+                    self.chunks.append(block)
+                    self.kept += len(block)
+                    if self.kept > 4 * self.limit:
+                        joined = b"".join(self.chunks)[-self.limit:]
+                        self.chunks, self.kept = [joined], len(joined)
         except OSError:
             pass
+        finally:
+            try:
+                self.stream.close()
+            except OSError:
+                pass
+
+    def join(self, timeout):
+        self.thread.join(timeout)
+
+    def data(self):
+        joined = b"".join(list(self.chunks))
+        return joined if self.head else joined[-self.limit:]
+
+    def text(self):
+        raw = self.data()
+        text = raw.decode("utf-8", "replace")
+        if not self.head and self.total > len(raw):
+            text = "..." + text
+        return text
+
+
+def _kill_group(proc, sig, after_exit=False):
+    if proc is None:
+        return
+    if os.name != "posix":
+        if not after_exit and proc.poll() is None:
+            proc.kill()
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+    except OSError as e:
+        if e.errno not in (errno.ESRCH, errno.EPERM):
+            raise
+
+
+def _result_of(raw):
+    """A handler's stdout as a result: JSON if it parses, else the text; empty gives None."""
+    text = raw.decode("utf-8", "replace")
+    if not text.strip():
+        return None
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError):   # RecursionError: nested deeper than Python can parse
+        return text[:-1] if text.endswith("\n") else text
+
+
+def _signal_name(number):
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "signal %d" % number
+
+
+def _no_constant(name):
+    raise ValueError("%s is not JSON" % name)
+
+
+def _exception_text():
+    """ "Type: message" and the handler's last frames (not the worker's own)."""
+    kind, value, tb = sys.exc_info()
+    text = "%s: %s" % (kind.__name__, value) if str(value) else kind.__name__
+    frames = traceback.extract_tb(tb)[1:][-3:]
+    if frames:
+        text += "\n" + "\n".join("  at %s:%s in %s" % (os.path.basename(f.filename), f.lineno, f.name)
+                                  for f in frames)
+    return text[:MAX_ERROR_CHARS]
+
+
+def _one_line(text):
+    text = " | ".join(line.strip() for line in str(text).strip().splitlines() if line.strip())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _check_goal(goal):
+    if not isinstance(goal, str) or not GOAL_RE.match(goal):
+        raise ValueError("goal %r: use 1-128 characters of A-Z a-z 0-9 _ . : -" % (goal,))
 
 
 # =====================================================================================
-# CLI
+# 4. CLI
 # =====================================================================================
 
 def read_token_file(path):
-    """The token from a file that only its owner can read, and that is not a symlink."""
-    info = os.lstat(path)
-    if stat.S_ISLNK(info.st_mode):
-        raise SystemExit("worker: refusing token file %s: it is a symlink" % path)
-    if info.st_mode & 0o077:
-        raise SystemExit("worker: refusing token file %s: it is readable by others "
-                         "(run: chmod 600 %s)" % (path, path))
-    with open(path) as f:
-        return f.read().strip()
+    """The token from a file that only its owner can read (no symlinks)."""
+    # O_NONBLOCK: opening a FIFO would otherwise wait for a writer, before the regular-file check
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        if os.path.islink(path):
+            raise SystemExit("worker: refusing token file %s: it is a symlink; point --token-file "
+                             "at the real file" % path)
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SystemExit("worker: refusing token file %s: it is a symlink; point --token-file "
+                             "at the real file" % path)
+        raise SystemExit("worker: cannot read token file %s: %s" % (path, e.strerror))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise SystemExit("worker: refusing token file %s: not a regular file" % path)
+        if os.name == "posix" and info.st_mode & 0o077:
+            raise SystemExit("worker: refusing token file %s: it is readable by others (mode %03o); "
+                             "run: chmod 600 %s" % (path, info.st_mode & 0o777, shlex.quote(path)))
+        data = os.read(fd, 65536)
+    finally:
+        os.close(fd)
+    token = data.decode("utf-8", "replace").strip()
+    if not token:
+        raise SystemExit("worker: token file %s is empty" % path)
+    return token
 
 
 def _env(name, default=None):
-    return os.environ.get(name) or default
+    value = os.environ.get(name)
+    return default if value is None or value == "" else value
+
+
+def _positive(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number of seconds" % text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("%r is not a number of seconds" % text)
+    return value
 
 
 def build_parser():
     p = argparse.ArgumentParser(
-        prog="worker.py", description="Intent Bus worker: claims intents and runs handlers for them. "
-        "Exit codes of handlers: 0 fulfilled (stdout is the result), %d retry later, %d do not retry "
-        "(dead at once), anything else retried." % (EXIT_RETRY, EXIT_NO_RETRY))
-    p.add_argument("--server", default=_env("INTENTBUS_URL", "http://127.0.0.1:8080"),
-                   help="server URL (default: %(default)s; INTENTBUS_URL)")
-    p.add_argument("--token", default=None, help="API token (prefer INTENTBUS_TOKEN or --token-file: "
-                   "a token on the command line shows in ps)")
-    p.add_argument("--token-file", default=_env("INTENTBUS_TOKEN_FILE"),
-                   help="read the token from this file (mode 600, not a symlink; INTENTBUS_TOKEN_FILE)")
-    p.add_argument("--sign-as", default=_env("INTENTBUS_SIGN_AS"),
-                   help="sign requests as this token name instead of sending the token (INTENTBUS_SIGN_AS)")
-    p.add_argument("--ca-file", default=_env("INTENTBUS_CA_FILE"),
-                   help="trust this CA / self-signed certificate for HTTPS (INTENTBUS_CA_FILE)")
-    p.add_argument("--name", default=_env("INTENTBUS_NAME", socket.gethostname()),
-                   help="worker name shown in /stats (default: hostname; INTENTBUS_NAME)")
-    p.add_argument("--cap", action="append", default=[c for c in _env("INTENTBUS_CAPS", "").split(",") if c],
-                   help="a capability this worker has, e.g. ffmpeg (repeatable; INTENTBUS_CAPS=a,b)")
-    p.add_argument("--handlers", default=_env("INTENTBUS_HANDLERS", "./handlers"),
-                   help="directory of executables named after goals (default: %(default)s; INTENTBUS_HANDLERS)")
-    p.add_argument("--run", action="append", default=[], metavar="GOAL=COMMAND",
-                   help="run COMMAND (split like a shell, never run by one) for GOAL (repeatable)")
-    p.add_argument("--concurrency", type=int, default=int(_env("INTENTBUS_CONCURRENCY", "1")),
-                   help="jobs at once (default: %(default)s; INTENTBUS_CONCURRENCY)")
-    p.add_argument("--lease", type=float, default=float(_env("INTENTBUS_LEASE", "0")) or None,
-                   help="lease to ask for, seconds (default: the intent's; INTENTBUS_LEASE)")
-    p.add_argument("--wait", type=float, default=float(_env("INTENTBUS_WAIT", "25")),
-                   help="long-poll seconds per claim (default: %(default)s; INTENTBUS_WAIT)")
-    p.add_argument("--timeout", type=float, default=float(_env("INTENTBUS_TIMEOUT", "0")) or None,
-                   help="kill a job running longer than this, seconds (default: none; INTENTBUS_TIMEOUT)")
-    p.add_argument("--grace", type=float, default=float(_env("INTENTBUS_GRACE", "30")),
-                   help="on SIGTERM/SIGINT, seconds to let jobs finish before releasing them "
-                        "(default: %(default)s; INTENTBUS_GRACE)")
-    p.add_argument("--once", action="store_true", help="claim one batch, run it, exit (for cron)")
+        prog="worker.py",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Intent Bus worker: claims intents from the server and runs a handler for each.\n"
+                    "Every flag also reads the environment variable shown; the flag wins.",
+        epilog="""handlers:
+  An executable DIR/<goal> (or --run GOAL=COMMAND, split like a shell would but never run by one)
+  runs once per intent. The worker claims only goals it has a handler for.
+    stdin     the payload as JSON
+    env       INTENT_ID INTENT_GOAL INTENT_ATTEMPT INTENT_MAX_ATTEMPTS (INTENTBUS_TOKEN removed)
+    exit 0    fulfilled; stdout is the result: JSON if it parses, else text (--max-result)
+    exit 75   temporary failure: retried after the intent's backoff
+    exit 100  do not retry: dead at once
+    other     failed, retried while attempts remain; the error is the tail of stderr (4000 chars)
+  Past --timeout the handler's whole process group is killed and the intent fails "timed out".
+  While it runs, its lease is extended every third of the lease; if the lease is lost (cancelled,
+  or taken by another worker after a long outage) the handler is killed and nothing is reported.
+
+signals:
+  SIGTERM or Ctrl-C: stop claiming, let running jobs finish within --grace, then kill them and
+  release them (the attempt is given back). A second Ctrl-C quits at once.
+
+exit status:
+  0 stopped normally (--once: every job was fulfilled, or there was none); 1 --once and a job
+  failed or the server was unreachable; 2 bad arguments, no handlers, or the server refused the
+  token; 130 quit by a second signal.
+
+examples:
+  INTENTBUS_TOKEN_FILE=~/.intentbus-token python worker.py --server https://bus.example.org --cap ffmpeg
+  python worker.py --run 'echo=cat' --run 'say=espeak -v en' --concurrency 4
+""")
+    a = p.add_argument
+    a("--server", metavar="URL", default=_env("INTENTBUS_URL", "http://127.0.0.1:8080"),
+      help="server address (env INTENTBUS_URL; default http://127.0.0.1:8080)")
+    a("--token", default=None,
+      help="API token (env INTENTBUS_TOKEN). On the command line it shows in ps: prefer the "
+           "environment or --token-file")
+    a("--token-file", metavar="PATH", default=_env("INTENTBUS_TOKEN_FILE"),
+      help="read the token from this file; it must be owner-only (chmod 600) and not a symlink "
+           "(env INTENTBUS_TOKEN_FILE)")
+    a("--sign-as", metavar="NAME", default=_env("INTENTBUS_SIGN_AS"),
+      help="sign each request with HMAC as the scoped token NAME instead of sending the token "
+           "(for tokens made with --require-signature; env INTENTBUS_SIGN_AS)")
+    a("--ca-file", metavar="PATH", default=_env("INTENTBUS_CA_FILE"),
+      help="trust this CA / self-signed certificate for https (env INTENTBUS_CA_FILE; default: "
+           "the system's trusted CAs)")
+    a("--cap", action="append", metavar="NAME", default=None,
+      help="a capability this worker has; repeatable (env INTENTBUS_CAPS, comma-separated; "
+           "default none). Only intents whose requires are all among these are claimed")
+    a("--name", default=_env("INTENTBUS_NAME"),
+      help="worker name shown in stats and history (env INTENTBUS_NAME; default the hostname)")
+    a("--handlers", metavar="DIR", default=_env("INTENTBUS_HANDLERS", "./handlers"),
+      help="directory of executables named after goals (env INTENTBUS_HANDLERS; default "
+           "./handlers); rescanned before each claim")
+    a("--run", action="append", metavar="GOAL=COMMAND", default=None,
+      help="run COMMAND for GOAL; repeatable (env INTENTBUS_RUN, one GOAL=COMMAND per line)")
+    a("--goal", action="append", metavar="GOAL", default=None,
+      help="claim only these goals, even if more handlers exist; repeatable (env INTENTBUS_GOALS, "
+           "comma-separated; default every goal with a handler)")
+    a("--concurrency", type=int, metavar="N", default=_env("INTENTBUS_CONCURRENCY", "1"),
+      help="jobs run at once (env INTENTBUS_CONCURRENCY; default 1)")
+    a("--lease", type=_positive, metavar="S", default=_env("INTENTBUS_LEASE"),
+      help="lease to ask for on each claim, in seconds (env INTENTBUS_LEASE; default: the "
+           "intent's own lease, 60 s unless it was submitted with another)")
+    a("--wait", type=_positive, metavar="S", default=_env("INTENTBUS_WAIT"),
+      help="long-poll each claim this long, at most 60 (env INTENTBUS_WAIT; default 25, "
+           "or 0 with --once)")
+    a("--timeout", type=_positive, metavar="S", default=_env("INTENTBUS_TIMEOUT", "0"),
+      help="kill a job (its whole process group) running longer than this and fail it with "
+           "'timed out' (env INTENTBUS_TIMEOUT; default 0: no limit)")
+    a("--grace", type=_positive, metavar="S", default=_env("INTENTBUS_GRACE", "30"),
+      help="on SIGTERM/Ctrl-C, let running jobs finish this long before killing and releasing "
+           "them (env INTENTBUS_GRACE; default 30)")
+    a("--max-result", type=int, metavar="BYTES", default=_env("INTENTBUS_MAX_RESULT", str(MAX_RESULT_BYTES)),
+      help="most stdout bytes a handler may return as its result; more fails the intent without "
+           "retry (env INTENTBUS_MAX_RESULT; default %d, under the server's default 65536)"
+           % MAX_RESULT_BYTES)
+    a("--once", action="store_true", default=_env("INTENTBUS_ONCE", "") not in ("", "0", "false", "no"),
+      help="claim at most one batch, run it and exit: 0 if all were fulfilled, 1 if one failed "
+           "(for cron; env INTENTBUS_ONCE=1)")
+    a("--version", action="version", version="intentbus worker " + __version__)
     return p
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    token = args.token or os.environ.get("INTENTBUS_TOKEN")
-    if not token and args.token_file:
-        token = read_token_file(args.token_file)
-    worker = Worker(args.server, token, caps=args.cap, name=args.name, concurrency=args.concurrency,
-                    lease=args.lease, wait=args.wait, timeout=args.timeout, grace=args.grace,
-                    ca_file=args.ca_file, sign_as=args.sign_as)
-    if os.path.isdir(args.handlers):
-        for entry in sorted(os.listdir(args.handlers)):
-            path = os.path.join(args.handlers, entry)
-            if os.path.isfile(path) and os.access(path, os.X_OK):
-                worker.command(entry, [os.path.abspath(path)])
-    for spec in args.run:
-        goal, sep, command = spec.partition("=")
-        if not sep or not goal or not command.strip():
-            raise SystemExit("worker: --run takes GOAL=COMMAND, not %r" % spec)
-        worker.command(goal, shlex.split(command))
-
-    def on_signal(signum, frame):
-        if worker.stopping.is_set():   # the second one: quit now
-            with worker._lock:
-                for job in worker._jobs.values():
-                    _kill(job.process)
-            log("quitting at once")
-            os._exit(130)
-        log("stopping: no new claims, %ss grace for running jobs" % worker.grace)
-        worker.stop()
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # argparse applies type= to string defaults from the environment too
+    token = args.token
+    if token and args.token_file and args.token_file != _env("INTENTBUS_TOKEN_FILE"):
+        parser.error("give --token or --token-file, not both")
+    if not token:
+        if args.token_file:
+            token = read_token_file(os.path.expanduser(args.token_file))
+        else:
+            token = _env("INTENTBUS_TOKEN")
+    caps = args.cap if args.cap is not None else \
+        [c.strip() for c in _env("INTENTBUS_CAPS", "").split(",") if c.strip()]
+    goals = args.goal if args.goal is not None else \
+        [g.strip() for g in _env("INTENTBUS_GOALS", "").split(",") if g.strip()]
+    runs = args.run if args.run is not None else \
+        [r for r in _env("INTENTBUS_RUN", "").splitlines() if r.strip()]
+    if not 1 <= args.concurrency <= 1000:
+        parser.error("--concurrency must be 1 to 1000")
+    wait = args.wait
+    if wait is None:
+        wait = 0.0 if args.once else 25.0
+    if wait > 60:
+        parser.error("--wait is at most 60 seconds")
+    lease = args.lease or None
+    if lease is not None and lease < 0.1:
+        parser.error("--lease must be at least 0.1 seconds")
+    if args.max_result < 0:
+        parser.error("--max-result must be 0 or more")
+    try:
+        worker = Worker(args.server, token, caps=caps, name=args.name, goals=goals or None,
+                        concurrency=args.concurrency, lease=lease, wait=wait,
+                        timeout=args.timeout or None, grace=args.grace, ca_file=args.ca_file,
+                        handlers_dir=args.handlers, max_result=args.max_result,
+                        sign_as=args.sign_as)
+        for item in runs:
+            goal, sep, command = item.partition("=")
+            if not sep or not command.strip():
+                parser.error("--run wants GOAL=COMMAND, got %r" % item)
+            worker.command(goal.strip(), command)
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+    if not worker.current_handlers():
+        where = os.path.abspath(args.handlers)
+        why = "it does not exist" if not os.path.isdir(where) else \
+            "it holds no executable files named after goals"
+        if goals:
+            why += ", or none of them is among --goal %s" % ",".join(goals)
+        print("worker.py: no handlers: %s (%s). Put executables named after goals there "
+              "(chmod +x), or pass --run GOAL=COMMAND." % (where, why), file=sys.stderr)
+        return 2
     return worker.run(once=args.once)
 
 
