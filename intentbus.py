@@ -61,9 +61,13 @@ def log(message, **fields):
     sys.stderr.flush()
 
 
+# One encoder for every call: json.dumps with options builds a new one each time.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def dumps(value):
     """Compact JSON, refusing NaN and Infinity (they are not JSON)."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _ENCODER.encode(value)
 
 
 # =====================================================================================
@@ -1137,7 +1141,7 @@ class Queue:
             if existing is not None:
                 rows.append(existing)
                 continue
-            row = dict(spec, namespace=namespace, requires=dumps(spec["requires"]), status="open",
+            row = dict(spec, namespace=namespace, requires=_list_text(spec["requires"]), status="open",
                        delayed=int(spec["run_at"] > now), created_at=now, attempts=0,
                        submitted_by=submitted_by, history="[]", worker=None, token=None,
                        claimed_at=None, lease_expires_at=None, finished_at=None, result=None,
@@ -1214,7 +1218,7 @@ class Queue:
             if self.store.claim_intent(intent_id, request.worker, token, now, now + lease):
                 claimed.append({
                     "id": str(intent_id), "goal": goal, "payload": json.loads(payload),
-                    "priority": priority, "requires": json.loads(requires), "attempt": attempts + 1,
+                    "priority": priority, "requires": _list_value(requires), "attempt": attempts + 1,
                     "max_attempts": max_attempts, "token": token, "lease": lease,
                     "lease_expires_at": now + lease})
         if claimed:
@@ -1588,17 +1592,26 @@ def _intent_id(value, field="id"):
     return number
 
 
+def _list_text(items):
+    return dumps(items) if items else "[]"
+
+
+def _list_value(text):
+    """Most intents require nothing and have no history yet: skip the parser for them."""
+    return [] if text == "[]" else json.loads(text)
+
+
 def intent_view(row):
     """The public shape of an intent (never its lease token)."""
     return {
         "id": str(row["id"]), "goal": row["goal"], "payload": json.loads(row["payload"]),
-        "priority": row["priority"], "requires": json.loads(row["requires"]),
+        "priority": row["priority"], "requires": _list_value(row["requires"]),
         "status": row["status"], "created_at": row["created_at"], "run_at": row["run_at"],
         "attempts": row["attempts"], "max_attempts": row["max_attempts"], "lease": row["lease"],
         "backoff": row["backoff"], "worker": row["worker"],
         "lease_expires_at": row["lease_expires_at"], "finished_at": row["finished_at"],
         "result": None if row["result"] is None else json.loads(row["result"]),
-        "error": row["error"], "history": json.loads(row["history"]),
+        "error": row["error"], "history": _list_value(row["history"]),
         "idempotency_key": row["idempotency_key"], "namespace": row["namespace"],
     }
 
@@ -1776,6 +1789,15 @@ ROUTES = [
     ("GET", r"/stats", "stats", "admin"),
 ]
 _COMPILED_ROUTES = [(m, re.compile(p + r"\Z"), h, r) for m, p, h, r in ROUTES]
+# Routes that honour "Prefer: return=minimal" (RFC 7240): a worker or a batch producer that only
+# needs ids and outcomes saves encoding, bytes on the wire (a phone's data plan) and decoding.
+_MINIMAL_ROUTES = {"submit", "fulfill", "fail"}
+
+
+def _minimal(value):
+    if "intents" in value:
+        return {"intents": [_minimal(v) for v in value["intents"]]}
+    return {"id": value["id"], "status": value["status"]}
 ROLE_RANK = {"submit": {"submit", "admin"}, "work": {"work", "admin"}, "admin": {"admin"}}
 
 # How query-string (and form) values become typed fields, for curl users without a JSON body.
@@ -1825,6 +1847,9 @@ def _strict_float(text):
     return value
 
 
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_strict_float)
+
+
 def _check_depth(value, depth=1):
     """Levels count from 1 at the outermost container, as the README's "at most 64" does."""
     if depth > MAX_JSON_DEPTH:
@@ -1844,7 +1869,7 @@ def _loads(data):
     except UnicodeDecodeError:
         raise HTTPError(400, "bad_json", "the body is not valid UTF-8")
     try:   # the C parser stops very deep nesting with RecursionError; _check_depth is stricter
-        value = json.loads(text, parse_constant=_reject_constant, parse_float=_strict_float)
+        value = _DECODER.decode(text)
         _check_depth(value)
         if "\\u" in text:   # only an escape can smuggle in a lone surrogate, which is not Unicode
             json.dumps(value, ensure_ascii=False).encode("utf-8")
@@ -2085,6 +2110,8 @@ class Handler(BaseHTTPRequestHandler):
                 self._claimed = result["intents"]
             elif self.server.rate is not None and time.monotonic() - self.started >= IDLE_POLL_REFUND:
                 self.server.rate.refund(scope.name)   # a long poll that sat idle costs nothing
+        elif name in _MINIMAL_ROUTES and "return=minimal" in headers.get("prefer", "").lower():
+            return status, _minimal(result), {"Preference-Applied": "return=minimal"}
         return status, result, None
 
     def _read_headers(self):

@@ -18,7 +18,7 @@ twice, jobs run by two workers while both held a valid lease, and duplicate inte
 Any non-zero count, a timeout or an unfinished job makes the exit status non-zero.
 
 Sections: config and presets; records and verification (pure functions, unit-tested in
-test_stress_part.py); measurement; server process control; load (producers, workers, child
+test_intentbus.py); measurement; server process control; load (producers, workers, child
 processes); orchestration; report (table, json, svg); CLI.
 """
 
@@ -589,7 +589,8 @@ def _handle_jobs(client, cfg, name, key, t0, t1, jobs, sink, stop, rng, work):
             continue
         if dice < cfg["crash_rate"] + cfg["fail_rate"]:
             ok, answer, ts, ta = _acknowledge(
-                lambda: client.fail(id_, job["token"], error="injected failure", retry=True),
+                lambda: client.fail(id_, job["token"], error="injected failure", retry=True,
+                                    minimal=True),
                 stop, sink, "fail")
             status = answer.get("status") if ok and isinstance(answer, dict) else answer
             sink.add("run", base + ("fail", ts, ta, ok, status))
@@ -616,7 +617,8 @@ def _handle_jobs(client, cfg, name, key, t0, t1, jobs, sink, stop, rng, work):
     else:
         for base, id_, token in to_fulfill:
             ok, answer, ts, ta = _acknowledge(
-                lambda: client.fulfill(id_, token, result={"by": name}), stop, sink, "fulfill")
+                lambda: client.fulfill(id_, token, result={"by": name}, minimal=True), stop, sink,
+                "fulfill")
             status = answer.get("status") if ok and isinstance(answer, dict) else answer
             sink.add("run", base + ("fulfill", ts, ta, ok, status))
 
@@ -647,9 +649,9 @@ def producer_loop(client, cfg, job_numbers, sink, stop, deadline, rate=None, gap
             try:
                 if cfg["submit_batch"] == 1:
                     b = dict(bodies[0])
-                    answers = [client.submit(b.pop("goal"), b.pop("payload"), **b)]
+                    answers = [client.submit(b.pop("goal"), b.pop("payload"), minimal=True, **b)]
                 else:
-                    answers = client.submit_many(bodies)
+                    answers = client.submit_many(bodies, minimal=True)
             except Exception as e:   # retried unless refused for good: the idempotency key makes it safe
                 failure = e
                 sink.err("submit", e, t0)
@@ -1026,7 +1028,9 @@ def run_load(cfg, server=None):
                     break
                 load["kills"].append({"at": t_kill, "back": time.time()})
             producers_done = sum(1 for pid in coll.done if pid.startswith("p")) == n_producers
-            pending = coll.pending()
+            # pending() walks every acknowledged id: only once the producers are done, or it
+            # costs this process more than the load it measures
+            pending = coll.pending() if producers_done else None
             if producers_done and not pending:
                 break
             if producers_done and now - last_poll > 0.5 and (
@@ -1052,7 +1056,9 @@ def run_load(cfg, server=None):
             progress("[%6.1fs] submitted %d/%d  fulfilled %d  failed %d  crashed %d  pending %d"
                      "  errors %d  %.0f jobs/s" % (
                          now - t_go, len(coll.acked), cfg["jobs"], coll.fulfill_acks,
-                         coll.injected_fail, coll.crashed, len(pending), sum(coll.errors.values()),
+                         coll.injected_fail, coll.crashed,
+                         len(pending) if pending is not None else len(coll.acked) - len(coll.terminal),
+                         sum(coll.errors.values()),
                          rate))
     except KeyboardInterrupt:
         load["status"] = "interrupted"

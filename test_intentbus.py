@@ -1,28 +1,36 @@
-"""Intent Bus test suite: storage and queue rules, the HTTP API over real sockets, real worker
-processes, security and hardening, and stress.py's own verification logic.
+"""Intent Bus test suite: storage and queue rules, the HTTP API over real sockets, worker.py's
+Client, real worker processes, security and hardening, and stress.py's own verification logic.
 
     python3 test_intentbus.py        # or: make test
 
-No timed assertions: time-dependent rules use a controllable clock, or sub-second leases with
-bounded polling loops. Everything talks to 127.0.0.1 only.
+Servers run in this process (intentbus.start_server) on 127.0.0.1 and a random port. Well-formed
+requests go through worker.Client; raw sockets and http.client only carry traffic a good client
+cannot send. No timed assertions: time-dependent rules use a controllable clock, or sub-second
+leases with bounded polling loops.
 """
 
+import hashlib
 import http.client
+import io
 import json
 import os
 import random
+import re
+import select
+import shutil
 import signal
 import socket
 import sqlite3
 import ssl
 import stat
-import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import unittest
+import urllib.parse
+import warnings
 import xml.etree.ElementTree as ET
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -30,12 +38,21 @@ sys.path.insert(0, HERE)
 
 import intentbus  # noqa: E402
 import stress  # noqa: E402
+import worker  # noqa: E402
 from intentbus import Storage, Queue  # noqa: E402
 from stress import Run, Submit, ClaimReq  # noqa: E402
 from worker import Client, IntentBusError, LeaseLost, NotFound, Unavailable  # noqa: E402
 
 PY = sys.executable
+SCRIPT = os.path.join(HERE, "intentbus.py")
+WORKER = os.path.join(HERE, "worker.py")
+ROOT = "root-token-0123456789"          # the root token of the servers that have one
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
 
+
+# =====================================================================================
+# Helpers
+# =====================================================================================
 
 def eventually(check, timeout=10.0, interval=0.02):
     """Poll check() until it returns something truthy; bounded. Returns the last value."""
@@ -45,6 +62,103 @@ def eventually(check, timeout=10.0, interval=0.02):
         time.sleep(interval)
         value = check()
     return value
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*args, timeout=30, umask=-1):
+    """Run `python3 intentbus.py ARGS` and return the CompletedProcess (bounded)."""
+    return subprocess.run([PY, SCRIPT] + list(args), capture_output=True, text=True,
+                          timeout=timeout, umask=umask)
+
+
+def file_bytes(db):
+    """The database file and its WAL, as raw bytes."""
+    data = b""
+    for path in (db, db + "-wal"):
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                data += f.read()
+    return data
+
+
+def integrity(path):
+    """PRAGMA integrity_check on its own read-only connection."""
+    conn = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(path)), uri=True)
+    try:
+        return [row[0] for row in conn.execute("PRAGMA integrity_check").fetchall()]
+    finally:
+        conn.close()
+
+
+def read_response(f):
+    """One HTTP response from a binary file object: (status, headers, body, raw header block),
+    or None at a clean end of stream. Raises ValueError if what came is not HTTP."""
+    line = f.readline(65537)
+    if not line:
+        return None
+    parts = line.split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        raise ValueError("not an HTTP status line: %r" % line[:80])
+    status = int(parts[1])
+    headers, block = {}, [line]
+    while True:
+        h = f.readline(65537)
+        if h in (b"\r\n", b"\n", b""):
+            break
+        block.append(h)
+        name, _, value = h.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "0") or 0)
+    body = f.read(length) if length else b""
+    return status, headers, body, b"".join(block)
+
+
+def exchange(address, data, shutdown=True, timeout=3.0):
+    """Send raw bytes on a fresh connection, read every response until the server closes (or
+    `timeout` passes with nothing). Returns (responses, error) where error is a string if the
+    stream held something that is not HTTP."""
+    responses, error = [], None
+    with socket.create_connection(address, timeout=timeout) as s:
+        try:
+            s.sendall(data)
+            if shutdown:
+                s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        f = s.makefile("rb")
+        try:
+            while True:
+                r = read_response(f)
+                if r is None:
+                    break
+                responses.append(r)
+        except ValueError as e:
+            error = str(e)
+        except OSError:
+            pass   # timeout (a keep-alive left open) or a reset: what arrived is checked
+        finally:
+            f.close()
+    return responses, error
+
+
+def closed_within(sock, timeout):
+    """True if the peer closes (EOF or reset) within `timeout` seconds; data is read and
+    dropped meanwhile."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready = select.select([sock], [], [], 0.1)[0]
+        if ready:
+            try:
+                if not sock.recv(65536):
+                    return True
+            except OSError:
+                return True
+    return False
 
 
 class Clock:
@@ -59,12 +173,86 @@ class Clock:
 
 
 class TempDirCase(unittest.TestCase):
+    """A temporary directory holding the database path, removed at the end."""
+
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix="intentbus-test-")
         self.db = os.path.join(self.dir, "bus.db")
+        self.addCleanup(shutil.rmtree, self.dir, True)
 
-    def tearDown(self):
-        shutil.rmtree(self.dir, ignore_errors=True)
+
+class BusCase(TempDirCase):
+    """Servers started in this process, clients and raw connections to them, all closed at the
+    end. Methods that take `srv` default to self.srv."""
+
+    def start(self, db=None, port=0, **settings):
+        srv = intentbus.start_server(db=db or self.db, port=port, **settings)
+        self.addCleanup(srv.stop)
+        return srv
+
+    def client(self, srv, token=None, **kw):
+        c = Client(srv.url, token, **kw)
+        self.addCleanup(c.close)
+        return c
+
+    def token(self, srv, name, role, namespace=None, goals=None, signed=False):
+        """A new scoped token's secret."""
+        secret = intentbus.add_token(srv.store, name, role, namespace, goals, signed)
+        srv.tokens.forget()   # written by this very process: there is no data_version change to notice
+        return secret
+
+    def address(self, srv=None):
+        return (srv or self.srv).httpd.server_address[:2]
+
+    def raw(self, method, path, body=None, headers=None, srv=None):
+        """http.client, for requests a good client cannot send. Returns (status, headers, body
+        bytes), or (None, {}, error text) if the server closed without any answer."""
+        host, port = self.address(srv)
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            r = conn.getresponse()
+            data = r.read()
+            return r.status, {k.lower(): v for k, v in r.getheaders()}, data
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
+            return None, {}, repr(e)
+        finally:
+            conn.close()
+
+    def socket_to(self, srv=None, timeout=5.0):
+        s = socket.create_connection(self.address(srv), timeout=timeout)
+        self.addCleanup(s.close)
+        return s
+
+    def refused(self, call, status, *words):
+        with self.assertRaises(IntentBusError) as cm:
+            call()
+        e = cm.exception
+        self.assertEqual(e.status, status, "expected %s, got %s" % (status, e))
+        for word in words:
+            self.assertIn(word, e.message)
+        return e
+
+    def assertHardened(self, status, headers, body, what=""):
+        """The headers every answer must carry, and no trace or path in the body."""
+        label = "%s (status %s)" % (what, status)
+        self.assertEqual(headers.get("x-content-type-options"), "nosniff", label)
+        self.assertEqual(headers.get("cache-control"), "no-store", label)
+        self.assertTrue(REQUEST_ID_RE.match(headers.get("x-request-id", "")), label)
+        for leak in (b"Traceback", b'File "', HERE.encode(), self.dir.encode()):
+            self.assertNotIn(leak, body, label)
+
+
+class ServerCase(BusCase):
+    """One server for each test, started with `settings`; self.c is a client holding its token
+    (the root token, if the server has one)."""
+    settings = {}
+
+    def setUp(self):
+        BusCase.setUp(self)
+        self.srv = self.start(**self.settings)
+        self.url = self.srv.url
+        self.c = self.client(self.srv, self.settings.get("token"))
 
 
 # =====================================================================================
@@ -82,7 +270,6 @@ class RulesCase(TempDirCase):
 
     def tearDown(self):
         self.store.close()
-        TempDirCase.tearDown(self)
 
     def submit(self, **body):
         body.setdefault("goal", "g")
@@ -320,36 +507,8 @@ class QueueRules(RulesCase):
 
 
 # =====================================================================================
-# HTTP, against a real server on 127.0.0.1 and a random port
+# HTTP API, against a real server on 127.0.0.1 and a random port
 # =====================================================================================
-
-class ServerCase(TempDirCase):
-    settings = {}
-
-    def setUp(self):
-        TempDirCase.setUp(self)
-        self.srv = intentbus.start_server(db=self.db, port=0, **self.settings)
-        self.url = self.srv.url
-        self.c = Client(self.url, self.settings.get("token"))
-
-    def tearDown(self):
-        self.c.close()
-        self.srv.stop()
-        TempDirCase.tearDown(self)
-
-    def raw(self, method, path, body=None, headers=None):
-        """Raw http.client, only for requests a well-behaved Client cannot send."""
-        host, port = self.srv.httpd.server_address[:2]
-        conn = http.client.HTTPConnection(host, port, timeout=10)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            r = conn.getresponse()
-            data = r.read()
-            return r.status, dict((k.lower(), v) for k, v in r.getheaders()), \
-                (json.loads(data) if data else None)
-        finally:
-            conn.close()
-
 
 class HTTPApi(ServerCase):
     settings = {"backoff_base": 0.05}
@@ -382,12 +541,13 @@ class HTTPApi(ServerCase):
         self.assertEqual(len(self.c.list(limit=1000)["intents"]), 25)
 
     def test_curl_style_query_parameters(self):
-        status, _h, v = self.raw("POST", "/intents?goal=backup&payload=home&priority=3&requires=a,b")
+        status, _h, data = self.raw("POST", "/intents?goal=backup&payload=home&priority=3&requires=a,b")
+        v = json.loads(data)
         self.assertEqual((status, v["payload"], v["priority"], v["requires"]), (201, "home", 3, ["a", "b"]))
-        status, _h, v = self.raw("POST", "/claim?caps=a,b&worker=cron")
-        self.assertEqual((status, v["intents"][0]["goal"]), (200, "backup"))
-        status, _h, v = self.raw("POST", "/claim?caps=a")
-        self.assertEqual((status, v), (204, None))
+        status, _h, data = self.raw("POST", "/claim?caps=a,b&worker=cron")
+        self.assertEqual((status, json.loads(data)["intents"][0]["goal"]), (200, "backup"))
+        status, _h, data = self.raw("POST", "/claim?caps=a")
+        self.assertEqual((status, data), (204, b""))
 
     def test_stale_token_unknown_id_and_fail_answers(self):
         i = self.c.submit("g", max_attempts=2, backoff=0.05)
@@ -497,22 +657,19 @@ class HTTPApi(ServerCase):
             ("POST", "/claim", b'{"wait": 61}', json_h, 400),
         ]
         for method, path, body, headers, status in cases:
-            got, h, v = self.raw(method, path, body, headers)
+            got, h, data = self.raw(method, path, body, headers)
             self.assertEqual(got, status, (method, path, body))
-            self.assertIn("code", v["error"])
-            self.assertEqual(h["x-content-type-options"], "nosniff")
-            self.assertEqual(h["cache-control"], "no-store")
-            self.assertTrue(h["x-request-id"])
+            self.assertIn("code", json.loads(data)["error"])
+            self.assertHardened(got, h, data, "%s %s" % (method, path))
         self.assertEqual(self.raw("DELETE", "/intents")[1]["allow"], "GET, POST")
         self.assertEqual(self.c.list()["intents"], [])
 
     def test_huge_content_length_and_chunked_are_refused_unread(self):
-        host, port = self.srv.httpd.server_address[:2]
-        with socket.create_connection((host, port), timeout=10) as s:
+        with socket.create_connection(self.address(), timeout=10) as s:
             s.sendall(b"POST /intents HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                       b"Content-Length: 99999999999\r\n\r\n{")
             self.assertIn(b" 413 ", s.recv(4096))
-        with socket.create_connection((host, port), timeout=10) as s:
+        with socket.create_connection(self.address(), timeout=10) as s:
             s.sendall(b"POST /intents HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
             self.assertIn(b" 411 ", s.recv(4096))
         self.assertTrue(self.c.health()["ok"])
@@ -532,48 +689,212 @@ class HTTPApi(ServerCase):
         t = threading.Thread(target=claimer)
         t.start()
         eventually(lambda: self.srv.queue._parked, 5)
-        out = subprocess.run([PY, os.path.join(HERE, "intentbus.py"), "submit", "from-cli", "--db",
-                              self.db, "--payload", '{"n": 1}'], capture_output=True, text=True, timeout=30)
+        out = cli("submit", "from-cli", "--db", self.db, "--payload", '{"n": 1}')
         self.assertEqual(out.returncode, 0, out.stderr)
         t.join(25)
         self.assertEqual(got["claim"][0]["payload"], {"n": 1})
-        listing = subprocess.run([PY, os.path.join(HERE, "intentbus.py"), "list", "--db", self.db,
-                                  "--status", "claimed"], capture_output=True, text=True, timeout=30)
+        listing = cli("list", "--db", self.db, "--status", "claimed")
         self.assertIn("from-cli", listing.stdout)
 
 
-class RestartAndAuth(TempDirCase):
+# =====================================================================================
+# worker.py's Client: the project's one HTTP client
+# =====================================================================================
+
+class ClientAgainstServer(ServerCase):
+    settings = {"token": ROOT}
+
+    def test_every_endpoint_and_error_mapping(self):
+        c = self.c
+        self.assertEqual(c.health()["ok"], True)
+        i = c.submit("g", {"n": 1}, priority=2, requires=["cap"], max_attempts=2, lease=5,
+                     backoff=0.05, idempotency_key="k1")
+        self.assertEqual(c.submit("g", {"n": 1}, priority=2, requires=["cap"], max_attempts=2, lease=5,
+                                  backoff=0.05, idempotency_key="k1")["id"], i["id"])
+        self.assertEqual(c.claim("w", caps=[], goals=["g"], wait=0), [])        # 204 -> []
+        [got] = c.claim("w", caps=["cap"], goals=["g"], max=5, wait=0)
+        self.assertEqual((got["id"], got["payload"], got["attempt"]), (i["id"], {"n": 1}, 1))
+        self.assertGreater(c.extend(got["id"], got["token"], lease=10)["lease_expires_at"], time.time())
+        with self.assertRaises(LeaseLost):
+            c.fulfill(got["id"], "not-the-token", 1)
+        self.assertEqual(c.fulfill(got["id"], got["token"], {"r": 1})["status"], "fulfilled")
+        with self.assertRaises(LeaseLost) as cm:
+            c.fulfill(got["id"], got["token"], {"r": 2})
+        self.assertEqual((cm.exception.status, cm.exception.code), (409, "lease_lost"))
+        self.assertEqual(c.get(got["id"], wait=1)["result"], {"r": 1})
+        with self.assertRaises(NotFound):
+            c.get("987654")
+        with self.assertRaises(IntentBusError) as cm:
+            c.submit("bad goal!")
+        self.assertEqual((cm.exception.status, cm.exception.code), (400, "invalid"))
+        status, body = c.request("POST", "/intents", {"goal": "bad goal!"}, check=False)
+        self.assertEqual((status, body["error"]["code"]), (400, "invalid"))
+        many = c.submit_many([{"goal": "m", "payload": k} for k in range(3)])
+        self.assertEqual(len(many), 3)
+        claimed = c.claim("w", goals=["m"], max=3)
+        res = c.fulfill_many([{"id": x["id"], "token": x["token"], "result": x["payload"]} for x in claimed])
+        self.assertTrue(all(r["ok"] for r in res))
+        j = c.submit("f", max_attempts=1)
+        [cl] = c.claim("w", goals=["f"])
+        self.assertEqual(c.fail(cl["id"], cl["token"], "broke", retry=False)["status"], "dead")
+        self.assertEqual(c.retry(j["id"])["status"], "open")
+        [cl] = c.claim("w", goals=["f"])
+        self.assertEqual(c.release(cl["id"], cl["token"])["attempts"], 0)
+        self.assertEqual(c.cancel(j["id"])["status"], "cancelled")
+        self.assertEqual(c.retry_all(status="cancelled", goal="f"), 1)
+        self.assertIn("counts", c.stats())
+        self.assertGreaterEqual(len(c.list(goal="m", limit=2)["intents"]), 2)
+
+    def test_minimal_answers_carry_only_id_and_status(self):
+        c = self.c
+        one = c.submit("g", {"n": 1}, idempotency_key="m1", minimal=True)
+        self.assertEqual(one, {"id": one["id"], "status": "open"})
+        self.assertEqual(c.submit("g", {"n": 1}, idempotency_key="m1", minimal=True), one)   # a repeat
+        many = c.submit_many([{"goal": "g", "payload": n} for n in range(3)], minimal=True)
+        self.assertEqual([sorted(m) for m in many], [["id", "status"]] * 3)
+        a, b = c.claim("w", goals=["g"], max=2)
+        self.assertEqual(c.fulfill(a["id"], a["token"], 7, minimal=True), {"id": a["id"], "status": "fulfilled"})
+        self.assertEqual(c.fail(b["id"], b["token"], "no", retry=False, minimal=True),
+                         {"id": b["id"], "status": "dead"})
+        self.assertEqual(c.get(a["id"])["result"], 7)   # the minimal answer changed nothing else
+        status, headers, body = self.raw("POST", "/intents", b'{"goal":"g"}', {
+            "Authorization": "Bearer " + ROOT, "Content-Type": "application/json",
+            "Prefer": "return=minimal"})
+        self.assertEqual((status, headers.get("preference-applied")), (201, "return=minimal"))
+        self.assertEqual(sorted(json.loads(body)), ["id", "status"])
+        full = c.submit("g")   # without the preference: the whole intent
+        self.assertIn("payload", full)
+        self.assertIn("history", full)
+
+    def test_the_token_is_never_shown(self):
+        self.assertNotIn(ROOT, repr(self.c))
+        bad = self.client(self.srv, "wrong-token")
+        with self.assertRaises(IntentBusError) as cm:
+            bad.stats()
+        self.assertEqual(cm.exception.status, 401)
+        self.assertNotIn("wrong-token", str(cm.exception) + repr(bad))
+        with self.assertRaises(ValueError):
+            Client(self.url, "two\r\nlines")
+
+
+class FakeHTTP:
+    """A raw-socket server that plays a script per connection: each entry answers one request
+    with raw bytes, or None to close the connection without answering."""
+
+    def __init__(self, scripts):
+        self.scripts = list(scripts)
+        self.connections = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while self.scripts:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            script = self.scripts.pop(0)
+            with conn:
+                buf = b""
+                for answer in script:
+                    while b"\r\n\r\n" not in buf:
+                        data = conn.recv(65536)
+                        if not data:
+                            break
+                        buf += data
+                    head, _, buf = buf.partition(b"\r\n\r\n")
+                    for line in head.split(b"\r\n"):
+                        if line.lower().startswith(b"content-length:"):
+                            n = int(line.split(b":")[1])
+                            while len(buf) < n:
+                                buf += conn.recv(65536)
+                            buf = buf[n:]
+                    if answer is None:
+                        break
+                    conn.sendall(answer)
+
+    def close(self):
+        self.sock.close()
+
+
+def http_answer(status, body, extra=""):
+    data = json.dumps(body).encode()
+    return ("HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n"
+            % (status, len(data), extra)).encode() + data
+
+
+class ClientConnections(unittest.TestCase):
+    def fake(self, scripts):
+        f = FakeHTTP(scripts)
+        self.addCleanup(f.close)
+        return f
+
+    def client(self, url, **kw):
+        c = Client(url, **kw)
+        self.addCleanup(c.close)
+        return c
+
+    def test_resends_once_when_a_kept_alive_connection_was_closed(self):
+        f = self.fake([[http_answer(200, {"n": 1}), None], [http_answer(200, {"n": 2})]])
+        c = self.client(f.url)
+        self.assertEqual(c.health(), {"n": 1})
+        self.assertEqual(c.health(), {"n": 2})     # the first connection died: sent again once
+        self.assertEqual(f.connections, 2)
+
+    def test_no_resend_on_a_fresh_connection(self):
+        f = self.fake([[None], [http_answer(200, {"n": 2})]])
+        c = self.client(f.url)
+        with self.assertRaises(Unavailable) as cm:
+            c.health()
+        self.assertIsNone(cm.exception.status)
+        self.assertEqual(f.connections, 1)
+
+    def test_429_and_5xx_are_unavailable_with_retry_after(self):
+        f = self.fake([[http_answer(429, {"error": {"code": "rate_limited", "message": "slow down"}},
+                                    "Retry-After: 7\r\n"),
+                        http_answer(503, {"error": {"code": "unavailable", "message": "busy"}}),
+                        b"HTTP/1.1 204 No Content\r\n\r\n"]])
+        c = self.client(f.url)
+        with self.assertRaises(Unavailable) as cm:
+            c.stats()
+        e = cm.exception
+        self.assertEqual((e.status, e.code, e.message, e.retry_after), (429, "rate_limited", "slow down", 7.0))
+        with self.assertRaises(Unavailable) as cm:
+            c.stats()
+        self.assertEqual((cm.exception.status, cm.exception.retry_after), (503, None))
+        self.assertEqual(c.claim("w", goals=["g"]), [])
+
+    def test_nothing_listening_is_unavailable(self):
+        c = self.client("http://127.0.0.1:%d" % free_port(), timeout=2)
+        with self.assertRaises(Unavailable) as cm:
+            c.health()
+        self.assertEqual(cm.exception.code, "network")
+
+
+# =====================================================================================
+# Server lifecycle: restart, shutdown, refusing to start unsafely
+# =====================================================================================
+
+class ServerLifecycle(BusCase):
     def test_restart_on_the_same_file_loses_nothing(self):
-        srv = intentbus.start_server(db=self.db, port=0)
-        c = Client(srv.url)
+        srv = self.start()
+        c = self.client(srv)
         ids = [c.submit("g", n)["id"] for n in range(20)]
         job = c.claim(lease=120)[0]
         srv.stop()
-        srv = intentbus.start_server(db=self.db, port=0)
-        try:
-            c = Client(srv.url)
-            page = c.list(limit=100)["intents"]
-            self.assertEqual([i["id"] for i in page], ids)
-            self.assertEqual(c.fulfill(job["id"], job["token"], "kept")["status"], "fulfilled")
-        finally:
-            srv.stop()
-
-    def test_auth(self):
-        srv = intentbus.start_server(db=self.db, port=0, token="s3cret")
-        try:
-            self.assertTrue(Client(srv.url).health()["ok"])
-            for bad in (None, "wrong"):
-                with self.assertRaises(IntentBusError) as e:
-                    Client(srv.url, bad).stats()
-                self.assertEqual(e.exception.status, 401)
-            self.assertIn("counts", Client(srv.url, "s3cret").stats())
-            status, _v = Client(srv.url).request("GET", "/stats", headers={"X-API-Key": "s3cret"})
-            self.assertEqual(status, 200)
-        finally:
-            srv.stop()
+        srv = self.start()
+        c = self.client(srv)
+        page = c.list(limit=100)["intents"]
+        self.assertEqual([i["id"] for i in page], ids)
+        self.assertEqual(c.fulfill(job["id"], job["token"], "kept")["status"], "fulfilled")
 
     def test_sigterm_answers_long_polls_and_exits_cleanly(self):
-        p = subprocess.Popen([PY, os.path.join(HERE, "intentbus.py"), "serve", "--db", self.db, "--port", "0"],
+        p = subprocess.Popen([PY, SCRIPT, "serve", "--db", self.db, "--port", "0"],
                              stderr=subprocess.PIPE, text=True)
         try:
             line = p.stderr.readline()
@@ -596,11 +917,7 @@ class RestartAndAuth(TempDirCase):
             p.communicate(timeout=10)
         self.assertFalse(t.is_alive())        # the 60 s long poll was answered at shutdown
         self.assertEqual(got["claim"], [])
-        srv = intentbus.start_server(db=self.db, port=0)
-        try:
-            self.assertEqual(Client(srv.url).get(kept)["payload"], "kept")
-        finally:
-            srv.stop()
+        self.assertEqual(self.client(self.start()).get(kept)["payload"], "kept")
 
     def test_refuses_a_public_address_without_a_token(self):
         with self.assertRaises(SystemExit) as e:
@@ -609,509 +926,1697 @@ class RestartAndAuth(TempDirCase):
 
 
 # =====================================================================================
-# Real worker.py processes against a real server
+# worker.py processes, and Worker in this process, against a real server
 # =====================================================================================
 
-class WorkerProcesses(ServerCase):
+class WorkerCase(ServerCase):
+    """Handlers in the test's directory and worker.py processes run against the test's server
+    (with its token, if it has one)."""
     settings = {"backoff_base": 0.05}
 
-    def handler(self, name, script):
-        hdir = os.path.join(self.dir, "handlers")
-        os.makedirs(hdir, exist_ok=True)
-        path = os.path.join(hdir, name)
-        with open(path, "w") as f:
+    def handler(self, goal, script, hdir="handlers"):
+        path = os.path.join(self.dir, hdir)
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, goal), "w") as f:
             f.write("#!/bin/sh\n" + script + "\n")
-        os.chmod(path, 0o755)
-        return hdir
+        os.chmod(os.path.join(path, goal), 0o755)
+        return path
 
-    def start_worker(self, *args):
-        p = subprocess.Popen([PY, os.path.join(HERE, "worker.py"), "--server", self.url, "--wait", "1"]
-                             + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             cwd=self.dir, start_new_session=True)
+    def start_worker(self, *args, env=None):
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("INTENTBUS_")}
+        if self.settings.get("token"):
+            full_env["INTENTBUS_TOKEN"] = self.settings["token"]
+        full_env.update(env or {})
+        p = subprocess.Popen([PY, WORKER, "--server", self.url, "--wait", "1", "--name", "tester"]
+                             + list(args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, cwd=self.dir, env=full_env,
+                             start_new_session=True)
         self.addCleanup(self._reap, p)
         return p
 
     def _reap(self, p):
         if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except OSError:
+                pass
         p.communicate(timeout=10)
 
-    def status(self, intent_id, wanted, timeout=15):
-        return eventually(lambda: self.c.get(intent_id)["status"] in wanted and self.c.get(intent_id), timeout)
+    def state(self, intent_id, wanted, timeout=15.0):
+        """The intent once its status is one of `wanted` (fails the test after timeout)."""
+        def check():
+            try:
+                v = self.c.get(intent_id)
+            except Unavailable:
+                return None
+            return v if v["status"] in wanted else None
+        v = eventually(check, timeout)
+        if not v:
+            self.fail("intent %s never reached %s: %s" % (intent_id, wanted, self.c.get(intent_id)))
+        return v
 
-    def test_fulfill_with_a_json_result_and_env(self):
-        hdir = self.handler("sum", 'read x; echo "{\\"got\\": $x, \\"id\\": \\"$INTENT_ID\\", '
-                                   '\\"attempt\\": $INTENT_ATTEMPT}"')
-        i = self.c.submit("sum", 41)
-        self.start_worker("--handlers", hdir)
-        v = self.status(i["id"], ("fulfilled",))
-        self.assertEqual(v["result"], {"got": 41, "id": i["id"], "attempt": 1})
+    def stderr_so_far(self, p):
+        """What a worker process wrote to stderr so far (without waiting for it to end)."""
+        buf = getattr(p, "_peeked", b"")
+        while select.select([p.stderr], [], [], 0)[0]:
+            chunk = os.read(p.stderr.fileno(), 65536)
+            if not chunk:
+                break
+            buf += chunk
+        p._peeked = buf
+        return buf
 
-    def test_failing_handler_retried_then_dead_with_stderr(self):
+
+class WorkerProcesses(WorkerCase):
+    settings = dict(WorkerCase.settings, token=ROOT)
+
+    def test_fulfill_with_json_or_text_results_and_the_handler_environment(self):
+        hdir = self.handler("sum", 'read x; printf \'{"got": %s, "id": "%s", "attempt": %s, '
+                                   '"max": %s, "goal": "%s", "token": "%s"}\' "$x" "$INTENT_ID" '
+                                   '"$INTENT_ATTEMPT" "$INTENT_MAX_ATTEMPTS" "$INTENT_GOAL" '
+                                   '"${INTENTBUS_TOKEN:-none}"')
+        self.handler("text", "echo plain words")
+        self.handler("empty", "cat >/dev/null")
+        a = self.c.submit("sum", 41, max_attempts=4)
+        b = self.c.submit("text", "x")
+        e = self.c.submit("empty", {"k": [1, 2]})
+        p = self.start_worker("--handlers", hdir, "--concurrency", "3")
+        self.assertEqual(self.state(a["id"], ("fulfilled",))["result"],
+                         {"got": 41, "id": a["id"], "attempt": 1, "max": 4, "goal": "sum", "token": "none"})
+        self.assertEqual(self.state(b["id"], ("fulfilled",))["result"], "plain words")
+        self.assertIsNone(self.state(e["id"], ("fulfilled",))["result"])
+        os.killpg(p.pid, signal.SIGTERM)
+        self.assertEqual(p.wait(15), 0)
+        err = p.stderr.read().decode()
+        self.assertNotIn(ROOT, err)
+        self.assertIn("claimed %s" % a["id"], err)
+        self.assertIn("done %s" % a["id"], err)
+
+    def test_failures_retried_then_dead_with_stderr_and_the_exit_code_contract(self):
         hdir = self.handler("flaky", 'echo "disk full on try $INTENT_ATTEMPT" >&2; exit 3')
-        i = self.c.submit("flaky", max_attempts=2, backoff=0.05)
-        self.start_worker("--handlers", hdir)
-        v = self.status(i["id"], ("dead",))
-        self.assertEqual((v["attempts"], v["error"]), (2, "disk full on try 2"))
+        self.handler("later", 'echo "try later" >&2; exit 75')
+        self.handler("never", 'echo "bad input" >&2; exit 100')
+        flaky = self.c.submit("flaky", max_attempts=3, backoff=0.05)
+        later = self.c.submit("later", max_attempts=2, backoff=0.05)
+        never = self.c.submit("never", max_attempts=5, backoff=0.05)
+        self.start_worker("--handlers", hdir, "--concurrency", "2")
+        v = self.state(flaky["id"], ("dead",))
+        self.assertEqual((v["attempts"], v["error"]), (3, "disk full on try 3"))
+        self.assertEqual([h["error"] for h in v["history"]],
+                         ["disk full on try 1", "disk full on try 2", "disk full on try 3"])
+        self.assertEqual(self.state(later["id"], ("dead",))["attempts"], 2)
+        v = self.state(never["id"], ("dead",))
+        self.assertEqual((v["attempts"], v["error"]), (1, "bad input"))
 
-    def test_exit_100_is_dead_at_once(self):
-        hdir = self.handler("never", 'echo nope >&2; exit 100')
-        i = self.c.submit("never", max_attempts=5)
-        self.start_worker("--handlers", hdir)
-        self.assertEqual(self.status(i["id"], ("dead",))["attempts"], 1)
-
-    def test_timeout_kills_the_process_group(self):
-        marker = os.path.join(self.dir, "child-alive")
-        hdir = self.handler("slow", '(sleep 3; touch %s) & sleep 30' % marker)
+    def test_timeout_kills_the_whole_process_group(self):
+        marker = os.path.join(self.dir, "grandchild-survived")
+        hdir = self.handler("slow", "(sleep 2; touch %s) & sleep 30" % marker)
         i = self.c.submit("slow", max_attempts=1)
-        self.start_worker("--handlers", hdir, "--timeout", "0.5")
-        v = self.status(i["id"], ("dead",))
+        p = self.start_worker("--handlers", hdir, "--timeout", "0.5")
+        v = self.state(i["id"], ("dead",))
         self.assertIn("timed out", v["error"])
-        time.sleep(3.5)
+        os.killpg(p.pid, signal.SIGTERM)
+        self.assertEqual(p.wait(15), 0)
+        self.assertIn("timed out", p.stderr.read().decode())
+        time.sleep(2.5)   # the grandchild would have touched the marker by now
         self.assertFalse(os.path.exists(marker))
 
-    def test_heartbeats_keep_a_job_longer_than_its_lease(self):
-        hdir = self.handler("long", 'sleep 2.5; echo \\"finished\\"')
+    def test_heartbeats_keep_a_job_that_outlives_its_lease(self):
+        hdir = self.handler("long", 'sleep 2.5; echo \'"finished"\'')
         i = self.c.submit("long", lease=0.9, max_attempts=1)
         self.start_worker("--handlers", hdir)
-        v = self.status(i["id"], ("fulfilled", "dead"), 20)
+        v = self.state(i["id"], ("fulfilled", "dead"), 20)
         self.assertEqual((v["status"], v["result"], v["attempts"]), ("fulfilled", "finished", 1))
+        self.assertEqual([h["outcome"] for h in v["history"]], ["fulfilled"])
 
-    def test_lost_lease_kills_the_job_and_drops_its_result(self):
-        marker = os.path.join(self.dir, "finished")
-        hdir = self.handler("doomed", 'sleep 3; touch %s' % marker)
-        i = self.c.submit("doomed", lease=1)
+    def test_a_lost_lease_kills_the_job_and_nothing_is_reported(self):
+        started = os.path.join(self.dir, "started")
+        finished = os.path.join(self.dir, "finished")
+        hdir = self.handler("doomed", "touch %s; sleep 3; touch %s" % (started, finished))
+        i = self.c.submit("doomed", lease=0.9)
         p = self.start_worker("--handlers", hdir)
-        self.status(i["id"], ("claimed",))
-        self.c.cancel(i["id"])
-        time.sleep(3.5)
-        self.assertFalse(os.path.exists(marker))
-        self.assertEqual(self.c.get(i["id"])["status"], "cancelled")
+        self.assertTrue(eventually(lambda: os.path.exists(started), 15))
+        began = time.monotonic()
+        self.c.cancel(i["id"])     # the worker's token stops working: its next heartbeat learns it
+        self.assertTrue(eventually(lambda: b"lease lost" in self.stderr_so_far(p), 10))
+        # still running, past the moment the handler would have finished: it was killed
+        time.sleep(max(0.0, began + 3.5 - time.monotonic()))
+        self.assertFalse(os.path.exists(finished))
+        v = self.c.get(i["id"])
+        self.assertEqual((v["status"], v["result"]), ("cancelled", None))
         os.killpg(p.pid, signal.SIGTERM)
-        _out, err = p.communicate(timeout=20)
-        self.assertIn(b"lease lost", err)
+        self.assertEqual(p.wait(15), 0)
 
-    def test_sigterm_releases_an_unfinished_job(self):
-        hdir = self.handler("stuck", 'sleep 30')
+    def test_sigterm_releases_an_unfinished_job_and_kills_it(self):
+        started = os.path.join(self.dir, "started")
+        finished = os.path.join(self.dir, "finished")
+        hdir = self.handler("stuck", "touch %s; sleep 3; touch %s" % (started, finished))
         i = self.c.submit("stuck")
         p = self.start_worker("--handlers", hdir, "--grace", "0.5")
-        self.status(i["id"], ("claimed",))
+        self.assertTrue(eventually(lambda: os.path.exists(started), 15))
+        began = time.monotonic()
         os.killpg(p.pid, signal.SIGTERM)
         self.assertEqual(p.wait(20), 0)
         v = self.c.get(i["id"])
         self.assertEqual((v["status"], v["attempts"], v["history"][-1]["outcome"]), ("open", 0, "released"))
+        self.assertIn("released %s" % i["id"], p.stderr.read().decode())
+        time.sleep(max(0.0, began + 3.5 - time.monotonic()))   # past the handler's own end
+        self.assertFalse(os.path.exists(finished))
 
-    def test_once_and_capability_and_goal_filtering(self):
+    def test_jobs_that_finish_within_grace_are_reported_and_a_second_signal_quits_at_once(self):
+        hdir = self.handler("quick", "sleep 1; echo 1")
+        self.handler("stuck", "sleep 30")
+        q = self.c.submit("quick")
+        s = self.c.submit("stuck")
+        p = self.start_worker("--handlers", hdir, "--concurrency", "2", "--grace", "30")
+        self.state(q["id"], ("claimed",))
+        self.state(s["id"], ("claimed",))
+        os.kill(p.pid, signal.SIGINT)
+        self.state(q["id"], ("fulfilled",))           # finished within the grace period
+        self.assertEqual(self.c.get(s["id"])["status"], "claimed")
+        os.kill(p.pid, signal.SIGINT)                 # the second Ctrl-C: now
+        self.assertEqual(p.wait(10), 130)
+        v = self.c.get(s["id"])
+        self.assertEqual((v["status"], v["attempts"]), ("open", 0))
+
+    def test_once_with_capability_and_goal_filtering(self):
         hdir = self.handler("echo", "cat")
         self.handler("other", "cat")
-        needs_gpu = self.c.submit("echo", 1, requires=["gpu"])
-        plain = self.c.submit("echo", 2)
-        unknown = self.c.submit("nohandler", 3)
-        p = self.start_worker("--handlers", hdir, "--once", "--cap", "termux", "--concurrency", "5")
+        gpu = self.c.submit("echo", 1, requires=["gpu"])
+        termux = self.c.submit("echo", 2, requires=["termux"])
+        other = self.c.submit("other", 3)
+        unknown = self.c.submit("nohandler", 4)
+        p = self.start_worker("--handlers", hdir, "--once", "--cap", "termux", "--goal", "echo",
+                              "--concurrency", "5")
         self.assertEqual(p.wait(20), 0)
-        self.assertEqual(self.c.get(plain["id"])["status"], "fulfilled")
-        self.assertEqual(self.c.get(needs_gpu["id"])["status"], "open")
-        self.assertEqual(self.c.get(unknown["id"])["status"], "open")
-        hbad = self.handler("bad", "exit 2")
+        self.assertEqual(self.c.get(termux["id"])["result"], 2)
+        for left in (gpu, other, unknown):
+            self.assertEqual(self.c.get(left["id"])["status"], "open")
+        p = self.start_worker("--handlers", hdir, "--once", env={"INTENTBUS_CAPS": "gpu,x"})
+        self.assertEqual(p.wait(20), 0)
+        self.assertEqual(self.c.get(gpu["id"])["status"], "fulfilled")   # echo first: older
+        p = self.start_worker("--handlers", hdir, "--once")               # nothing left for it
+        self.assertEqual(p.wait(20), 0)
+        bad = self.handler("bad", "exit 2", hdir="bad")
         self.c.submit("bad")
-        p = self.start_worker("--handlers", hbad, "--once")
+        p = self.start_worker("--handlers", bad, "--once")
         self.assertEqual(p.wait(20), 1)
 
-    def test_run_flag_and_library_mode(self):
-        i = self.c.submit("upper", "abc")
-        p = self.start_worker("--run", "upper=%s -c 'import sys,json; print(json.dumps(json.load(sys.stdin).upper()))'" % PY,
-                              "--once")
+    def test_run_flag_uses_argv_never_a_shell(self):
+        i = self.c.submit("upper", "abc; touch pwned")
+        p = self.start_worker("--handlers", os.path.join(self.dir, "none"), "--once", "--run",
+                              "upper=%s -c 'import sys,json; print(json.dumps(json.load(sys.stdin).upper()))'"
+                              % PY)
         self.assertEqual(p.wait(20), 0)
-        self.assertEqual(self.c.get(i["id"])["result"], "ABC")
-        import worker
-        w = worker.Worker(self.url, None, caps=["x"], wait=0)
+        self.assertEqual(self.c.get(i["id"])["result"], "ABC; TOUCH PWNED")
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "pwned")))
+
+    def test_oversized_stdout_fails_without_retry(self):
+        hdir = self.handler("big", "head -c 3000 /dev/zero | tr '\\0' x")
+        i = self.c.submit("big", max_attempts=3)
+        p = self.start_worker("--handlers", hdir, "--once", "--max-result", "1000")
+        self.assertEqual(p.wait(20), 1)
+        v = self.c.get(i["id"])
+        self.assertEqual((v["status"], v["attempts"]), ("dead", 1))
+        self.assertIn("limit is 1000", v["error"])
+
+
+class WorkerSetup(WorkerCase):
+    def test_token_file_must_be_private_and_not_a_symlink(self):
+        path = os.path.join(self.dir, "token")
+        with open(path, "w") as f:
+            f.write("t0k3n-value\n")
+        os.chmod(path, 0o644)
+        p = self.start_worker("--token-file", path, "--run", "g=true")
+        _o, err = p.communicate(timeout=20)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn(b"readable by others", err)
+        self.assertNotIn(b"t0k3n-value", err)
+        os.chmod(path, 0o600)
+        link = os.path.join(self.dir, "link")
+        os.symlink(path, link)
+        p = self.start_worker("--token-file", link, "--run", "g=true")
+        _o, err = p.communicate(timeout=20)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn(b"symlink", err)
+        i = self.c.submit("g")
+        p = self.start_worker("--run", "g=true", "--once", env={"INTENTBUS_TOKEN_FILE": path})
+        self.assertEqual(p.wait(20), 0)
+        self.assertEqual(self.c.get(i["id"])["status"], "fulfilled")
+
+    def test_no_handlers_and_help(self):
+        p = self.start_worker("--handlers", os.path.join(self.dir, "missing"))
+        _o, err = p.communicate(timeout=20)
+        self.assertEqual(p.returncode, 2)
+        self.assertIn(b"no handlers", err)
+        out = subprocess.run([PY, WORKER, "--help"], capture_output=True, timeout=20).stdout.decode()
+        for flag in ("--server", "--token-file", "--cap", "--handlers", "--run", "--concurrency",
+                     "--timeout", "--grace", "--once", "--ca-file", "INTENTBUS_URL", "exit 100"):
+            self.assertIn(flag, out)
+
+    def test_reconnects_and_delivers_after_the_server_restarts(self):
+        hdir = self.handler("echo", "sleep 1; cat")
+        first = self.c.submit("echo", 1)
+        p = self.start_worker("--handlers", hdir)
+        self.state(first["id"], ("claimed",))
+        port = self.address()[1]
+        self.srv.stop()                     # the job is still running: its result must wait
+        time.sleep(1.5)
+        self.srv = self.start(port=port, **self.settings)
+        self.assertEqual(self.state(first["id"], ("fulfilled",), 30)["result"], 1)
+        second = self.c.submit("echo", 2)
+        self.assertEqual(self.state(second["id"], ("fulfilled",), 30)["result"], 2)
+        os.killpg(p.pid, signal.SIGTERM)
+        self.assertEqual(p.wait(15), 0)
+        self.assertIn("reconnecting", p.stderr.read().decode())
+
+
+class LibraryMode(WorkerCase):
+    def test_python_handlers(self):
+        w = worker.Worker(self.url, None, caps=["x"], wait=0, concurrency=3, log=None)
+        seen = {}
 
         @w.handler("double")
         def double(payload):
             return payload * 2
 
+        @w.handler("info")
+        def info(payload, job):
+            seen["job"] = (job.id, job.goal, job.attempt)
+            return {"ok": True}
+
         @w.handler("explode")
         def explode(payload):
             raise RuntimeError("no")
-        a, b = self.c.submit("double", 21), self.c.submit("explode", max_attempts=1)
-        w.concurrency = 2
-        self.assertEqual(w.run(once=True), 1)
+
+        @w.handler("refuse")
+        def refuse(payload):
+            raise worker.PermanentError("never works")
+
+        a = self.c.submit("double", 21)
+        b = self.c.submit("info", None, requires=["x"])
+        e = self.c.submit("explode", max_attempts=1)
+        self.assertEqual(w.run(once=True, install_signals=False), 1)
         self.assertEqual(self.c.get(a["id"])["result"], 42)
-        self.assertIn("RuntimeError: no", self.c.get(b["id"])["error"])
+        self.assertEqual(seen["job"], (b["id"], "info", 1))
+        self.assertIn("RuntimeError: no", self.c.get(e["id"])["error"])
+        r = self.c.submit("refuse", max_attempts=5)
+        self.assertEqual(w.run(once=True, install_signals=False), 1)
+        v = self.c.get(r["id"])
+        self.assertEqual((v["status"], v["attempts"], v["error"]), ("dead", 1, "never works"))
 
-    def test_token_file_must_be_private(self):
-        path = os.path.join(self.dir, "token")
-        with open(path, "w") as f:
-            f.write("t")
-        os.chmod(path, 0o644)
-        p = self.start_worker("--token-file", path, "--run", "g=true")
-        _o, err = p.communicate(timeout=20)
-        self.assertIn(b"readable by others", err)
-        link = os.path.join(self.dir, "link")
-        os.chmod(path, 0o600)
-        os.symlink(path, link)
-        p = self.start_worker("--token-file", link, "--run", "g=true")
-        _o, err = p.communicate(timeout=20)
-        self.assertIn(b"symlink", err)
-
-
-class WorkerReconnects(TempDirCase):
-    def test_reconnects_after_the_server_restarts(self):
-        port = _free_port()
-        srv = intentbus.start_server(db=self.db, port=port)
-        hdir = os.path.join(self.dir, "h")
-        os.makedirs(hdir)
-        with open(os.path.join(hdir, "echo"), "w") as f:
-            f.write("#!/bin/sh\ncat\n")
-        os.chmod(os.path.join(hdir, "echo"), 0o755)
-        p = subprocess.Popen([PY, os.path.join(HERE, "worker.py"), "--server", srv.url, "--wait", "1",
-                              "--handlers", hdir], stderr=subprocess.PIPE, start_new_session=True)
-        try:
-            c = Client(srv.url)
-            first = c.submit("echo", 1)
-            eventually(lambda: c.get(first["id"])["status"] == "fulfilled", 15)
-            srv.stop()
-            time.sleep(1.5)
-            srv = intentbus.start_server(db=self.db, port=port)
-            c = Client(srv.url)
-            second = c.submit("echo", 2)
-            self.assertTrue(eventually(lambda: c.get(second["id"])["status"] == "fulfilled", 90))
-        finally:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.communicate(timeout=10)
-            srv.stop()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    def test_stop_from_another_thread_ends_a_long_poll(self):
+        w = worker.Worker(self.url, None, wait=20, log=None)
+        w.handler("g")(lambda payload: payload)
+        t = threading.Thread(target=lambda: w.run(install_signals=False))
+        t.start()
+        self.assertTrue(eventually(lambda: any(x["name"] == w.name for x in self.c.stats()["workers"])))
+        w.stop()
+        t.join(10)
+        self.assertFalse(t.is_alive())
 
 
 # =====================================================================================
-# Security and hardening
+# Security: roles and scoped tokens
 # =====================================================================================
 
-class ScopedTokens(ServerCase):
-    settings = {"token": "root-token"}
+class Roles(ServerCase):
+    settings = {"token": ROOT, "auth_burst": 1000}
 
-    def make(self, name, role, namespace=None, goals=None, signed=False):
-        secret = intentbus.add_token(self.srv.store, name, role, namespace, goals, signed)
-        self.srv.tokens.forget()
-        return secret
+    def test_submit_token_submits_and_reads_only_its_own(self):
+        sub = self.client(self.srv, self.token(self.srv, "cron", "submit"))
+        other = self.client(self.srv, self.token(self.srv, "cron2", "submit"))
+        mine = sub.submit("thumb", {"n": 1})
+        self.assertEqual((mine["status"], mine["namespace"]), ("open", "default"))
+        self.assertEqual(sub.get(mine["id"])["payload"], {"n": 1})
+        theirs = other.submit("thumb", {"n": 2})
+        roots = self.c.submit("thumb", {"n": 3})
+        for intent in (theirs, roots):
+            self.refused(lambda: sub.get(intent["id"]), 404)
+            self.refused(lambda: sub.get(intent["id"], wait=0.1), 404)
+        self.refused(lambda: sub.claim(), 403, "work")
+        self.c.submit("held", "by root")
+        job = self.c.claim(goals=["held"])[0]
+        for call in (lambda: sub.fulfill(job["id"], job["token"], "x"),
+                     lambda: sub.fail(job["id"], job["token"], "x"),
+                     lambda: sub.extend(job["id"], job["token"]),
+                     lambda: sub.release(job["id"], job["token"]),
+                     lambda: sub.fulfill_many([{"id": job["id"], "token": job["token"]}])):
+            self.refused(call, 403, "work")
+        for call in (lambda: sub.list(), lambda: sub.stats(), lambda: sub.cancel(mine["id"]),
+                     lambda: sub.retry(mine["id"]), lambda: sub.retry_all("dead")):
+            self.refused(call, 403, "admin")
+        self.assertEqual(self.c.get(mine["id"])["status"], "open")
+        self.assertEqual(self.c.get(job["id"])["status"], "claimed")
 
-    def test_roles(self):
-        sub = Client(self.url, self.make("cron", "submit", "home"))
-        work = Client(self.url, self.make("phone", "work", "home", goals=["thumb"]))
-        mine = sub.submit("thumb", 1)
-        self.assertEqual(sub.get(mine["id"])["id"], mine["id"])
-        for call, role in ((lambda: sub.claim(), "work"), (lambda: sub.stats(), "admin"),
-                           (lambda: work.submit("thumb"), "submit"), (lambda: work.stats(), "admin"),
-                           (lambda: work.claim(goals=["mail"]), "thumb")):
-            with self.assertRaises(IntentBusError) as e:
+    def test_work_token_works_but_cannot_submit_list_or_stat(self):
+        work = self.client(self.srv, self.token(self.srv, "phone", "work"))
+        self.refused(lambda: work.submit("g"), 403, "submit")
+        self.refused(lambda: work.submit_many([{"goal": "g"}]), 403, "submit")
+        for call in (work.list, work.stats, lambda: work.retry_all("dead")):
+            self.refused(call, 403, "admin")
+        ids = [self.c.submit("g", n, priority=10 - n)["id"] for n in range(4)]
+        for call in (lambda: work.cancel(ids[3]), lambda: work.retry(ids[3])):
+            self.refused(call, 403, "admin")
+        a = work.claim(worker="phone")[0]
+        self.assertEqual(work.fulfill(a["id"], a["token"], {"ok": 1})["status"], "fulfilled")
+        b = work.claim(worker="phone")[0]
+        self.assertEqual(work.fail(b["id"], b["token"], "boom", retry=False)["status"], "dead")
+        c = work.claim(worker="phone", lease=5)[0]
+        extended = work.extend(c["id"], c["token"], lease=120)
+        self.assertGreater(extended["lease_expires_at"], c["lease_expires_at"])
+        self.assertEqual(work.release(c["id"], c["token"])["status"], "open")
+        d = work.claim(worker="phone")[0]
+        self.assertEqual(work.fulfill_many([{"id": d["id"], "token": d["token"]}])[0]["ok"], True)
+        self.assertEqual([a["id"], b["id"], c["id"]], ids[:3])
+        self.assertEqual(self.c.get(ids[0])["result"], {"ok": 1})
+
+    def test_work_token_limited_to_goals(self):
+        thumbs = self.client(self.srv, self.token(self.srv, "thumbs", "work", goals=["thumb"]))
+        mail = self.c.submit("mail", "m", priority=100)
+        t1 = self.c.submit("thumb", "t1")
+        t2 = self.c.submit("thumb", "t2")
+        jobs = thumbs.claim(max=10)
+        self.assertEqual(sorted(j["id"] for j in jobs), sorted([t1["id"], t2["id"]]))
+        self.assertEqual(self.c.get(mail["id"])["status"], "open")
+        self.refused(lambda: thumbs.claim(goals=["mail"]), 403, "thumb")
+        self.refused(lambda: thumbs.claim(goals=["thumb", "mail"]), 403, "thumb")
+        self.assertEqual(self.c.get(mail["id"])["status"], "open")
+        job = self.c.claim(goals=["mail"])[0]
+        before = self.c.get(mail["id"])
+        for call in (lambda: thumbs.fulfill(job["id"], job["token"], "stolen"),
+                     lambda: thumbs.fail(job["id"], job["token"], "x", retry=False),
+                     lambda: thumbs.extend(job["id"], job["token"], lease=3600),
+                     lambda: thumbs.release(job["id"], job["token"])):
+            with self.assertRaises(IntentBusError) as cm:
                 call()
-            self.assertEqual(e.exception.status, 403)
-            self.assertIn(role, e.exception.message)
-        job = work.claim()[0]
-        self.assertEqual(work.fulfill(job["id"], job["token"], "ok")["status"], "fulfilled")
+            self.assertIn(cm.exception.status, (403, 404))
+        result = thumbs.fulfill_many([{"id": job["id"], "token": job["token"], "result": "stolen"}])
+        self.assertFalse(result[0]["ok"])
+        self.assertEqual(self.c.get(mail["id"]), before)
 
-    def test_tenants_cannot_see_each_other(self):
-        a_sub = Client(self.url, self.make("a-sub", "submit", "A"))
-        b_sub = Client(self.url, self.make("b-sub", "submit", "B"))
-        a_work = Client(self.url, self.make("a-work", "work", "A"))
-        a_admin = Client(self.url, self.make("a-admin", "admin", "A"))
-        b_intent = b_sub.submit("g", "b's")
-        a_sub.submit("g", "a's")
-        with self.assertRaises(NotFound):
-            a_sub.get(b_intent["id"])
-        with self.assertRaises(NotFound):
-            a_admin.get(b_intent["id"])
-        self.assertEqual([i["payload"] for i in a_admin.list()["intents"]], ["a's"])
-        self.assertEqual(a_admin.stats()["counts"]["open"], 1)
-        for call in (lambda: a_admin.cancel(b_intent["id"]), lambda: a_admin.retry(b_intent["id"])):
-            with self.assertRaises(NotFound):
-                call()
-        jobs = a_work.claim(max=10)
-        self.assertEqual([j["payload"] for j in jobs], ["a's"])
-        b_job = self.c.claim(goals=["g"])[0]     # root sees every namespace
-        self.assertEqual(b_job["payload"], "b's")
-        for call in (lambda: a_work.fulfill(b_job["id"], b_job["token"]),
-                     lambda: a_work.fail(b_job["id"], b_job["token"]),
-                     lambda: a_work.extend(b_job["id"], b_job["token"]),
-                     lambda: a_work.release(b_job["id"], b_job["token"])):
-            with self.assertRaises(NotFound):
-                call()
-        self.assertEqual(a_admin.retry_all("dead"), 0)
-        self.assertEqual(self.c.stats()["counts"]["claimed"], 2)
+    def test_admin_and_root_may_do_everything(self):
+        ops = self.client(self.srv, self.token(self.srv, "ops", "admin"))
+        for c, goal in ((self.c, "g-root"), (ops, "g-ops")):
+            with self.subTest(goal=goal):
+                ids = [i["id"] for i in c.submit_many([{"goal": goal, "payload": n} for n in range(4)])]
+                self.assertEqual(c.get(ids[0])["payload"], 0)
+                self.assertIn(ids[0], [i["id"] for i in c.list(goal=goal)["intents"]])
+                self.assertGreaterEqual(c.stats()["goals"][goal]["open"], 4)
+                a = c.claim(goals=[goal])[0]
+                self.assertEqual(c.extend(a["id"], a["token"], 90)["status"], "claimed")
+                self.assertEqual(c.release(a["id"], a["token"])["status"], "open")
+                a = c.claim(goals=[goal])[0]
+                self.assertEqual(c.fulfill(a["id"], a["token"], "r")["status"], "fulfilled")
+                b = c.claim(goals=[goal])[0]
+                self.assertEqual(c.fail(b["id"], b["token"], "e", retry=False)["status"], "dead")
+                self.assertEqual(c.retry(b["id"])["status"], "open")
+                self.assertEqual(c.cancel(ids[3])["status"], "cancelled")
+                self.assertEqual(c.retry_all("cancelled", goal), 1)
+                d = c.claim(goals=[goal])[0]
+                self.assertTrue(c.fulfill_many([{"id": d["id"], "token": d["token"]}])[0]["ok"])
 
-    def test_secrets_are_stored_hashed_and_revocation_reaches_the_running_server(self):
-        secret = self.make("temp", "admin")
-        client = Client(self.url, secret)
-        self.assertIn("counts", client.stats())
-        with open(self.db, "rb") as f:
-            raw = f.read()
-        with open(self.db + "-wal", "rb") as f:
-            raw += f.read()
-        self.assertNotIn(secret.encode(), raw)
-        listing = subprocess.run([PY, os.path.join(HERE, "intentbus.py"), "token", "list", "--db", self.db],
-                                 capture_output=True, text=True, timeout=30)
-        self.assertIn("temp", listing.stdout)
-        self.assertNotIn(secret, listing.stdout)
-        subprocess.run([PY, os.path.join(HERE, "intentbus.py"), "token", "revoke", "temp", "--db", self.db],
-                       check=True, capture_output=True, timeout=30)
+    def test_wrong_or_missing_token_is_401_everywhere(self):
+        self.c.submit("g", 1)
+        job = self.c.claim()[0]
+        for token in (None, "wrong", ROOT + "x", ROOT[:-1], " "):
+            c = self.client(self.srv, token)
+            calls = {
+                "submit": lambda: c.submit("g"), "get": lambda: c.get(job["id"]),
+                "list": c.list, "claim": c.claim, "stats": c.stats,
+                "fulfill": lambda: c.fulfill(job["id"], job["token"]),
+                "fulfill_many": lambda: c.fulfill_many([{"id": job["id"], "token": job["token"]}]),
+                "fail": lambda: c.fail(job["id"], job["token"]),
+                "extend": lambda: c.extend(job["id"], job["token"]),
+                "release": lambda: c.release(job["id"], job["token"]),
+                "cancel": lambda: c.cancel(job["id"]), "retry": lambda: c.retry(job["id"]),
+                "retry_all": lambda: c.retry_all("dead")}
+            for name, call in calls.items():
+                with self.subTest(token=token, endpoint=name):
+                    e = self.refused(call, 401)
+                    self.assertEqual(e.code, "unauthorized")
+            self.assertTrue(c.health()["ok"])   # /health needs no token
+        status, _ = self.client(self.srv).request("GET", "/stats", headers={"X-API-Key": ROOT})
+        self.assertEqual(status, 200)
+        with self.assertRaises(IntentBusError) as cm:
+            self.client(self.srv).request("GET", "/stats", headers={"X-API-Key": "nope"})
+        self.assertEqual(cm.exception.status, 401)
+        self.assertEqual(self.c.get(job["id"])["status"], "claimed")
+        self.assertEqual(len(self.c.list()["intents"]), 1)
+
+
+class TokenCLI(ServerCase):
+    settings = {"token": ROOT, "auth_burst": 1000}
+
+    def test_add_list_hash_only_and_revoke_on_a_running_server(self):
+        srv = self.srv
+        added = cli("token", "add", "cli-phone", "--role", "work", "--namespace", "home",
+                    "--goals", "thumb,mail", "--db", self.db)
+        self.assertEqual(added.returncode, 0, added.stderr)
+        secret = added.stdout.strip()
+        self.assertGreaterEqual(len(secret), 32)
+        self.assertNotIn(secret, added.stderr)
+        phone = self.client(srv, secret)
+
+        def accepted():   # the running server reloads tokens another process wrote
+            try:
+                phone.claim(goals=["mail"])
+                return True
+            except IntentBusError as e:
+                self.assertEqual(e.status, 401)
+                return False
+        self.assertTrue(eventually(accepted, 5), "the CLI token never reached the running server")
+        api = self.token(srv, "api-cron", "submit", "home")
+        signer = self.token(srv, "signer", "admin", signed=True)
+        self.client(srv, api).submit("thumb", 1)
+        srv.tokens.flush_last_used()
+
+        listing = cli("token", "list", "--db", self.db)
+        self.assertEqual(listing.returncode, 0, listing.stderr)
+        out = listing.stdout + listing.stderr
+        for name in ("cli-phone", "api-cron", "signer"):
+            self.assertIn(name, out)
+        line = [l for l in out.splitlines() if l.startswith("api-cron")][0]
+        self.assertIn("submit", line)
+        self.assertIn("home", line)
+        self.assertNotIn("never", line.split("last_used")[-1])   # its last use is shown
+        for s in (secret, api, signer):
+            self.assertNotIn(s, out)
+            self.assertNotIn(s[3:], out)
+            # the stored hash is the signing key of signed tokens: never print it either
+            self.assertNotIn(intentbus.token_hash(s), out)
+
+        data = file_bytes(self.db)
+        for s in (secret, api, signer):
+            self.assertNotIn(s.encode(), data)
+        self.assertIn(intentbus.token_hash(api).encode(), data)   # the grep does find what is stored
+
+        revoked = cli("token", "revoke", "cli-phone", "--db", self.db)
+        self.assertEqual(revoked.returncode, 0, revoked.stderr)
 
         def refused():
             try:
-                client.stats()
+                phone.claim(goals=["mail"])   # same keep-alive connection as before
                 return False
             except IntentBusError as e:
                 return e.status == 401
-        self.assertTrue(eventually(refused, 5))
+        self.assertTrue(eventually(refused, 5), "a revoked token still works")
+        self.assertEqual(self.client(srv, api).submit("thumb", 2)["status"], "open")
+        self.assertNotEqual(cli("token", "revoke", "no-such-token", "--db", self.db).returncode, 0)
+        self.assertEqual(self.c.stats()["counts"]["open"], 2)
 
-    def test_signed_requests(self):
-        secret = self.make("signer", "admin", signed=True)
-        with self.assertRaises(IntentBusError) as e:
-            Client(self.url, secret).stats()
-        self.assertEqual(e.exception.status, 401)
-        signed = Client(self.url, secret, sign_as="signer")
-        self.assertIn("counts", signed.stats())
-        i = signed.submit("g", {"signed": True})
-        self.assertEqual(signed.get(i["id"])["payload"], {"signed": True})
-        import worker
-        stamp, nonce = str(int(time.time())), "n" * 16
+    def test_db_option_may_come_before_the_command(self):
+        p = cli("--db", self.db, "token", "list")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        out = os.path.join(self.dir, "copy.db")
+        p = cli("--db", self.db, "backup", out)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertTrue(os.path.exists(out))
+
+
+# =====================================================================================
+# Security: tenants, two namespaces on one bus, every endpoint
+# =====================================================================================
+
+class Tenants(ServerCase):
+    settings = {"token": ROOT, "auth_burst": 1000}
+
+    def setUp(self):
+        ServerCase.setUp(self)
+        make = lambda *a, **k: self.client(self.srv, self.token(self.srv, *a, **k))  # noqa: E731
+        self.a_sub, self.a_work, self.a_adm = make("a-sub", "submit", "A"), make("a-work", "work", "A"), \
+            make("a-adm", "admin", "A")
+        self.b_sub, self.b_work, self.b_adm = make("b-sub", "submit", "B"), make("b-work", "work", "B"), \
+            make("b-adm", "admin", "B")
+        self.glob = make("glob", "admin")
+        # B: one intent in each state, one of a goal only B uses
+        b_claimed = self.b_sub.submit("shared", {"t": "B", "n": "claimed"}, priority=9)
+        b_dead = self.b_sub.submit("shared", {"t": "B", "n": "dead"}, priority=8)
+        b_cancelled = self.b_sub.submit("shared", {"t": "B", "n": "cancelled"}, priority=7)
+        self.b_open = self.b_sub.submit("shared", {"t": "B", "n": "open"}, idempotency_key="same-key")
+        self.b_secret = self.b_sub.submit("b-secret-goal", {"t": "B", "n": "secret"})
+        self.b_job = self.b_work.claim(worker="b-phone", goals=["shared"])[0]
+        dead = self.b_work.claim(worker="b-phone", goals=["shared"])[0]
+        self.b_work.fail(dead["id"], dead["token"], "boom", retry=False)
+        self.b_adm.cancel(b_cancelled["id"])
+        self.assertEqual((self.b_job["id"], dead["id"]), (b_claimed["id"], b_dead["id"]))
+        self.b_dead, self.b_cancelled = b_dead, b_cancelled
+        # A: one dead, one open
+        a_dead = self.a_sub.submit("shared", {"t": "A", "n": "dead"}, priority=9)
+        job = self.a_work.claim(worker="a-phone")[0]
+        self.assertEqual(job["id"], a_dead["id"])
+        self.a_work.fail(job["id"], job["token"], "boom", retry=False)
+        self.a_dead = a_dead
+        self.a_open = self.a_sub.submit("shared", {"t": "A", "n": "open"})
+        self.a_ids = {a_dead["id"], self.a_open["id"]}
+        self.b_ids = {b_claimed["id"], b_dead["id"], b_cancelled["id"], self.b_open["id"],
+                      self.b_secret["id"]}
+        self.b_before = {i: self.c.get(i) for i in self.b_ids}
+
+    def assertBUntouched(self):
+        for intent_id, before in self.b_before.items():
+            self.assertEqual(self.c.get(intent_id), before, "B's intent %s changed" % intent_id)
+
+    def test_submit_lands_in_its_namespace_and_idempotency_keys_are_per_tenant(self):
+        status, mine = self.a_sub.request("POST", "/intents", {"goal": "shared", "payload": "A's own",
+                                                              "idempotency_key": "same-key"})
+        self.assertEqual(status, 201)   # B's key is not A's: a new intent, not B's, not a 409
+        self.assertEqual((mine["namespace"], mine["payload"]), ("A", "A's own"))
+        self.assertNotIn(mine["id"], self.b_ids)
+        self.assertEqual(self.a_adm.submit("shared", 1)["namespace"], "A")
+        self.assertEqual(self.a_sub.submit_many([{"goal": "shared"}])[0]["namespace"], "A")
+        self.assertBUntouched()
+
+    def test_get(self):
+        nowhere = self.refused(lambda: self.a_adm.get("999999"), 404)
+        for c in (self.a_sub, self.a_adm):
+            for intent_id in self.b_ids:
+                e = self.refused(lambda: c.get(intent_id), 404)
+                self.assertEqual(e.code, nowhere.code)
+                self.assertEqual(e.message, nowhere.message.replace("999999", intent_id))  # no oracle
+                self.refused(lambda: c.get(intent_id, wait=0.2), 404)
+        self.assertEqual(self.a_sub.get(self.a_open["id"])["payload"], {"t": "A", "n": "open"})
+        for c in (self.glob, self.c):
+            for intent_id in self.b_ids:
+                self.assertEqual(c.get(intent_id)["namespace"], "B")
+
+    def test_list(self):
+        listed = [i["id"] for i in self.a_adm.list(limit=1000)["intents"]]
+        self.assertEqual(set(listed), self.a_ids)
+        for status in ("open", "claimed", "dead", "cancelled", "fulfilled"):
+            for i in self.a_adm.list(status=status)["intents"]:
+                self.assertEqual(i["namespace"], "A")
+        self.assertEqual(self.a_adm.list(goal="b-secret-goal")["intents"], [])
+        self.assertEqual([i["id"] for i in self.a_adm.list(status="dead")["intents"]], [self.a_dead["id"]])
+        paged, after = [], None
+        for _ in range(20):   # one at a time, with B's ids as cursors in between
+            page = self.a_adm.list(limit=1, after=after)
+            paged += [i["id"] for i in page["intents"]]
+            if not page["next"]:
+                break
+            after = page["next"]
+        self.assertEqual(set(paged), self.a_ids)
+        after_b = self.a_adm.list(after=min(self.b_ids, key=int))["intents"]
+        self.assertTrue({i["id"] for i in after_b} <= self.a_ids)
+        for c in (self.glob, self.c):
+            self.assertTrue(self.a_ids | self.b_ids <= {i["id"] for i in c.list(limit=1000)["intents"]})
+
+    def test_claim_and_long_poll(self):
+        jobs = self.a_work.claim(worker="a-phone", max=100)
+        self.assertEqual([j["id"] for j in jobs], [self.a_open["id"]])
+        self.assertEqual(self.a_work.claim(goals=["b-secret-goal"], max=100), [])
+        self.assertEqual(self.a_adm.claim(max=100), [])   # A's admin: only A, which is empty now
+        got = []
+        secret = self.token(self.srv, "a-work-2", "work", "A")
+
+        def long_poll():
+            c = Client(self.srv.url, secret, timeout=15)
+            try:
+                got.append(c.claim(worker="a-poller", wait=1.0, max=10))
+            finally:
+                c.close()
+        thread = threading.Thread(target=long_poll)
+        thread.start()
+        self.assertTrue(eventually(   # the long poll has reached the queue
+            lambda: "a-poller" in [w["name"] for w in self.glob.stats()["workers"]], 5))
+        b_new = self.b_sub.submit("shared", {"t": "B", "n": "new"})
+        thread.join(20)
+        self.assertFalse(thread.is_alive())
+        self.assertEqual(got, [[]])   # B's new work never reaches A's long poll
+        self.assertEqual(self.c.get(b_new["id"])["status"], "open")
+        self.assertBUntouched()
+        self.assertIn(b_new["id"], [j["id"] for j in self.b_work.claim(goals=["shared"], max=10)])
+        glob_jobs = self.glob.claim(goals=["b-secret-goal"])   # admin without namespace: both
+        self.assertEqual([j["id"] for j in glob_jobs], [self.b_secret["id"]])
+
+    def test_fulfill_fail_extend_release(self):
+        job = self.b_job
+        for c in (self.a_work, self.a_adm):
+            for call in (lambda: c.fulfill(job["id"], job["token"], "stolen"),
+                         lambda: c.fail(job["id"], job["token"], "x", retry=False),
+                         lambda: c.extend(job["id"], job["token"], lease=3600),
+                         lambda: c.release(job["id"], job["token"])):
+                self.refused(call, 404)
+            result = c.fulfill_many([{"id": job["id"], "token": job["token"], "result": "stolen"}])
+            self.assertEqual((result[0]["ok"], result[0]["error"]["code"]), (False, "not_found"))
+        self.assertBUntouched()
+        self.assertEqual(self.b_work.fulfill(job["id"], job["token"], "mine")["status"], "fulfilled")
+
+    def test_cancel_retry_and_retry_all(self):
+        for intent in (self.b_open, self.b_secret, self.b_dead, self.b_cancelled):
+            self.refused(lambda: self.a_adm.cancel(intent["id"]), 404)
+            self.refused(lambda: self.a_adm.retry(intent["id"]), 404)
+        self.refused(lambda: self.a_adm.cancel(self.b_job["id"]), 404)
+        self.assertEqual(self.a_adm.retry_all("cancelled"), 0)
+        self.assertEqual(self.a_adm.retry_all("dead", "shared"), 1)   # A's dead one only
+        self.assertEqual(self.c.get(self.a_dead["id"])["status"], "open")
+        self.assertEqual(self.a_adm.retry_all("dead"), 0)
+        self.assertBUntouched()
+        self.assertEqual(self.glob.retry_all("dead"), 1)   # B's, seen by the global admin
+        self.assertEqual(self.c.get(self.b_dead["id"])["status"], "open")
+
+    def test_stats(self):
+        stats = self.a_adm.stats()
+        self.assertEqual(stats["counts"], {"open": 1, "claimed": 0, "fulfilled": 0, "dead": 1, "cancelled": 0})
+        self.assertEqual(set(stats["goals"]), {"shared"})
+        self.assertEqual([w["name"] for w in stats["workers"]], ["a-phone"])
+        text = json.dumps(stats)
+        for secret in ("b-secret-goal", "b-phone"):
+            self.assertNotIn(secret, text)
+        for c in (self.glob, self.c):
+            counts = c.stats()["counts"]
+            self.assertEqual(counts, {"open": 3, "claimed": 1, "fulfilled": 0, "dead": 2, "cancelled": 1})
+            self.assertEqual({w["name"] for w in c.stats()["workers"]}, {"a-phone", "b-phone"})
+
+
+# =====================================================================================
+# Security: signed requests
+# =====================================================================================
+
+class SignedRequests(ServerCase):
+    settings = {"token": ROOT, "auth_burst": 1000}
+
+    def setUp(self):
+        ServerCase.setUp(self)
+        self.secret = self.token(self.srv, "signer", "admin", signed=True)
+
+    def signed(self, method, path, query="", body=b"", ts=None, nonce=None, name="signer", key=None,
+               send_path=None, send_query=None, send_body=None):
+        """Sign one request as intentbus.sign_request defines it, then send it (perhaps altered)."""
+        ts = str(int(time.time())) if ts is None else ts
+        nonce = nonce or os.urandom(12).hex()
+        key = key or intentbus.token_hash(self.secret)
+        sig = intentbus.sign_request(key, method, path, query, ts, nonce, body)
+        path = send_path or path
+        query = query if send_query is None else send_query
+        body = body if send_body is None else send_body
+        status, headers, data = self.raw(method, path + ("?" + query if query else ""), body, {
+            "Content-Type": "application/json",
+            "Authorization": "IntentBus-HMAC name=%s, ts=%s, nonce=%s, sig=%s" % (name, ts, nonce, sig)})
+        return status, data
+
+    def count(self):
+        return len(self.c.list(limit=1000)["intents"])
+
+    def test_plain_bearer_is_refused(self):
+        plain = self.client(self.srv, self.secret)
+        self.refused(lambda: plain.submit("g"), 401)
+        self.refused(plain.stats, 401)
+        with self.assertRaises(IntentBusError) as cm:
+            self.client(self.srv).request("GET", "/stats", headers={"X-API-Key": self.secret})
+        self.assertEqual(cm.exception.status, 401)
+        self.assertEqual(self.count(), 0)
+
+    def test_client_signs_every_endpoint(self):
+        c = self.client(self.srv, self.secret, sign_as="signer")
+        i = c.submit("g", {"signed": True})
+        self.assertEqual(c.get(i["id"])["payload"], {"signed": True})
+        self.assertEqual([x["id"] for x in c.list(status="open", goal="g", limit=5)["intents"]], [i["id"]])
+        self.assertEqual(c.stats()["counts"]["open"], 1)
+        job = c.claim(worker="signed-worker", goals=["g"], max=2)[0]
+        self.assertEqual(c.extend(job["id"], job["token"], 30)["status"], "claimed")
+        self.assertEqual(c.fulfill(job["id"], job["token"], "done")["status"], "fulfilled")
+        self.assertEqual(c.retry_all("dead", "g"), 0)
+
+    def test_correct_signature_then_replay(self):
+        body = b'{"goal":"g","payload":"once"}'
+        stamp, nonce = str(int(time.time())), "nonce-0123456789"
+        self.assertEqual(self.signed("POST", "/intents", body=body, ts=stamp, nonce=nonce)[0], 201)
+        self.assertEqual(self.signed("POST", "/intents", body=body, ts=stamp, nonce=nonce)[0], 401)
+        # the same nonce on another, freshly and correctly signed request: still a replay
+        self.assertEqual(self.signed("POST", "/intents", body=b'{"goal":"g","payload":"two"}',
+                                     nonce=nonce)[0], 401)
+        self.assertEqual([i["payload"] for i in self.c.list()["intents"]], ["once"])
+
+    def test_stale_future_and_odd_timestamps(self):
         body = b'{"goal":"g"}'
-        sig = worker.sign_request(secret, "POST", "/intents", "", stamp, nonce, body)
-        header = {"Authorization": "IntentBus-HMAC name=signer, ts=%s, nonce=%s, sig=%s" % (stamp, nonce, sig),
-                  "Content-Type": "application/json"}
-        self.assertEqual(self.raw("POST", "/intents", body, header)[0], 201)
-        self.assertEqual(self.raw("POST", "/intents", body, header)[0], 401)          # replay
-        self.assertEqual(self.raw("POST", "/intents", b'{"goal":"h"}', dict(header,
-                         Authorization=header["Authorization"].replace("n" * 16, "m" * 16)))[0], 401)
-        old = str(int(time.time()) - 400)
-        sig = worker.sign_request(secret, "POST", "/intents", "", old, "o" * 16, body)
-        header["Authorization"] = "IntentBus-HMAC name=signer, ts=%s, nonce=%s, sig=%s" % (old, "o" * 16, sig)
-        self.assertEqual(self.raw("POST", "/intents", body, header)[0], 401)          # stale
+        # nan: abs(now - nan) > 300 is False, so a signature stamped nan would never expire
+        for ts in (str(int(time.time()) - 400), str(int(time.time()) + 400), "0", "inf", "-inf", "x",
+                   "nan", "NaN"):
+            with self.subTest(ts=ts):
+                self.assertEqual(self.signed("POST", "/intents", body=body, ts=ts)[0], 401)
+        self.assertEqual(self.count(), 0)
+        ok = str(int(time.time()) - 100)   # within 300 s
+        self.assertEqual(self.signed("POST", "/intents", body=body, ts=ok)[0], 201)
+
+    def test_tampered_body_query_path_or_key(self):
+        body = b'{"goal":"g","payload":"signed"}'
+        self.assertEqual(self.signed("POST", "/intents", body=body,
+                                     send_body=b'{"goal":"g","payload":"evil"}')[0], 401)
+        self.assertEqual(self.signed("POST", "/intents", query="goal=g", body=b"",
+                                     send_query="goal=h")[0], 401)
+        i = self.c.submit("g", "target")
+        other = self.c.submit("g", "other")
+        self.assertEqual(self.signed("GET", "/intents/%s" % i["id"])[0], 200)
+        self.assertEqual(self.signed("GET", "/intents/%s" % i["id"],
+                                     send_path="/intents/%s" % other["id"])[0], 401)
+        self.assertEqual(self.signed("GET", "/intents", query="status=open&goal=g")[0], 200)
+        self.assertEqual(self.signed("GET", "/intents", query="goal=g&status=open",
+                                     send_query="goal=g&status=dead")[0], 401)
+        self.assertEqual(self.signed("POST", "/intents/%s/cancel" % i["id"],
+                                     send_path="/intents/%s/cancel" % other["id"])[0], 401)
+        self.assertEqual(self.signed("GET", "/stats", key=hashlib.sha256(b"guess").hexdigest())[0], 401)
+        self.assertEqual(self.signed("GET", "/stats", name="nobody")[0], 401)
+        self.assertEqual(sorted(x["payload"] for x in self.c.list()["intents"]), ["other", "target"])
+        self.assertEqual(self.c.get(other["id"])["status"], "open")
 
 
-class Limits(TempDirCase):
-    def start(self, **settings):
-        srv = intentbus.start_server(db=self.db, port=0, **settings)
-        self.addCleanup(srv.stop)
-        return srv
+# =====================================================================================
+# Security: rate limits and quotas
+# =====================================================================================
 
-    def test_rate_limits_and_idle_long_polls(self):
-        srv = self.start(token="t", rate=2, burst=4, auth_rate=0.5, auth_burst=3)
-        c = Client(srv.url, "t")
-        for _ in range(6):
-            c.claim(wait=0.25)                    # idle long polls are refunded
-        codes = []
-        for _ in range(20):
+class RateLimits(BusCase):
+    def test_token_bucket_per_token(self):
+        srv = self.start(token=ROOT, rate=5, burst=5, auth_burst=1000)
+        c1 = self.client(srv, self.token(srv, "cron1", "submit"))
+        c2 = self.client(srv, self.token(srv, "cron2", "submit"))
+        ok = [c1.submit("g", n)["id"] for n in range(5)]   # the burst
+        limited = None
+        for n in range(200):
             try:
-                c.submit("g")
-                codes.append(201)
+                ok.append(c1.submit("g", "more")["id"])
             except Unavailable as e:
-                codes.append((e.status, e.code, e.retry_after is not None))
-        self.assertIn((429, "rate_limited", True), codes)
-        bad = [None] * 8
-        for n in range(8):
-            try:
-                Client(srv.url, "wrong").stats()
-            except IntentBusError as e:
-                bad[n] = e.status
-        self.assertEqual(bad[:3], [401, 401, 401])
-        self.assertIn(429, bad)
+                limited = e
+                break
+        self.assertIsNotNone(limited, "no 429 after 200 requests at full speed")
+        self.assertEqual((limited.status, limited.code), (429, "rate_limited"))
+        self.assertIsNotNone(limited.retry_after)
+        self.assertGreaterEqual(limited.retry_after, 1)
+        self.assertEqual(c2.submit("g", "other token")["status"], "open")   # per token
+        root = self.client(srv, ROOT)
+        self.assertEqual(len(root.list(limit=1000)["intents"]), len(ok) + 1)   # a 429 stores nothing
 
-    def test_quota(self):
+        def works_again():
+            try:
+                return c1.submit("g", "later")
+            except Unavailable as e:
+                time.sleep(min(e.retry_after or 1, 2))
+                return None
+        self.assertTrue(eventually(works_again, 10, 0))
+
+    def test_failed_authentication_per_address(self):
+        srv = self.start(token=ROOT, auth_rate=0.2, auth_burst=3)
+        bad = self.client(srv, "wrong")
+        statuses = []
+        for n in range(20):
+            try:
+                bad.stats()
+            except IntentBusError as e:
+                statuses.append((e.status, e.retry_after))
+                if e.status == 429:
+                    break
+        self.assertEqual([s for s, _ in statuses[:3]], [401, 401, 401])
+        self.assertEqual(statuses[-1][0], 429)
+        self.assertGreaterEqual(statuses[-1][1], 1)
+        spoofed = self.client(srv, "wrong-again")
+        with self.assertRaises(IntentBusError) as cm:   # X-Forwarded-For is ignored without --trust-proxy
+            spoofed.request("GET", "/stats", headers={"X-Forwarded-For": "203.0.113.9"})
+        self.assertEqual(cm.exception.status, 429)
+
+    def test_locked_out_address_cannot_confirm_a_guess(self):
+        # were the right token let through, a brute force would send guesses at full speed and
+        # wait for the first 200: a locked-out address gets 429 whatever token it sends
+        srv = self.start(token=ROOT, auth_rate=0.05, auth_burst=3)
+        bad = self.client(srv, "guess")
+        for n in range(10):
+            try:
+                bad.stats()
+            except IntentBusError as e:
+                if e.status == 429:
+                    break
+        else:
+            self.fail("never locked out")
+        right = self.client(srv, ROOT)
+        with self.assertRaises(IntentBusError) as cm:
+            right.stats()
+        self.assertEqual(cm.exception.status, 429)
+
+    def test_trusted_proxy_limits_each_real_address(self):
+        srv = self.start(token=ROOT, auth_rate=0.05, auth_burst=2, trust_proxy=True)
+        c = self.client(srv, "wrong")
+
+        def status(forwarded):
+            try:
+                c.request("GET", "/stats", headers={"X-Forwarded-For": forwarded})
+            except IntentBusError as e:
+                return e.status
+        self.assertEqual([status("198.51.100.1") for _ in range(3)], [401, 401, 429])
+        self.assertEqual(status("198.51.100.2"), 401)   # another client behind the same proxy
+        # a client cannot escape by prepending its own entry: the proxy's (last) one counts
+        self.assertEqual(status("192.0.2.77, 198.51.100.1"), 429)
+
+    def test_idle_long_polls_do_not_use_up_the_budget(self):
+        srv = self.start(token=ROOT, rate=0.2, burst=3)
+        phone = self.client(srv, self.token(srv, "phone", "work"))
+        for n in range(6):   # twice the burst; each waits and finds nothing
+            self.assertEqual(phone.claim(worker="phone", wait=0.25), [])
+        for n in range(3):   # the budget is still whole: claims that do not wait spend it
+            self.assertEqual(phone.claim(worker="phone"), [])
+        with self.assertRaises(Unavailable) as cm:
+            phone.claim(worker="phone")
+        self.assertEqual((cm.exception.status, cm.exception.code), (429, "rate_limited"))
+
+    def test_a_tiny_wait_is_not_a_free_claim(self):
+        srv = self.start(token=ROOT, rate=0.2, burst=3)
+        phone = self.client(srv, self.token(srv, "phone", "work"))
+        for n in range(3):   # wait=0.001 answers at once: it costs like a claim without wait
+            self.assertEqual(phone.claim(worker="phone", wait=0.001), [])
+        with self.assertRaises(Unavailable) as cm:
+            phone.claim(worker="phone", wait=0.001)
+        self.assertEqual((cm.exception.status, cm.exception.code), (429, "rate_limited"))
+
+
+class Quotas(BusCase):
+    def test_max_open(self):
         srv = self.start(max_open=3)
-        c = Client(srv.url)
-        for n in range(3):
-            c.submit("g", n)
-        with self.assertRaises(Unavailable) as e:
-            c.submit("g", 4)
-        self.assertEqual((e.exception.status, e.exception.code), (429, "quota_exceeded"))
+        c = self.client(srv)
+        first = c.submit("g", 0, idempotency_key="first")
+        c.submit("g", 1)
+        c.submit("g", 2)
+        with self.assertRaises(Unavailable) as cm:
+            c.submit("g", 3)
+        self.assertEqual((cm.exception.status, cm.exception.code), (429, "quota_exceeded"))
+        self.assertIsNotNone(cm.exception.retry_after)
+        self.assertEqual(c.submit("g", 0, idempotency_key="first")["id"], first["id"])   # creates nothing
+        self.assertEqual(len(c.list()["intents"]), 3)
         job = c.claim()[0]
+        self.refused(lambda: c.submit("g", 4), 429)   # claimed is still unfinished
         c.fulfill(job["id"], job["token"])
         self.assertEqual(c.submit("g", 5)["status"], "open")
+        self.refused(lambda: c.submit("g", 6), 429)
+        c.cancel(c.list(status="open")["intents"][0]["id"])
+        self.assertEqual(c.submit("g", 7)["status"], "open")
+        c.cancel(c.list(status="open")["intents"][0]["id"])
+        with self.assertRaises(Unavailable):   # a batch is all or nothing
+            c.submit_many([{"goal": "g"}, {"goal": "g"}])
+        self.assertEqual(c.stats()["counts"]["open"], 2)
+        self.assertEqual(len(c.submit_many([{"goal": "g"}])), 1)
 
-    def test_connection_cap_slowloris_and_bounded_threads(self):
-        srv = self.start(max_connections=4, request_timeout=1, idle_timeout=2)
-        host, port = srv.httpd.server_address[:2]
-        held = [socket.create_connection((host, port)) for _ in range(4)]
-        self.assertTrue(eventually(lambda: srv.httpd._active == 4, 10))
-        extra = socket.create_connection((host, port))
-        extra.settimeout(5)
-        self.assertIn(b" 503 ", extra.recv(4096))
-        before = threading.active_count()
-        slow = held[0]
-        slow.sendall(b"GET /health HTTP/1.1\r\n")
-        for ch in b"Host: x":   # slower than the 1 s request deadline
+    def test_quota_is_per_namespace(self):
+        srv = self.start(token=ROOT, max_open=2)
+        a = self.client(srv, self.token(srv, "a", "submit", "A"))
+        b = self.client(srv, self.token(srv, "b", "submit", "B"))
+        a.submit("g")
+        a.submit("g")
+        self.refused(lambda: a.submit("g"), 429)
+        b.submit("g")
+        b.submit("g")
+        self.refused(lambda: b.submit("g"), 429)
+
+
+# =====================================================================================
+# Security: connections (cap, slowloris, idle keep-alive, header limits, bounded threads)
+# =====================================================================================
+
+class Connections(BusCase):
+    def hold(self, srv, n):
+        """n keep-alive connections that each got an answer, so the server holds a thread for each."""
+        clients = [self.client(srv) for _ in range(n)]
+        for c in clients:
+            self.assertTrue(c.health()["ok"])
+        return clients
+
+    def test_connection_cap_answers_503_fast_then_recovers(self):
+        srv = self.start(max_connections=4)
+        clients = self.hold(srv, 4)
+        extra = self.socket_to(srv)
+        responses, error = exchange(self.address(srv), b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+                                    shutdown=False, timeout=5)
+        self.assertIsNone(error)
+        self.assertEqual([r[0] for r in responses], [503])
+        self.assertEqual(json.loads(responses[0][2])["error"]["code"], "unavailable")
+        self.assertIn("retry-after", responses[0][1])
+        self.assertHardened(*responses[0][:3], what="over --max-connections")
+        self.assertTrue(closed_within(extra, 5))
+        with self.assertRaises(Unavailable) as cm:
+            self.client(srv).health()
+        self.assertEqual(cm.exception.status, 503)
+        for c in clients:
+            c.close()
+
+        def served():
+            probe = Client(srv.url)
             try:
-                slow.sendall(bytes([ch]))
-            except OSError:
+                return probe.health()["ok"]
+            except Unavailable:
+                return False
+            finally:
+                probe.close()
+        self.assertTrue(eventually(served, 5))
+        self.assertTrue(all(c.health()["ok"] for c in clients))   # they reconnect
+
+    def trickle(self, srv, head, slow, step=0.3, limit=8.0):
+        """Send `head` at once, then `slow` one byte per `step` seconds. Returns (closed by the
+        server before everything was sent, whether a normal client was served meanwhile)."""
+        s = self.socket_to(srv)
+        s.sendall(head)
+        served = False
+        deadline = time.monotonic() + limit
+        for ch in slow:
+            if time.monotonic() > deadline:
                 break
-            time.sleep(0.3)
-        slow.settimeout(5)
-        try:
-            self.assertEqual(slow.recv(4096), b"")   # closed by the watchdog
-        except ConnectionResetError:
-            pass
-        for s in held + [extra]:
-            s.close()
-        self.assertTrue(eventually(lambda: Client(srv.url).health()["ok"], 5))
-        self.assertLessEqual(threading.active_count(), before + 1)
+            try:
+                s.sendall(bytes([ch]))
+            except OSError:
+                return True, served
+            if closed_within(s, step):
+                return True, served
+            if not served:
+                served = self.client(srv).health()["ok"]
+        return False, served
+
+    def test_slowloris_headers_are_cut_off(self):
+        srv = self.start(request_timeout=1, idle_timeout=60)
+        closed, served = self.trickle(srv, b"GET /health HTTP/1.1\r\n",
+                                      b"Host: example.org\r\nX-Slow: " + b"a" * 60 + b"\r\n\r\n")
+        self.assertTrue(closed, "a request whose headers trickle in stays open past --request-timeout")
+        self.assertTrue(served)
+        self.assertTrue(self.client(srv).health()["ok"])
+
+    def test_slowloris_body_is_cut_off(self):
+        srv = self.start(request_timeout=1, idle_timeout=60)
+        closed, served = self.trickle(srv, b"POST /intents HTTP/1.1\r\nContent-Type: application/json\r\n"
+                                           b"Content-Length: 60\r\n\r\n", b'{"goal":"g","payload":"' + b"a" * 40)
+        self.assertTrue(closed, "a body that trickles in stays open past --request-timeout")
+        self.assertTrue(served)
+        self.assertEqual(self.client(srv).stats()["counts"]["open"], 0)
+
+    def test_slowloris_request_line_is_cut_off(self):
+        # once its first byte is in, the request line is under --request-timeout, not the much
+        # longer --idle-timeout
+        srv = self.start(request_timeout=1, idle_timeout=60)
+        closed, _ = self.trickle(srv, b"G", b"ET /intents/" + b"1" * 60 + b" HTTP/1.1\r\n\r\n")
+        self.assertTrue(closed, "a request line that trickles in stays open past --request-timeout")
+
+    def test_idle_keep_alive_is_closed(self):
+        srv = self.start(idle_timeout=1, request_timeout=5)
+        c = self.client(srv)
+        self.assertTrue(c.health()["ok"])
+        s = self.socket_to(srv)
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        f = s.makefile("rb")
+        self.addCleanup(f.close)
+        status, headers, body, _ = read_response(f)
+        self.assertEqual(status, 200)
+        self.assertNotEqual(headers.get("connection", "").lower(), "close")
+        self.assertTrue(closed_within(s, 10), "an idle keep-alive connection was never closed")
+        self.assertTrue(c.health()["ok"])   # the client reconnects after the server closed it
 
     def test_header_limits(self):
         srv = self.start()
-        host, port = srv.httpd.server_address[:2]
-        for request, code in ((b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", b" 414 "),
-                              (b"GET /health HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n", b" 431 "),
-                              (b"GET /health HTTP/1.1\r\n" + b"X-A: b\r\n" * 100 + b"\r\n", b" 431 ")):
-            with socket.create_connection((host, port), timeout=5) as s:
-                s.sendall(request)
-                self.assertIn(code, s.recv(4096))
+        address = self.address(srv)
+        cases = [
+            ("request line over 8 KiB", b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
+            ("header line over 8 KiB", b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", 431),
+            ("65 headers", b"GET /health HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % n for n in range(65))
+             + b"\r\n", 431),
+            ("100 headers", b"GET /health HTTP/1.1\r\n" + b"X-A: b\r\n" * 100 + b"\r\n", 431),
+            ("40 KiB of headers", b"GET /health HTTP/1.1\r\n" + b"".join(
+                b"X-H%d: %s\r\n" % (n, b"v" * 1000) for n in range(40)) + b"\r\n", 431),
+            ("64 headers (allowed)", b"GET /health HTTP/1.1\r\n" + b"".join(
+                b"X-H%d: v\r\n" % n for n in range(64)) + b"\r\n", 200),
+        ]
+        for what, data, code in cases:
+            with self.subTest(what):
+                responses, error = exchange(address, data)
+                self.assertIsNone(error)
+                self.assertEqual([r[0] for r in responses][:1], [code])
+                self.assertHardened(*responses[0][:3], what=what)
+                if code != 200:
+                    self.assertEqual(responses[0][1].get("connection", "").lower(), "close")
+        self.assertTrue(self.client(srv).health()["ok"])
 
-    def test_json_hardening(self):
+    def test_thread_count_stays_bounded(self):
+        srv = self.start(max_connections=10, idle_timeout=30, request_timeout=30)
+        self.assertTrue(self.client(srv).health()["ok"])
+        before = threading.active_count()
+        peak = [before]
+        socks = []
+        for n in range(50):
+            socks.append(self.socket_to(srv))
+            peak.append(threading.active_count())
+        refused = []
+
+        def count_refused():
+            for s in socks:
+                if s in refused:
+                    continue
+                if select.select([s], [], [], 0)[0]:
+                    try:
+                        data = s.recv(4096)
+                    except OSError:
+                        data = b""
+                    if b" 503 " in data:
+                        refused.append(s)
+            peak.append(threading.active_count())
+            return len(refused) >= 40
+        self.assertTrue(eventually(count_refused, 10), "only %d of 50 got a 503" % len(refused))
+        self.assertLessEqual(max(peak), before + 10 + 1)   # at most one thread per allowed connection
+        for s in socks:
+            s.close()
+        self.assertTrue(eventually(lambda: threading.active_count() <= before + 1, 10))
+        self.assertTrue(eventually(lambda: self.client(srv).health()["ok"], 5))
+
+
+# =====================================================================================
+# Security: strict JSON
+# =====================================================================================
+
+def nested(levels, inner=b"1"):
+    """A JSON intent whose nesting is `levels` deep in all (the outer object counts as 1)."""
+    return b'{"goal":"g","payload":' + b"[" * (levels - 1) + inner + b"]" * (levels - 1) + b"}"
+
+
+class StrictJSON(ServerCase):
+    def post(self, body, path="/intents"):
+        return self.raw("POST", path, body, {"Content-Type": "application/json"})
+
+    def assertRefused(self, body, path="/intents"):
+        status, headers, data = self.post(body, path)
+        self.assertEqual(status, 400, (body[:60], data[:200]))
+        self.assertEqual(json.loads(data)["error"]["code"], "bad_json")
+        self.assertHardened(status, headers, data, repr(body[:40]))
+
+    def test_deep_nesting(self):
+        self.assertEqual(self.post(nested(64))[0], 201)   # 64 levels in all: allowed
+        for levels in (65, 66, 100, 1000):
+            self.assertRefused(nested(levels))
+        self.assertRefused(b"[" * 100000 + b"]" * 100000)
+        self.assertRefused(b'{"a":' * 100000 + b"1" + b"}" * 100000)
+        job_body = b'{"worker":"w","caps":' + b"[" * 70 + b"]" * 70 + b"}"
+        self.assertRefused(job_body, "/claim")
+        self.assertEqual(len(self.c.list()["intents"]), 1)
+        self.assertTrue(self.c.health()["ok"])
+
+    def test_nan_infinity_and_overflowing_floats(self):
+        for literal in (b"NaN", b"-NaN", b"Infinity", b"-Infinity", b"1e999", b"-1e999", b"[1, NaN]",
+                        b'{"x": Infinity}'):
+            with self.subTest(literal=literal):
+                self.assertRefused(b'{"goal":"g","payload":' + literal + b"}")
+        self.assertRefused(b'{"goal":"g","priority":NaN}')
+        self.assertRefused(b'{"goal":"g","delay":1e999}')
+        i = self.c.submit("h")
+        job = self.c.claim(goals=["h"])[0]
+        self.assertRefused(json.dumps({"token": job["token"]}).encode()[:-1] + b',"result":NaN}',
+                           "/intents/%s/fulfill" % job["id"])
+        self.assertEqual(self.c.get(i["id"])["status"], "claimed")
+        self.assertEqual([x["id"] for x in self.c.list()["intents"]], [i["id"]])
+
+    def test_integers_out_of_range(self):
+        for literal in (b"9223372036854775808", b"-9223372036854775809", b"1" + b"0" * 30, b"9" * 5000,
+                        b"[18446744073709551616]"):
+            with self.subTest(literal=literal[:30]):
+                self.assertRefused(b'{"goal":"g","payload":' + literal + b"}")
+        edge = [2 ** 63 - 1, -2 ** 63]
+        i = self.c.submit("g", edge)
+        self.assertEqual(self.c.get(i["id"])["payload"], edge)   # the edges round-trip exactly
+        status, _, data = self.post(b'{"goal":"g","priority":9007199254740993}')
+        self.assertEqual(status, 400)   # priority beyond 2**53: refused, not clamped
+        self.assertEqual([x["id"] for x in self.c.list()["intents"]], [i["id"]])
+
+    def test_invalid_utf8(self):
+        for raw in (b'"\xff"', b'"\xc0\xaf"', b'"\xe2\x82"', b'"\xed\xa0\x80"', b'"\xf8\x88\x80\x80\x80"'):
+            with self.subTest(raw=raw):
+                self.assertRefused(b'{"goal":"g","payload":' + raw + b"}")
+        self.assertRefused('{"goal":"g"}'.encode("utf-16"))
+        self.assertRefused(b'{"goal":"g\xff"}')
+        i = self.c.submit("g", "\u00e9\u2603\U0001f600")   # real UTF-8 is fine
+        self.assertEqual(self.c.get(i["id"])["payload"], "\u00e9\u2603\U0001f600")
+        self.assertEqual(len(self.c.list()["intents"]), 1)
+
+    def test_lone_surrogate_escapes_are_refused_with_400(self):
+        # "\ud800" parses, but is not Unicode and cannot be stored as UTF-8: an answer, not a
+        # dropped connection
+        self.assertRefused(b'{"goal":"g","payload":"\\ud800"}')
+        self.assertRefused(b'{"goal":"g","payload":{"\\udfff":1}}')
+        self.c.submit("h")
+        job = self.c.claim(goals=["h"])[0]
+        self.assertRefused(b'{"token":"%s","result":"\\ud800"}' % job["token"].encode(),
+                           "/intents/%s/fulfill" % job["id"])
+        self.assertRefused(b'{"token":"%s","error":"\\ud800"}' % job["token"].encode(),
+                           "/intents/%s/fail" % job["id"])
+        self.assertEqual(len(self.c.list()["intents"]), 1)
+
+
+# =====================================================================================
+# Security: errors (no traces, the same safety headers everywhere, request ids, logs)
+# =====================================================================================
+
+class SafeErrors(BusCase):
+    def test_every_answer_is_hardened(self):
+        srv = self.start(token=ROOT, max_open=2, max_body=100000, auth_burst=1000)
+        sub = self.token(srv, "sub", "submit")
+        root = {"Authorization": "Bearer " + ROOT, "Content-Type": "application/json"}
+        job_id = self.client(srv, ROOT).submit("g")["id"]
+        cases = [
+            ("GET", "/health", None, {}, 200),
+            ("POST", "/intents", b'{"goal":"g"}', root, 201),
+            ("POST", "/claim", b'{"goals":["none"]}', root, 204),
+            ("POST", "/intents", b'{"goal":', root, 400),
+            ("POST", "/intents", b'{"goal":"g","bogus":1}', root, 400),
+            ("GET", "/stats", None, {}, 401),
+            ("GET", "/stats", None, {"Authorization": "Bearer " + sub}, 403),
+            ("GET", "/intents/424242", None, root, 404),
+            ("GET", "/no/such/path", None, root, 404),
+            ("DELETE", "/intents", None, root, 405),
+            ("POST", "/intents/%s/fulfill" % job_id, b'{"token":"stale"}', root, 409),
+            ("POST", "/intents", b"x" * 200000, root, 413),
+            ("POST", "/intents", b"<xml/>", dict(root, **{"Content-Type": "text/xml"}), 415),
+            ("POST", "/intents", b'{"goal":"g"}', root, 429),
+        ]
+        for method, path, body, headers, code in cases:
+            with self.subTest(method=method, path=path, code=code):
+                status, h, data = self.raw(method, path, body, headers, srv=srv)
+                self.assertEqual(status, code, data[:200])
+                self.assertHardened(status, h, data, "%s %s" % (method, path))
+                if code >= 400:
+                    self.assertTrue(json.loads(data)["error"]["code"])
+        raw_cases = [
+            (b"GET /health HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 411),
+            (b"GARBAGE\r\n\r\n", 400),
+            (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
+            (b"GET /health HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n", 431),
+            (b"POST /intents HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc", 400),
+            (b"POST /intents HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
+        ]
+        for data, code in raw_cases:
+            with self.subTest(raw=data[:30]):
+                responses, error = exchange(self.address(srv), data)
+                self.assertIsNone(error)
+                self.assertEqual([r[0] for r in responses], [code])
+                self.assertHardened(*responses[0][:3], what=repr(data[:30]))
+
+    def test_request_ids_echoed_when_sane_replaced_otherwise(self):
         srv = self.start()
-        c = Client(srv.url)
-        for body in (b'{"goal": "g", "payload": ' + b"[" * 100 + b"]" * 100 + b"}",
-                     b'{"goal": "g", "payload": Infinity}', b'{"goal": "g", "payload": 1e999}',
-                     b'{"goal": "g", "payload": 99999999999999999999999}'):
-            host, port = srv.httpd.server_address[:2]
-            conn = http.client.HTTPConnection(host, port, timeout=5)
-            conn.request("POST", "/intents", body, {"Content-Type": "application/json"})
-            r = conn.getresponse()
-            self.assertEqual(r.status, 400, body[:40])
-            self.assertNotIn(b"Traceback", r.read())
-            conn.close()
-        self.assertEqual(c.list()["intents"], [])
+        address = self.address(srv)
+        for rid in ("abc-123", "A.b_c:d-9", "x" * 64):
+            status, h, _ = self.raw("GET", "/health", None, {"X-Request-ID": rid}, srv=srv)
+            self.assertEqual(h["x-request-id"], rid)
+        seen = set()
+        insane = [b"x" * 65, b"y" * 200, b"a b", b"abc\rX-Evil: 1", b"abc%0d%0aX-Evil:%201",
+                  b"caf\xe9", b"<script>", b"", b"abc\x00def", b"abc\x0bX-Evil: 1"]
+        for rid in insane:
+            with self.subTest(rid=rid):
+                responses, error = exchange(address, b"GET /health HTTP/1.1\r\nX-Request-ID: " + rid
+                                            + b"\r\n\r\n")
+                self.assertIsNone(error)
+                status, h, body, block = responses[0]
+                self.assertEqual(status, 200)
+                self.assertNotEqual(h["x-request-id"].encode("latin-1"), rid.strip())
+                self.assertTrue(REQUEST_ID_RE.match(h["x-request-id"]))
+                self.assertNotIn(b"x-evil", block.lower())
+                self.assertNotIn(b"\r", block.replace(b"\r\n", b""))
+                seen.add(h["x-request-id"])
+        self.assertEqual(len(seen), len(insane))   # a new id each time
+        responses, _ = exchange(address, b"GET /health HTTP/1.1\r\nX-Request-ID: abc\r\nX-Evil: 1\r\n\r\n")
+        self.assertEqual(responses[0][1]["x-request-id"], "abc")
+        self.assertNotIn(b"x-evil", responses[0][3].lower())
 
-    def test_request_ids(self):
-        srv = self.start()
-        status, h, _ = ServerCase.raw.__get__(type("X", (), {"srv": srv})())("GET", "/health", None,
-                                                                             {"X-Request-ID": "abc-123"})
-        self.assertEqual(h["x-request-id"], "abc-123")
-        status, h, _ = ServerCase.raw.__get__(type("X", (), {"srv": srv})())("GET", "/health", None,
-                                                                             {"X-Request-ID": "x" * 200})
-        self.assertNotEqual(h["x-request-id"], "x" * 200)
-
-    def test_disk_full_answers_507_and_keeps_reads(self):
-        srv = self.start(max_db_mb=0.4)
-        c = Client(srv.url)
-        kept, full = [], None
-        for n in range(300):
+    def test_log_lines_carry_the_request_id_and_never_a_token(self):
+        captured = io.StringIO()
+        real = sys.stderr
+        sys.stderr = captured
+        try:
+            srv = intentbus.start_server(db=self.db, port=0, token=ROOT, access_log=True)
             try:
-                kept.append(c.submit("g", "x" * 7000)["id"])
+                self.raw("GET", "/stats", None, {"X-Request-ID": "trace-me-42",
+                                                 "Authorization": "Bearer wrong-secret-17"}, srv=srv)
+                self.raw("GET", "/stats", None, {"X-Request-ID": "trace-me-43",
+                                                 "Authorization": "Bearer " + ROOT}, srv=srv)
+            finally:
+                srv.stop()
+        finally:
+            sys.stderr = real
+        text = captured.getvalue()
+        self.assertIn("trace-me-42", text)
+        self.assertIn("trace-me-43", text)
+        self.assertNotIn("wrong-secret-17", text)
+        self.assertNotIn(ROOT, text)
+        self.assertNotIn("Traceback", text)
+
+
+# =====================================================================================
+# Security: disk full
+# =====================================================================================
+
+class DiskFull(BusCase):
+    def test_507_keeps_reads_and_stored_intents(self):
+        srv = self.start(max_db_mb=0.3)
+        c = self.client(srv)
+        kept, full = {}, None
+        for n in range(300):
+            payload = {"n": n, "fill": "%04d" % n * 1700}
+            try:
+                kept[c.submit("g", payload)["id"]] = payload
             except Unavailable as e:
                 full = e
                 break
+        self.assertIsNotNone(full, "the database never filled up")
         self.assertEqual((full.status, full.code), (507, "storage_full"))
-        self.assertEqual(c.get(kept[0])["payload"], "x" * 7000)
+        self.assertGreaterEqual(len(kept), 3)
+        for n in range(3):   # still refused, promptly, and the server does not wedge
+            self.refused(lambda: c.submit("g", {"fill": "z" * 6000}), 507)
+        self.refused(lambda: c.submit_many([{"goal": "g", "payload": "z" * 6000}] * 5), 507)
+        status, headers, data = self.raw("POST", "/intents", json.dumps(
+            {"goal": "g", "payload": "q" * 7000}).encode(), {"Content-Type": "application/json"}, srv=srv)
+        self.assertEqual(status, 507)
+        self.assertHardened(status, headers, data, "storage full")
+        self.assertTrue(c.health()["ok"])
+        for intent_id, payload in kept.items():
+            intent = c.get(intent_id)
+            self.assertEqual((intent["payload"], intent["status"]), (payload, "open"))
         self.assertEqual(c.stats()["counts"]["open"], len(kept))
+        self.assertEqual(len(c.list(limit=1000)["intents"]), len(kept))
         self.assertEqual(srv.store.integrity_check(), ["ok"])
+        self.assertEqual(integrity(self.db), ["ok"])
+        c.close()
+        srv.stop()
+        again = self.start()   # the same file without the cap: nothing lost, writes work again
+        c = self.client(again)
+        for intent_id, payload in kept.items():
+            self.assertEqual(c.get(intent_id)["payload"], payload)
+        self.assertEqual(c.submit("g", "after")["status"], "open")
+
+
+# =====================================================================================
+# Security: fuzz, random and malformed traffic over raw sockets, bounded
+# =====================================================================================
+
+class Fuzz(BusCase):
+    SEED = 20261128
+    THREADS, REQUESTS = 4, 150          # each thread its own fixed sequence of requests
+    LIMIT = 120.0                       # a safety bound only: the requests normally take ~10 s
 
     def test_fuzz(self):
-        srv = self.start(request_timeout=0.5)
-        c = Client(srv.url)
-        before = [c.submit("keep", {"n": n}) for n in range(20)]
-        host, port = srv.httpd.server_address[:2]
-        rng = random.Random(1234)
-        pieces = [b"GET", b"POST", b"PATCH", b"TRACE", b"\x00\xff", b" ", b"/intents", b"/claim",
-                  b"/../etc/passwd", b"//intents", b"/intents/%2e%2e/x", b"/intents/1/../../stats",
-                  b"/intents/%00", b"HTTP/1.1", b"HTTP/9.9", b"\r\n", b"Content-Length: 5\r\n",
-                  b"Content-Length: -1\r\n", b"Content-Length: 999\r\n", b"X-Request-ID: a\r\nX-Evil: 1\r\n",
-                  b'{"goal":', b"[" * 70, b'{"goal":"g"}', b"Transfer-Encoding: chunked\r\n"]
-        deadline = time.monotonic() + 6
-        sent = 0
-        while time.monotonic() < deadline and sent < 400:
-            data = b"".join(rng.choice(pieces) for _ in range(rng.randint(1, 12)))
+        srv = self.start(token=ROOT, request_timeout=0.5, idle_timeout=1, auth_burst=1000000)
+        keeper = self.client(srv, self.token(srv, "keeper", "submit", "keep"))
+        fuzz_token = self.token(srv, "fuzzer", "admin", "fuzz").encode()   # may touch only "fuzz"
+        root = self.client(srv, ROOT)
+        ids = [keeper.submit("keep", {"n": n, "text": "\u00e9\u2603" * n}, priority=n % 3)["id"]
+               for n in range(30)]
+        jobs = root.claim(worker="keeper-w", goals=["keep"], max=6, lease=3600)
+        root.fulfill(jobs[0]["id"], jobs[0]["token"], {"done": True})
+        root.fail(jobs[1]["id"], jobs[1]["token"], "no", retry=False)
+        snapshot = {i: root.get(i) for i in ids}
+        address = self.address(srv)
+
+        methods = [b"GET", b"POST", b"PATCH", b"DELETE", b"TRACE", b"CONNECT", b"OPTIONS", b"HEAD", b"PUT",
+                   b"G\x00T", b"\xff\xfe", b"get", b"POST POST", b"X" * 100]
+        ids_b = [i.encode() for i in ids]
+        fuzz_ids = [b"%d" % n for n in range(31, 60)]   # what the fuzz itself submits
+        paths = [b"/health", b"/intents", b"/intents/1", b"/intents/../stats", b"/../../etc/passwd",
+                 b"//intents", b"/intents/%00", b"/intents/%2e%2e/x", b"/intents/1/../../stats",
+                 b"/intents/1/fulfill", b"/intents/fulfill", b"/intents/retry?status=dead",
+                 b"/claim?wait=0", b"/claim?max=100&caps=a,b,c", b"/stats", b"/" + b"a" * 9000,
+                 b"/intents/" + b"9" * 40, b"/intents/-1", b"/intents/0x10", b"/intents/1%2f..%2fstats",
+                 b"*", b"http://evil.example/intents", b"/intents?goal=g&goal=h", b"/intents?" + b"a=1&" * 200,
+                 b"/claim?max=1e999", b"/intents/\xff", b"/intents/%s/cancel", b"/intents/%s/retry",
+                 b"/intents/%s", b"/intents/%s/fail", b"/intents/%s/release", b"/intents?goal=keep",
+                 b"/intents/retry?status=cancelled&goal=keep", b"/intents?payload=%ED%A0%80&goal=x",
+                 b"/intents?goal=fuzz&payload=" + b"%5B" * 80]
+        versions = [b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/9.9", b"", b"HTTP/1.1 x"]
+        auths = [b"Authorization: Bearer " + fuzz_token, b"Authorization: Bearer " + fuzz_token,
+                 b"X-API-Key: " + fuzz_token, b"Authorization: Bearer wrong", b"",
+                 b"Authorization: IntentBus-HMAC name=fuzzer, ts=nan, nonce=0123456789, sig=00",
+                 b"Authorization: IntentBus-HMAC garbage", b"Authorization: Basic Zm9vOmJhcg=="]
+        extras = [b"X-Request-ID: abc\rX-Evil: 1", b"X-Request-ID: " + b"A" * 200,
+                  b"X-Request-ID: ok-1\r\nX-Request-ID: twice", b"X-Request-ID: \x00\x01\x7f",
+                  b"X-Request-ID: %0d%0aX-Evil:%201", b"X-Request-ID: fuzz-ok",
+                  b"Content-Type: text/xml", b"Content-Type: application/x-www-form-urlencoded",
+                  b"Transfer-Encoding: chunked", b"Expect: 100-continue", b"Connection: close",
+                  b"Connection: keep-alive", b"Idempotency-Key: k\xff", b"X-Forwarded-For: 1.2.3.4",
+                  b"Host: " + b"h" * 300, b": novalue", b"NoColon", b" leading-space: x",
+                  b"X-Big: " + b"b" * 9000, (b"X-Many: 1\r\n" * 80)[:-2],
+                  b"\r\n".join(b"X-K%d: %s" % (n, b"v" * 1000) for n in range(40))]
+        bodies = [b'{"goal":"fuzz","payload":{"a":[1,2,3]}}', b'[{"goal":"fuzz"},{"goal":"fuzz","priority":3}]',
+                  b'{"goal":"keep","payload":"mine?"}', b'{"worker":"fz","goals":["keep"],"max":100}',
+                  b'{"worker":"fz","max":5,"wait":0.1}', b'{"token":"stolen","result":1}',
+                  b'{"intents":[{"id":"1","token":"x"}]}', b'{"goal":"fuzz","payload":' + b"[" * 70 + b"]" * 70 + b"}",
+                  b'{"goal":"fuzz","payload":NaN}', b'{"goal":"fuzz","payload":1e999}',
+                  b'{"goal":"fuzz","payload":99999999999999999999999}', b'{"goal":"fuzz","payload":"\xff\xfe"}',
+                  b'{"goal":', b"[" * 5000, b"", b"goal=fuzz&payload=x", b"\x00" * 50,
+                  b'{"goal":"fuzz","payload":"' + b"x" * 9000 + b'"}', b'{"goal":"fuzz","requires":' +
+                  json.dumps(["c%d" % n for n in range(20)]).encode() + b"}", b'{"goal":"fuzz","delay":-1}',
+                  b'{"goal":"fuzz","idempotency_key":"k1"}', b'{"status":"dead","goal":"keep"}']
+
+        routes = [(b"GET", b"/health"), (b"POST", b"/intents"), (b"GET", b"/intents?status=open&limit=5"),
+                  (b"POST", b"/intents/fulfill"), (b"POST", b"/intents/retry?status=dead"),
+                  (b"GET", b"/intents/%s"), (b"GET", b"/intents/%s?wait=0.1"), (b"POST", b"/intents/%s/fulfill"),
+                  (b"POST", b"/intents/%s/fail"), (b"POST", b"/intents/%s/extend"),
+                  (b"POST", b"/intents/%s/release"), (b"POST", b"/intents/%s/cancel"),
+                  (b"POST", b"/intents/%s/retry"), (b"POST", b"/claim"), (b"GET", b"/stats")]
+
+        fitting_bodies = [
+            (b"/intents", b'{"goal":"fuzz","payload":{"k":[1,"two",null,true]},"priority":2,"requires":["c1"]}'),
+            (b"/intents", b'[{"goal":"fuzz"},{"goal":"fuzz","delay":0.5,"max_attempts":1}]'),
+            (b"/intents", b'{"goal":"fuzz","idempotency_key":"fz-1","payload":"same"}'),
+            (b"/claim", b'{"worker":"fz","caps":["c1"],"max":3}'), (b"/claim", b'{"worker":"fz","goals":["fuzz"]}'),
+            (b"/fulfill", b'{"token":"guess","result":{"r":1}}'),
+            (b"/fulfill", b'{"intents":[{"id":"1","token":"guess"},{"id":"x","token":""}]}'),
+            (b"/fail", b'{"token":"guess","error":"e","retry":false}'), (b"/extend", b'{"token":"guess","lease":5}'),
+            (b"/release", b'{"token":"guess"}'), (b"/cancel", b""), (b"/retry", b""), (b"/stats", b""),
+            (b"/health", b"")]
+
+        def mutate_json(rng, body):
+            body = bytearray(body)
+            for _ in range(rng.randint(1, 4)):
+                at = rng.randint(0, len(body))
+                body[at:at] = rng.choice([b"{", b"}", b"[", b"]", b'"', b",", b":", b"\\", b"\\u00", b"-",
+                                          b"1e", b"null", b"\xc3", b" ", b"\x00"])
+            return bytes(body)
+
+        def request(rng):
+            if rng.random() < 0.5:   # a real route, authorized, with a body that is nearly right
+                method, path = rng.choice(routes)
+                version = b"HTTP/1.1"
+                auth = rng.choice(auths[:3])
+            else:
+                method, path = rng.choice(methods), rng.choice(paths)
+                version = rng.choice(versions)
+                auth = rng.choice(auths)
+            if b"%s" in path:
+                path = path % rng.choice(ids_b + fuzz_ids + [b"999999", b"0", b"-5", b"abc"])
+            lines = [method + b" " + path + (b" " + version if rng.random() < 0.97 else b"")]
+            pool = extras[:6] + extras[9:14] if version == b"HTTP/1.1" and auth in auths[:3] else extras
+            heads = [auth] + [rng.choice(pool) for _ in range(rng.choice([0, 0, 1, 1, 2, 3]))]
+            lines += [h for h in heads if h]
+            fitting = [b for key, b in fitting_bodies if key in path]
+            body = rng.choice(fitting) if fitting and rng.random() < 0.7 else rng.choice(bodies)
             if rng.random() < 0.3:
-                data = bytes(rng.randrange(256) for _ in range(rng.randint(1, 300)))
-            try:
-                with socket.create_connection((host, port), timeout=2) as s:
-                    s.sendall(data)
-                    if rng.random() < 0.5:
-                        s.shutdown(socket.SHUT_WR)
-                    answer = s.recv(65536)
-                    self.assertNotIn(b"Traceback", answer)
-                    self.assertNotIn(HERE.encode(), answer)
-            except (socket.timeout, ConnectionError):
-                pass
-            sent += 1
-        self.assertTrue(Client(srv.url).health()["ok"])
+                body = mutate_json(rng, body)
+            roll = rng.random()
+            if roll < 0.6:
+                length = b"%d" % len(body)
+            elif roll < 0.72:
+                length = b"%d" % max(0, len(body) - rng.randint(1, 20))   # shorter: the rest is "next request"
+            elif roll < 0.84:
+                length = b"%d" % (len(body) + rng.randint(1, 50))         # longer: the body never ends
+            else:
+                length = rng.choice([b"-1", b"abc", b"99999999999999", b"1e3", b" 5", b"5, 5", b""])
+            if body or rng.random() < 0.3:
+                lines.append(b"Content-Length: " + length)
+                if rng.random() < 0.05:
+                    lines.append(b"Content-Length: 1")
+            if rng.random() < 0.05:
+                lines = [b"\n".join(lines)]   # bare LF line ends
+            data = b"\r\n".join(lines) + b"\r\n\r\n" + body
+            roll = rng.random()
+            if roll < 0.08:
+                data = data[:rng.randint(0, len(data))]   # truncated anywhere
+            elif roll < 0.16:
+                data = bytearray(data)
+                for _ in range(rng.randint(1, 8)):
+                    data[rng.randrange(len(data))] = rng.randrange(256)
+                data = bytes(data)
+            elif roll < 0.24:
+                data = bytes(rng.randrange(256) for _ in range(rng.randint(1, 400)))
+            elif roll < 0.34:
+                data += b"GET /health HTTP/1.1\r\nX-Request-ID: piped\r\n\r\n"   # pipelined
+            return data
+
+        problems, counts = [], {"sent": 0, "answered": 0}
+        deadline = time.monotonic() + self.LIMIT
+
+        def fuzz(seed):
+            rng = random.Random(seed)
+            for _ in range(self.REQUESTS):
+                if time.monotonic() > deadline:
+                    break
+                data = request(rng)
+                counts["sent"] += 1
+                try:
+                    responses, error = exchange(address, data, shutdown=rng.random() < 0.9, timeout=1.5)
+                except OSError:
+                    continue
+                if error:
+                    problems.append(("not HTTP", error, data[:120]))
+                for status, headers, body, block in responses:
+                    if status == 100:
+                        continue   # the interim "100 Continue" has no headers of its own
+                    counts["answered"] += 1
+                    if status == 500:
+                        problems.append(("500", body[:200], data[:120]))
+                    for leak in (b"Traceback", b'File "', HERE.encode(), self.dir.encode()):
+                        if leak in body:
+                            problems.append(("leak", body[:200], data[:120]))
+                    if b"x-evil" in block.lower() or b"\r" in block.replace(b"\r\n", b""):
+                        problems.append(("header injection", block[:300], data[:120]))
+                    if headers.get("x-content-type-options") != "nosniff" or \
+                            headers.get("cache-control") != "no-store" or \
+                            not REQUEST_ID_RE.match(headers.get("x-request-id", "")):
+                        problems.append(("headers", block[:300], data[:120]))
+        threads = [threading.Thread(target=fuzz, args=(self.SEED + n,)) for n in range(self.THREADS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(self.LIMIT + 30)
+        sent, answered = counts["sent"], counts["answered"]
+        self.assertGreater(answered, sent // 2, "the fuzz got hardly any answers (%d of %d)" % (answered, sent))
+        self.assertEqual(problems[:5], [], "%d problems in %d requests" % (len(problems), sent))
+
+        after = self.client(srv, ROOT)
+        self.assertTrue(self.client(srv).health()["ok"])
+        self.assertEqual(integrity(self.db), ["ok"])
         self.assertEqual(srv.store.integrity_check(), ["ok"])
-        c = Client(srv.url)
-        for intent in before:
-            after = c.get(intent["id"])
-            self.assertEqual((after["payload"], after["status"]), (intent["payload"], "open"))
+        for intent_id, before in snapshot.items():
+            self.assertEqual(after.get(intent_id), before, "intent %s changed during the fuzz" % intent_id)
+        i = after.submit("after-fuzz", 1)
+        job = after.claim(goals=["after-fuzz"])[0]
+        self.assertEqual(after.fulfill(job["id"], job["token"], "ok")["status"], "fulfilled")
+        self.assertEqual(i["id"], job["id"])
 
 
-class DataSafety(TempDirCase):
-    def test_files_are_private_backup_and_damage(self):
+# =====================================================================================
+# Security: data safety (file modes, online backup, damaged files)
+# =====================================================================================
+
+class DataSafety(BusCase):
+    def test_files_are_owner_only(self):
         old = os.umask(0o022)
         try:
-            srv = intentbus.start_server(db=self.db, port=0)
+            srv = self.start()
+            c = self.client(srv)
+            for n in range(20):
+                c.submit("g", n)
+            out = os.path.join(self.dir, "copy.db")
+            p = cli("backup", out, "--db", self.db, umask=0o022)
+            self.assertEqual(p.returncode, 0, p.stderr)
         finally:
             os.umask(old)
-        try:
-            c = Client(srv.url)
-            ids = [c.submit("g", n)["id"] for n in range(50)]
-            for path in (self.db, self.db + "-wal", self.db + "-shm"):
-                self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600, path)
-            out = os.path.join(self.dir, "copy.db")
-            subprocess.run([PY, os.path.join(HERE, "intentbus.py"), "backup", out, "--db", self.db],
-                           check=True, capture_output=True, timeout=30)
-        finally:
-            srv.stop()
-        conn = sqlite3.connect(out)
-        self.assertEqual(conn.execute("PRAGMA integrity_check").fetchone()[0], "ok")
-        self.assertEqual([str(r[0]) for r in conn.execute("SELECT id FROM intents ORDER BY id")], ids)
-        conn.close()
-        size = os.path.getsize(out)
-        with open(out, "r+b") as f:
-            for offset in range(4096, size, 4096):
-                f.seek(offset + 100)
-                f.write(b"\xde\xad" * 500)
-        p = subprocess.run([PY, os.path.join(HERE, "intentbus.py"), "serve", "--db", out, "--port", "0"],
-                           capture_output=True, text=True, timeout=30)
-        self.assertNotEqual(p.returncode, 0)
-        self.assertIn("backup", p.stderr)
+        for path in (self.db, self.db + "-wal", self.db + "-shm", out):
+            self.assertTrue(os.path.exists(path), path)
+            self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600, path)
 
+    def test_online_backup_while_writing_holds_every_acknowledged_intent(self):
+        srv = self.start(token=ROOT)
+        root = self.client(srv, ROOT)
+        signer = self.token(srv, "backed-up-token", "submit")
+        acked = {}
+        for n in range(100):
+            intent = root.submit("g", {"n": n, "pad": "p" * 500})
+            acked[intent["id"]] = intent["payload"]
+        stop = threading.Event()
+        during = []
 
-@unittest.skipUnless(shutil.which("openssl"), "the openssl command is needed to make a test certificate")
-class TLS(TempDirCase):
-    def test_https_verified_hsts_and_old_protocols_refused(self):
-        cert, key = os.path.join(self.dir, "cert.pem"), os.path.join(self.dir, "key.pem")
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out",
-                        cert, "-days", "2", "-subj", "/CN=localhost", "-addext",
-                        "subjectAltName=IP:127.0.0.1,DNS:localhost"], check=True, capture_output=True, timeout=60)
-        srv = intentbus.start_server(db=self.db, port=0, tls_cert=cert, tls_key=key)
-        try:
-            self.assertTrue(srv.url.startswith("https://"))
-            c = Client(srv.url, ca_file=cert)
-            self.assertEqual(c.submit("g", 1)["status"], "open")
-            status, _ = c.request("GET", "/health")
-            self.assertEqual(c._conn.sock.version()[:5], "TLSv1")
-            with self.assertRaises(IntentBusError) as e:
-                Client(srv.url).health()
-            self.assertEqual(e.exception.code, "tls")
-            ctx = ssl.create_default_context(cafile=cert)
-            conn = http.client.HTTPSConnection("127.0.0.1", srv.httpd.server_address[1], context=ctx, timeout=5)
-            conn.request("GET", "/health")
-            r = conn.getresponse()
-            self.assertIn("max-age", r.getheader("Strict-Transport-Security"))
-            r.read()
-            old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            old.load_verify_locations(cert)
+        def write():
+            c = Client(srv.url, ROOT)
             try:
-                old.maximum_version = ssl.TLSVersion.TLSv1_1
-                old.minimum_version = ssl.TLSVersion.TLSv1
-            except (ValueError, AttributeError):
-                self.skipTest("this OpenSSL cannot even offer TLS 1.1")
-            with self.assertRaises((ssl.SSLError, OSError)):
-                with socket.create_connection(("127.0.0.1", srv.httpd.server_address[1]), timeout=5) as s:
-                    old.wrap_socket(s, server_hostname="localhost")
+                while not stop.is_set():
+                    during.append(c.submit("busy", {"pad": "w" * 300})["id"])
+            finally:
+                c.close()
+        thread = threading.Thread(target=write)
+        thread.start()
+        try:
+            out = os.path.join(self.dir, "backup.db")
+            p = cli("backup", out, "--db", self.db)
         finally:
-            srv.stop()
+            stop.set()
+            thread.join(20)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertGreater(len(during), 0)
+        self.assertEqual(integrity(out), ["ok"])
+        conn = sqlite3.connect(out)
+        try:
+            rows = dict(conn.execute("SELECT id, payload FROM intents WHERE goal = 'g'").fetchall())
+            hashes = [r[0] for r in conn.execute("SELECT hash FROM api_tokens").fetchall()]
+        finally:
+            conn.close()
+        for intent_id, payload in acked.items():
+            self.assertEqual(json.loads(rows[int(intent_id)]), payload)
+        self.assertIn(intentbus.token_hash(signer), hashes)
+        restored = self.start(db=out, token=ROOT)   # the README's restore: serve the copy
+        c = self.client(restored, ROOT)
+        some = sorted(acked, key=int)[-1]
+        self.assertEqual(c.get(some)["payload"], acked[some])
+        self.assertEqual(self.client(restored, signer).submit("g", "restored")["status"], "open")
+
+    def test_backup_never_overwrites(self):
+        srv = self.start()
+        self.client(srv).submit("g", 1)
+        out = os.path.join(self.dir, "exists.db")
+        with open(out, "wb") as f:
+            f.write(b"precious")
+        p = cli("backup", out, "--db", self.db)
+        self.assertNotEqual(p.returncode, 0)
+        with open(out, "rb") as f:
+            self.assertEqual(f.read(), b"precious")
+        self.assertNotIn("Traceback", p.stderr)   # a message, not a FileExistsError
+
+    def test_damaged_file_refuses_to_serve(self):
+        srv = self.start()
+        c = self.client(srv)
+        c.submit_many([{"goal": "g", "payload": "d" * 1000} for _ in range(300)])
+        c.close()
+        srv.stop()
+        pages = os.path.getsize(self.db) // 4096
+        self.assertGreater(pages, 20)
+        rng = random.Random(7)
+        # SQLite's quick_check lists some damage as rows and raises on other damage: both must
+        # end in a message that points to the backup
+        damages = {"noise over one page in the middle":
+                   [((pages // 2) * 4096, bytes(rng.randrange(256) for _ in range(4096)))],
+                   "a scratch on every page": [(offset + 100, b"\xde\xad" * 500)
+                                               for offset in range(4096, pages * 4096, 4096)]}
+        for n, (what, writes) in enumerate(damages.items()):
+            with self.subTest(what):
+                damaged = os.path.join(self.dir, "damaged-%d.db" % n)
+                shutil.copy(self.db, damaged)
+                with open(damaged, "r+b") as f:
+                    for offset, data in writes:
+                        f.seek(offset)
+                        f.write(data)
+                try:
+                    p = cli("serve", "--db", damaged, "--port", "0", timeout=20)
+                except subprocess.TimeoutExpired:
+                    self.fail("serve started on a damaged file")
+                self.assertNotEqual(p.returncode, 0)
+                self.assertNotIn("listening", p.stderr)
+                self.assertIn("backup", p.stderr.lower())
+                self.assertNotIn("Traceback", p.stderr)
+
+
+# =====================================================================================
+# Security: TLS
+# =====================================================================================
+
+def make_cert(directory, name):
+    cert, key = os.path.join(directory, name + ".pem"), os.path.join(directory, name + ".key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+@unittest.skipUnless(shutil.which("openssl"), "the openssl command is needed to make a self-signed certificate")
+class TLS(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.mkdtemp(prefix="intentbus-test-tls-")
+        try:
+            cls.cert, key = make_cert(cls.dir, "server")
+            cls.other_cert, _ = make_cert(cls.dir, "other")
+        except (subprocess.CalledProcessError, OSError) as e:
+            shutil.rmtree(cls.dir, True)
+            raise unittest.SkipTest("openssl could not make a test certificate: %s" % e)
+        cls.srv = intentbus.start_server(db=os.path.join(cls.dir, "bus.db"), port=0, tls_cert=cls.cert,
+                                         tls_key=key, request_timeout=1)
+        cls.port = cls.srv.httpd.server_address[1]
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.srv.stop()
+        shutil.rmtree(cls.dir, True)
+
+    def count(self):
+        with Client(self.srv.url, ca_file=self.cert) as c:
+            return len(c.list(limit=1000)["intents"])
+
+    def health(self):
+        with Client(self.srv.url, ca_file=self.cert) as c:
+            return c.health()["ok"]
+
+    def https(self, method, path, context):
+        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=context, timeout=10)
+        try:
+            conn.request(method, path)
+            r = conn.getresponse()
+            r.read()
+            return r.status, r.getheader("Strict-Transport-Security"), conn.sock.version()
+        finally:
+            conn.close()
+
+    def test_https_works_with_ca_file(self):
+        self.assertTrue(self.srv.url.startswith("https://"))
+        with Client(self.srv.url, ca_file=self.cert) as c:
+            i = c.submit("tls", {"secret": "over TLS"})
+            self.assertEqual(c.get(i["id"])["payload"], {"secret": "over TLS"})
+        status, _, version = self.https("GET", "/health", ssl.create_default_context(cafile=self.cert))
+        self.assertEqual(status, 200)
+        self.assertIn(version, ("TLSv1.2", "TLSv1.3"))
+
+    def test_refused_without_trusting_the_certificate_and_no_fallback(self):
+        before = self.count()
+        for kwargs in ({}, {"ca_file": self.other_cert}):
+            with Client(self.srv.url, **kwargs) as c, self.assertRaises(IntentBusError) as cm:
+                c.submit("tls", "must not arrive")
+            self.assertEqual(cm.exception.code, "tls", str(cm.exception))
+            self.assertIsNone(cm.exception.status)
+        with self.assertRaises(ssl.SSLCertVerificationError):
+            self.https("GET", "/health", ssl.create_default_context())
+        with Client(self.srv.url.replace("https://", "http://")) as plain:   # plain HTTP to the TLS port
+            with self.assertRaises(Unavailable):
+                plain.submit("tls", "must not arrive either")
+        self.assertEqual(self.count(), before)
+
+    def test_hsts_on_every_answer(self):
+        context = ssl.create_default_context(cafile=self.cert)
+        for method, path, code in (("GET", "/health", 200), ("GET", "/nowhere", 404),
+                                   ("DELETE", "/intents", 405), ("GET", "/intents/999999", 404)):
+            status, hsts, _ = self.https(method, path, context)
+            self.assertEqual(status, code)
+            self.assertTrue(hsts and re.search(r"max-age=\d{7,}", hsts), (path, hsts))
+
+    def test_tls_1_1_is_refused(self):
+        def context(highest):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                ctx.load_verify_locations(self.cert)
+                try:
+                    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")   # let this client really offer old versions
+                    ctx.minimum_version = ssl.TLSVersion.TLSv1
+                except (ValueError, ssl.SSLError):
+                    pass
+                ctx.maximum_version = highest
+            return ctx
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            with context(ssl.TLSVersion.TLSv1_2).wrap_socket(s, server_hostname="localhost") as t:
+                self.assertEqual(t.version(), "TLSv1.2")   # the same client gets in with 1.2
+        with self.assertRaises((ssl.SSLError, OSError)):
+            with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+                with context(ssl.TLSVersion.TLSv1_1).wrap_socket(s, server_hostname="localhost"):
+                    pass
+        self.assertTrue(self.health())
+
+    def test_plaintext_and_silent_connections_are_closed(self):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = b""
+            try:
+                while True:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+            except OSError:
+                pass
+            self.assertNotIn(b"200 OK", data)
+            self.assertNotIn(b'"ok"', data)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+            self.assertTrue(closed_within(s, 10), "a TLS connection that never says hello stays open")
+        self.assertTrue(self.health())
 
 
 # =====================================================================================
@@ -1209,16 +2714,17 @@ class FakeBus:
 
 
 class FakeClient:
-    """The worker.Client interface that stress.py uses, over a FakeBus."""
+    """The worker.Client interface that stress.py uses, over a FakeBus. `minimal` is accepted and
+    ignored: a full answer holds the id and status that a minimal one carries."""
 
     def __init__(self, bus):
         self.bus = bus
 
-    def submit(self, goal, payload=None, **kw):
+    def submit(self, goal, payload=None, minimal=False, **kw):
         with self.bus.lock:
             return self.bus.submit_one(dict(kw, goal=goal, payload=payload))
 
-    def submit_many(self, intents):
+    def submit_many(self, intents, minimal=False):
         with self.bus.lock:
             return [self.bus.submit_one(b) for b in intents]
 
@@ -1228,7 +2734,7 @@ class FakeClient:
             time.sleep(min(wait, 0.005))
         return got
 
-    def fulfill(self, id, token, result=None):
+    def fulfill(self, id, token, result=None, minimal=False):
         return self.bus.fulfill(id, token, result)
 
     def fulfill_many(self, items):
@@ -1241,7 +2747,7 @@ class FakeClient:
                 out.append({"id": item["id"], "ok": False, "error": {"code": "lease_lost"}})
         return out
 
-    def fail(self, id, token, error="", retry=True):
+    def fail(self, id, token, error="", retry=True, minimal=False):
         return self.bus.fail(id, token, error)
 
     def get(self, id, wait=None):
@@ -1525,47 +3031,37 @@ class Measurement(unittest.TestCase):
 
 
 class Reports(unittest.TestCase):
-    def test_table_json_and_svg(self):
-        bus = FakeBus()
-        v, submits, runs, events = run_against(bus, jobs=30)
+    def result(self, bus, jobs, args, kills, monitor):
+        """stress.build_result over a run against a fake bus."""
+        v, submits, runs, events = run_against(bus, jobs=jobs)
         coll = stress.Collector()
         coll.feed(events)
         load = {"status": "finished", "t_go": min(s.t_send for s in submits),
-                "t_load_end": time.time(), "kills": [{"at": time.time() - 0.01, "back": time.time()}],
+                "t_load_end": time.time(), "kills": kills,
                 "finals": stress.fetch_finals(FakeClient(bus), "g", list(coll.acked)),
                 "children_missing": []}
-        cfg = stress.make_config(stress.parse_args(["--preset", "light", "--jobs", "30"]))
+        cfg = stress.make_config(stress.parse_args(args))
         cfg["url"] = "http://127.0.0.1:1"
-        res = stress.build_result(cfg, coll, load, {"started": True})
+        return stress.build_result(cfg, coll, load, monitor)
+
+    def test_table_json_and_svg(self):
+        res = self.result(FakeBus(), 30, ["--preset", "light", "--jobs", "30"],
+                          [{"at": time.time() - 0.01, "back": time.time()}], {"started": True})
         self.assertTrue(res["passed"])
         self.assertEqual(res["success_pct"], 100.0)
         text = stress.report_text(res)
         for needle in ("| custom | 5 | 30 | 100.00% |", "lost jobs", "fulfilled twice",
                        "double-run", "errors by kind", "PASS"):
             self.assertIn(needle, text)
-        import json
         json.loads(json.dumps(res, default=str))
         root = ET.fromstring(stress.svg_chart(res))
         self.assertTrue(root.tag.endswith("svg"))
         self.assertIn("SIGKILL", stress.svg_chart(res))
 
     def test_failed_verification_makes_it_fail(self):
-        bus = LosesAJob()
-        v, submits, runs, events = run_against(bus, jobs=10)
-        coll = stress.Collector()
-        coll.feed(events)
-        load = {"status": "finished", "t_go": min(s.t_send for s in submits),
-                "t_load_end": time.time(), "kills": [],
-                "finals": stress.fetch_finals(FakeClient(bus), "g", list(coll.acked)),
-                "children_missing": []}
-        cfg = stress.make_config(stress.parse_args(["--jobs", "10"]))
-        cfg["url"] = "http://127.0.0.1:1"
-        res = stress.build_result(cfg, coll, load, {})
+        res = self.result(LosesAJob(), 10, ["--jobs", "10"], [], {})
         self.assertFalse(res["passed"])
         self.assertTrue(stress.report_text(res).endswith("FAIL"))
-
-
-
 
 
 # =====================================================================================
