@@ -349,12 +349,7 @@ class Storage:
             conn.execute("PRAGMA busy_timeout = %d" % self.BUSY_TIMEOUT_MS)
 
     def quick_check(self):
-        try:
-            rows = self._wconn.execute("PRAGMA quick_check").fetchall()
-        except sqlite3.OperationalError:
-            raise
-        except sqlite3.DatabaseError as e:   # damage bad enough that the check itself fails
-            raise StorageCorrupt(str(e))
+        rows = self._wconn.execute("PRAGMA quick_check").fetchall()
         if [r[0] for r in rows] != ["ok"]:
             raise StorageCorrupt("; ".join(str(r[0]) for r in rows[:5]))
 
@@ -1789,6 +1784,8 @@ ROUTES = [
     ("GET", r"/stats", "stats", "admin"),
 ]
 _COMPILED_ROUTES = [(m, re.compile(p + r"\Z"), h, r) for m, p, h, r in ROUTES]
+ROLE_RANK = {"submit": {"submit", "admin"}, "work": {"work", "admin"}, "admin": {"admin"}}
+
 # Routes that honour "Prefer: return=minimal" (RFC 7240): a worker or a batch producer that only
 # needs ids and outcomes saves encoding, bytes on the wire (a phone's data plan) and decoding.
 _MINIMAL_ROUTES = {"submit", "fulfill", "fail"}
@@ -1798,7 +1795,7 @@ def _minimal(value):
     if "intents" in value:
         return {"intents": [_minimal(v) for v in value["intents"]]}
     return {"id": value["id"], "status": value["status"]}
-ROLE_RANK = {"submit": {"submit", "admin"}, "work": {"work", "admin"}, "admin": {"admin"}}
+
 
 # How query-string (and form) values become typed fields, for curl users without a JSON body.
 _LISTS = {"requires", "caps", "goals"}
@@ -1872,7 +1869,7 @@ def _loads(data):
         value = _DECODER.decode(text)
         _check_depth(value)
         if "\\u" in text:   # only an escape can smuggle in a lone surrogate, which is not Unicode
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
+            dumps(value).encode("utf-8")
     except (ValueError, RecursionError) as e:
         raise HTTPError(400, "bad_json", "the body is not valid JSON: %s" % str(e)[:200])
     return value
@@ -1990,7 +1987,7 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 self.connection.do_handshake()
             except (OSError, ssl.SSLError):
-                self.rfile = io.BufferedReader(io.BytesIO(b""))   # a failed handshake ends the connection quietly
+                self.rfile = io.BufferedReader(io.BytesIO(b""))   # a failed handshake: end quietly
                 return
         self.rfile = self.connection.makefile("rb", 65536)
 
@@ -2493,24 +2490,18 @@ def sign_request(key_hex, method, path, query, stamp, nonce, body):
 
 
 def open_storage(path, sync="full", max_db_mb=None):
-    """Open, migrate and check the database file; StorageCorrupt if it is damaged."""
+    """Open, migrate and check the database file. A damaged file raises StorageCorrupt; one
+    that cannot be opened or locked raises sqlite3.OperationalError."""
+    store = None
     try:
         store = Storage(path, sync, max_db_mb)
-    except sqlite3.OperationalError:
-        raise
-    except sqlite3.DatabaseError as e:   # "file is not a database", "malformed"
-        raise StorageCorrupt(str(e))
-    try:
         store.migrate()
         store.quick_check()
-    except sqlite3.OperationalError:
-        store.close()
-        raise
-    except sqlite3.DatabaseError as e:
-        store.close()
-        raise StorageCorrupt(str(e))
-    except StorageCorrupt:
-        store.close()
+    except Exception as e:
+        if store is not None:
+            store.close()
+        if isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError):
+            raise StorageCorrupt(str(e))   # "file is not a database", "disk image is malformed"
         raise
     return store
 

@@ -527,7 +527,7 @@ class Job:
         self.max_attempts = intent.get("max_attempts")
         self.lease = float(intent.get("lease") or lease_default or 60.0)
         self.expires = claimed_at + self.lease     # local monotonic time
-        self.cancelled = threading.Event()          # set when the job should stop (lease lost, timeout, shutdown)
+        self.cancelled = threading.Event()   # set to stop the job: lease lost, timeout, shutdown
         self.kill_reason = None
         self.lost_because = None
         self.started = None
