@@ -822,6 +822,100 @@ def _producer_thread(cfg, jobs, sink, stop, deadline, rate, gap):
             pass
 
 
+def probe_process(proc_id, nthreads, cfg, what, count, target_id, q, go, stop):
+    """A probe process: nthreads threads, each sending `count` requests of one kind."""
+    _child_setup()
+    errors = collections.Counter()
+    lock = threading.Lock()
+
+    def run(n):
+        client = Client(cfg["url"], token=cfg["token"], timeout=cfg["client_timeout"])
+        try:
+            for i in range(count):
+                if stop.is_set():
+                    return
+                try:
+                    if what == "health":
+                        client.health()
+                    elif what == "get":
+                        client.get(target_id)
+                    else:
+                        client.submit(cfg["goal"], {"probe": n, "i": i}, minimal=True)
+                except IntentBusError as e:
+                    with lock:
+                        errors[error_kind(what, e)] += 1
+        finally:
+            client.close()
+    q.put(("ready", proc_id, os.getpid()))
+    cpu = 0.0
+    if go.wait(cfg["ready_timeout"]):
+        before = os.times()   # start-up and imports are not the load generator's per-request cost
+        threads = [threading.Thread(target=run, args=(t,), daemon=True) for t in range(nthreads)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(max(0.0, cfg["timeout"]))
+        after = os.times()
+        cpu = after.user + after.system - before.user - before.system
+    _child_exit(q, proc_id, {"cpu": cpu, "errors": dict(errors)})
+
+
+def process_cpu(pid):
+    """Seconds of CPU a process has used (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / float(os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def run_probe(cfg, what, count, server=None):
+    """No queue load: `workers` threads over `procs` processes each send `count` requests of
+    one kind (GET /health, GET /intents/{id}, or POST /intents). Measures the HTTP path and the
+    cost of one operation under many connections. Returns a dict of figures."""
+    client = Client(cfg["url"], token=cfg["token"], timeout=15.0)
+    try:
+        target_id = client.submit(cfg["goal"], "probe", minimal=True)["id"] if what == "get" else None
+    finally:
+        client.close()
+    ctx = multiprocessing.get_context("spawn")
+    q, go, stop = ctx.Queue(), ctx.Event(), ctx.Event()
+    procs = [ctx.Process(target=probe_process, args=(
+        "w%d" % i, n, cfg, what, count, target_id, q, go, stop), daemon=True)
+        for i, n in enumerate(split(cfg["workers"], min(cfg["procs"], cfg["workers"])))]
+    for p in procs:
+        p.start()
+    deadline = time.time() + cfg["ready_timeout"] + cfg["timeout"] + 30
+    ready, done = 0, []
+    try:
+        while ready < len(procs):
+            ready += q.get(timeout=cfg["ready_timeout"])[0] == "ready"
+        cpu0 = process_cpu(server.proc.pid) if server is not None else None
+        t0 = time.time()
+        go.set()
+        while len(done) < len(procs):
+            msg = q.get(timeout=max(1.0, deadline - time.time()))
+            if msg[0] == "done":
+                done.append(msg[2])
+        seconds = time.time() - t0
+        cpu1 = process_cpu(server.proc.pid) if server is not None else None
+    except queue_module.Empty:
+        stop.set()
+        raise RuntimeError("probe processes did not finish in time")
+    finally:
+        for p in procs:
+            p.join(5)
+    requests = cfg["workers"] * count
+    errors = collections.Counter()
+    for info in done:
+        errors.update(info["errors"])
+    return {"probe": what, "requests": requests, "seconds": seconds, "per_s": requests / seconds,
+            "server_cpu_us": None if cpu0 is None or cpu1 is None else (cpu1 - cpu0) / requests * 1e6,
+            "client_cpu_us": sum(info["cpu"] for info in done) / requests * 1e6,
+            "errors": dict(errors)}
+
+
 def split(n, parts):
     """Sizes of n split into `parts` nearly equal parts (no zeros unless n < parts)."""
     parts = max(1, parts)
@@ -1456,6 +1550,11 @@ def parse_args(argv=None):
                    help="idle workers long-poll; one producer submits one job at a time; reports "
                         "submit -> claimed latency")
     g.add_argument("--gap-ms", type=float, default=20.0, help="pause between submits with --wakeup")
+    g.add_argument("--probe", choices=("health", "get", "submit"),
+                   help="no queue load: every worker thread sends --probe-requests requests of one "
+                        "kind (GET /health, GET /intents/{id}, POST /intents); prints requests/s "
+                        "and CPU per request of the server it started and of the load generator")
+    g.add_argument("--probe-requests", type=int, default=500, help="requests per thread with --probe")
     g = p.add_argument_group("run")
     g.add_argument("--timeout", type=float, default=120.0,
                    help="stop after this many seconds of load and report what is unfinished")
@@ -1481,6 +1580,8 @@ def parse_args(argv=None):
         problems.append("--kill-server-after needs the server that stress.py starts (no --url)")
     if args.timeout <= 0:
         problems.append("--timeout must be positive")
+    if args.probe_requests < 1:
+        problems.append("--probe-requests must be >= 1")
     if problems:
         p.error("; ".join(problems))
     return args
@@ -1535,6 +1636,18 @@ def main(argv=None):
             return 2
         finally:
             client.close()
+        if args.probe:
+            res = run_probe(cfg, args.probe, args.probe_requests, server)
+            print("probe %s: %d requests from %d threads in %.2f s: %.0f requests/s; CPU per "
+                  "request: server %s, load generator %.0f us; errors %s" % (
+                      res["probe"], res["requests"], cfg["workers"], res["seconds"], res["per_s"],
+                      "n/a" if res["server_cpu_us"] is None else "%.0f us" % res["server_cpu_us"],
+                      res["client_cpu_us"], res["errors"] or 0))
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(res, f, indent=1)
+                    f.write("\n")
+            return 1 if res["errors"] else 0
         if args.backlog:
             backlog = preload_backlog(cfg["url"], cfg["token"], cfg, args.backlog,
                                       threads=args.backlog_threads)

@@ -9,6 +9,7 @@ cannot send. No timed assertions: time-dependent rules use a controllable clock,
 leases with bounded polling loops.
 """
 
+import contextlib
 import hashlib
 import http.client
 import io
@@ -3062,6 +3063,32 @@ class Reports(unittest.TestCase):
         res = self.result(LosesAJob(), 10, ["--jobs", "10"], [], {})
         self.assertFalse(res["passed"])
         self.assertTrue(stress.report_text(res).endswith("FAIL"))
+
+
+# =====================================================================================
+# stress.py end to end, against a real server
+# =====================================================================================
+
+class StressAgainstServer(BusCase):
+    """stress.py end to end against a real server: a small verified run, and the probe mode."""
+
+    def run_stress(self, *args):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = stress.main(["--url", self.start().url, "--procs", "1", "--timeout", "60"] + list(args))
+        return code, out.getvalue() + err.getvalue()
+
+    def test_a_small_run_is_verified_clean(self):
+        code, text = self.run_stress("--preset", "light", "--fail-rate", "0.2", "--backoff", "0")
+        self.assertEqual(code, 0, text)
+        self.assertRegex(text, r"lost jobs +0")
+        self.assertIn("PASS", text)
+
+    def test_probe_counts_every_request(self):
+        code, text = self.run_stress("--probe", "get", "--workers", "3", "--probe-requests", "4")
+        self.assertEqual(code, 0, text)
+        self.assertIn("probe get: 12 requests from 3 threads", text)
+        self.assertIn("server n/a", text)   # a server it did not start: no CPU figure to read
 
 
 # =====================================================================================
