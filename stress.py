@@ -1553,7 +1553,9 @@ def parse_args(argv=None):
     g.add_argument("--probe", choices=("health", "get", "submit"),
                    help="no queue load: every worker thread sends --probe-requests requests of one "
                         "kind (GET /health, GET /intents/{id}, POST /intents); prints requests/s "
-                        "and CPU per request of the server it started and of the load generator")
+                        "and CPU per request of the server it started and of the load generator. "
+                        "get and submit leave open intents of goal stress-<run id> behind: aim "
+                        "them at a server stress.py starts, not at a deployment")
     g.add_argument("--probe-requests", type=int, default=500, help="requests per thread with --probe")
     g = p.add_argument_group("run")
     g.add_argument("--timeout", type=float, default=120.0,
