@@ -870,6 +870,18 @@ class ClientConnections(unittest.TestCase):
         self.assertEqual((cm.exception.status, cm.exception.retry_after), (503, None))
         self.assertEqual(c.claim("w", goals=["g"]), [])
 
+    def test_answers_a_proxy_may_send(self):
+        # The Client reads answer headers itself; these are the shapes a reverse proxy may use.
+        chunked = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked"
+                   b"\r\n\r\n5\r\n{\"n\":\r\n2\r\n1}\r\n0\r\n\r\n")
+        http10 = b"HTTP/1.0 200 OK\r\nContent-Length: 7\r\n\r\n{\"n\":3}"
+        continued = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n{\"n\":4}"
+        until_close = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{\"n\":5}"
+        f = self.fake([[chunked, http_answer(200, {"n": 2})], [http10], [continued, until_close]])
+        c = self.client(f.url)
+        self.assertEqual([c.health() for _ in range(5)], [{"n": n} for n in range(1, 6)])
+        self.assertEqual(f.connections, 3)   # kept alive after chunked; closed after 1.0
+
     def test_nothing_listening_is_unavailable(self):
         c = self.client("http://127.0.0.1:%d" % free_port(), timeout=2)
         with self.assertRaises(Unavailable) as cm:

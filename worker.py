@@ -123,13 +123,79 @@ _encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 _RESEND_ERRORS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)  # incl. RemoteDisconnected
 
 
+class _Headers(dict):
+    """Response headers by lower-case name: what http.client's answer needs, without running
+    the e-mail parser for every answer."""
+
+    def get(self, name, default=None):
+        return dict.get(self, name.lower(), default)
+
+    def get_all(self, name, default=None):
+        value = dict.get(self, name.lower())
+        return default if value is None else [value]
+
+
+class _Response(http.client.HTTPResponse):
+    """http.client's answer, with a plain header reader: the stdlib's runs the e-mail parser,
+    a fifth of a client's CPU per request (stress.py --probe health: 193 -> 152 us)."""
+
+    def begin(self):
+        if self.headers is not None:
+            return
+        while True:
+            version, status, reason = self._read_status()
+            if status != http.client.CONTINUE:
+                break
+            while self.fp.readline(65537) not in (b"\r\n", b"\n", b""):
+                pass
+        self.code = self.status = status
+        self.reason = reason.strip()
+        if version in ("HTTP/1.0", "HTTP/0.9"):
+            self.version = 10
+        elif version.startswith("HTTP/1."):
+            self.version = 11
+        else:
+            raise http.client.UnknownProtocol(version)
+        headers = _Headers()
+        for _ in range(100):
+            line = self.fp.readline(65537)
+            if len(line) > 65536:
+                raise http.client.LineTooLong("header line")
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, _, value = line.decode("iso-8859-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        else:
+            raise http.client.HTTPException("got more than 100 headers")
+        self.headers = self.msg = headers
+        self.chunked = headers.get("transfer-encoding", "").lower() == "chunked"
+        self.chunk_left = None
+        connection = headers.get("connection", "").lower()
+        if self.version == 11:
+            self.will_close = "close" in connection
+        else:
+            self.will_close = "keep-alive" not in connection
+        self.length = None
+        length = headers.get("content-length")
+        if length and not self.chunked and length.isdigit():
+            self.length = int(length)
+        if status in (204, 304) or 100 <= status < 200 or self._method == "HEAD":
+            self.length = 0
+        if not self.will_close and not self.chunked and self.length is None:
+            self.will_close = True
+
+
 class _HTTPConnection(http.client.HTTPConnection):
+    response_class = _Response
+
     def connect(self):
         super().connect()
         _nodelay(self.sock)
 
 
 class _HTTPSConnection(http.client.HTTPSConnection):
+    response_class = _Response
+
     def connect(self):
         super().connect()
         _nodelay(self.sock)
