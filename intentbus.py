@@ -215,6 +215,7 @@ class Storage:
 
     MAX_BATCH = 512
     MAX_IDLE_READERS = 64
+    READS_AT_ONCE = 4
     BUSY_TIMEOUT_MS = 30000   # another process (an admin command) may hold the write lock briefly
 
     def __init__(self, path, sync="full", max_db_mb=None):
@@ -243,7 +244,7 @@ class Storage:
         self._thread = None
         self._stopping = False
         self._readers = []
-        self._read_lock = threading.Lock()
+        self._read_slots = threading.BoundedSemaphore(self.READS_AT_ONCE)
         self.current_op = None
         self.on_external_change = []   # callbacks, run on the writer thread inside a transaction
         self.on_rollback = []          # callbacks, run on the writer thread after a failed batch
@@ -288,9 +289,10 @@ class Storage:
     def _read(self, sql, args=()):
         conn = self._reader()
         try:
-            # One read at a time: SQLite releases the GIL inside each call, and forty threads
-            # trading it (and WAL read locks) cost several times the read itself.
-            with self._read_lock:
+            # A few reads at a time: SQLite releases the GIL inside each call, and forty threads
+            # trading it cost several times the read itself; more than one, so that a slow
+            # read (/stats on a big file) does not hold up the quick ones.
+            with self._read_slots:
                 return conn.execute(sql, args).fetchall()
         finally:
             self._give_back(conn)
@@ -1679,6 +1681,7 @@ class Tokens:
         self.store = store
         self.root_token = root_token
         self._by_hash = None
+        self._generation = 0   # bumped by forget(): a load that raced with it is not kept
         self._lock = threading.Lock()
         self._last_used = {}
         store.on_external_change.append(self.forget)
@@ -1690,12 +1693,20 @@ class Tokens:
     def forget(self):
         with self._lock:
             self._by_hash = None
+            self._generation += 1
 
     def _load(self):
+        by_hash = self._by_hash
+        if by_hash is not None:
+            return by_hash
         with self._lock:
-            if self._by_hash is None:
-                self._by_hash = {t["hash"]: t for t in self.store.load_tokens()}
-            return self._by_hash
+            generation = self._generation
+        # Read without the lock: forget() runs on the writer thread and must never wait on a read.
+        by_hash = {t["hash"]: t for t in self.store.load_tokens()}
+        with self._lock:
+            if self._generation == generation:
+                self._by_hash = by_hash
+        return by_hash
 
     def authenticate(self, secret):
         """The Scope for a secret, or None. Comparison of the root token is constant-time."""
@@ -2088,6 +2099,7 @@ class Handler(BaseHTTPRequestHandler):
             value = None
         if name == "submit" and "idempotency-key" in headers and isinstance(value, dict):
             value.setdefault("idempotency_key", headers["idempotency-key"])
+        called = time.monotonic()
         try:
             status, result = getattr(self.server.api, name)(scope, params, value)
         except QueueError as e:
@@ -2105,7 +2117,8 @@ class Handler(BaseHTTPRequestHandler):
         if name == "claim":
             if result:
                 self._claimed = result["intents"]
-            elif self.server.rate is not None and time.monotonic() - self.started >= IDLE_POLL_REFUND:
+            elif self.server.rate is not None and isinstance(value, dict) and value.get("wait") and \
+                    time.monotonic() - called >= IDLE_POLL_REFUND:
                 self.server.rate.refund(scope.name)   # a long poll that sat idle costs nothing
         elif name in _MINIMAL_ROUTES and "return=minimal" in headers.get("prefer", "").lower():
             return status, _minimal(result), {"Preference-Applied": "return=minimal"}
@@ -2240,16 +2253,6 @@ class RateLimiter:
                 return 0.0
             self._buckets[key] = (tokens, now)
             return (1 - tokens) / self.rate
-
-    def wait(self, key, now=None):
-        """Seconds until `key` may spend again (0 if it may now), spending nothing."""
-        if key not in self._buckets:   # the common case, without the lock: never limited
-            return 0.0
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            tokens, then = self._buckets.get(key, (self.burst, now))
-            tokens = min(self.burst, tokens + (now - then) * self.rate)
-            return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
 
     def refund(self, key):
         with self._lock:
@@ -2390,11 +2393,6 @@ class Server(ThreadingHTTPServer):
         if not self.tokens.enabled:
             return ROOT   # no tokens at all: the server only listens on loopback
         headers = handler.headers
-        address = self.client_address_of(handler)
-        wait = self.auth_failures.wait(address)
-        if wait:   # locked out: not even a right guess is confirmed until the bucket refills
-            raise HTTPError(429, "rate_limited", "too many failed authentications",
-                            {"Retry-After": str(int(math.ceil(wait)))})
         secret = None
         auth = headers.get("authorization", "")
         if auth[:7].lower() == "bearer ":
@@ -2410,7 +2408,10 @@ class Server(ThreadingHTTPServer):
                     self.tokens.by_name(scope.name)["require_signature"]:
                 raise HTTPError(401, "unauthorized", "this token must sign its requests")
         if scope is None:
-            wait = self.auth_failures.take(address)
+            # Only failures are limited. Tokens are 192-bit secrets, so guessing is hopeless
+            # anyway, and refusing right tokens too would let one misconfigured client lock out
+            # everyone behind the same NAT or proxy.
+            wait = self.auth_failures.take(self.client_address_of(handler))
             if wait:
                 raise HTTPError(429, "rate_limited", "too many failed authentications",
                                 {"Retry-After": str(int(math.ceil(wait)))})
@@ -2500,8 +2501,8 @@ def open_storage(path, sync="full", max_db_mb=None):
     except Exception as e:
         if store is not None:
             store.close()
-        if isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError):
-            raise StorageCorrupt(str(e))   # "file is not a database", "disk image is malformed"
+        if type(e) is sqlite3.DatabaseError:   # "file is not a database", "disk image is malformed"
+            raise StorageCorrupt(str(e))
         raise
     return store
 

@@ -826,6 +826,7 @@ def probe_process(proc_id, nthreads, cfg, what, count, target_id, q, go, stop):
     """A probe process: nthreads threads, each sending `count` requests of one kind."""
     _child_setup()
     errors = collections.Counter()
+    sent = [0]   # requests answered or failed: what the figures are divided by
     lock = threading.Lock()
 
     def run(n):
@@ -844,6 +845,11 @@ def probe_process(proc_id, nthreads, cfg, what, count, target_id, q, go, stop):
                 except IntentBusError as e:
                     with lock:
                         errors[error_kind(what, e)] += 1
+                with lock:
+                    sent[0] += 1
+        except Exception as e:   # never expected: recorded, so that it is not silently fewer requests
+            with lock:
+                errors["probe-thread %s" % type(e).__name__] += 1
         finally:
             client.close()
     q.put(("ready", proc_id, os.getpid()))
@@ -853,11 +859,17 @@ def probe_process(proc_id, nthreads, cfg, what, count, target_id, q, go, stop):
         threads = [threading.Thread(target=run, args=(t,), daemon=True) for t in range(nthreads)]
         for th in threads:
             th.start()
+        deadline = time.time() + cfg["timeout"]
         for th in threads:
-            th.join(max(0.0, cfg["timeout"]))
+            th.join(max(0.0, deadline - time.time()))
+        if any(th.is_alive() for th in threads):
+            stop.set()
+            errors["probe timed out"] += 1
         after = os.times()
         cpu = after.user + after.system - before.user - before.system
-    _child_exit(q, proc_id, {"cpu": cpu, "errors": dict(errors)})
+    with lock:
+        info = {"cpu": cpu, "errors": dict(errors), "sent": sent[0]}
+    _child_exit(q, proc_id, info)
 
 
 def process_cpu(pid):
@@ -894,19 +906,27 @@ def run_probe(cfg, what, count, server=None):
         cpu0 = process_cpu(server.proc.pid) if server is not None else None
         t0 = time.time()
         go.set()
+        finished = set()
         while len(done) < len(procs):
-            msg = q.get(timeout=max(1.0, deadline - time.time()))
+            try:
+                msg = q.get(timeout=0.5)
+            except queue_module.Empty:
+                if time.time() > deadline or any(
+                        p.exitcode is not None and "w%d" % i not in finished for i, p in enumerate(procs)):
+                    raise   # a child died without its report, or the probe overran its time
+                continue
             if msg[0] == "done":
+                finished.add(msg[1])
                 done.append(msg[2])
         seconds = time.time() - t0
         cpu1 = process_cpu(server.proc.pid) if server is not None else None
     except queue_module.Empty:
         stop.set()
-        raise RuntimeError("probe processes did not finish in time")
+        raise RuntimeError("a probe process died or did not finish in time")
     finally:
         for p in procs:
             p.join(5)
-    requests = cfg["workers"] * count
+    requests = max(1, sum(info["sent"] for info in done))
     errors = collections.Counter()
     for info in done:
         errors.update(info["errors"])

@@ -142,9 +142,9 @@ class _Response(http.client.HTTPResponse):
     def begin(self):
         if self.headers is not None:
             return
-        while True:
+        while True:   # interim answers (100 Continue, 103 Early Hints from a proxy) come first
             version, status, reason = self._read_status()
-            if status != http.client.CONTINUE:
+            if not 100 <= status < 200 or status == 101:
                 break
             while self.fp.readline(65537) not in (b"\r\n", b"\n", b""):
                 pass
