@@ -214,8 +214,7 @@ class Storage:
     """
 
     MAX_BATCH = 512
-    MAX_IDLE_READERS = 64
-    READS_AT_ONCE = 4
+    READS_AT_ONCE = 4   # also the most reader connections kept open
     BUSY_TIMEOUT_MS = 30000   # another process (an admin command) may hold the write lock briefly
 
     def __init__(self, path, sync="full", max_db_mb=None):
@@ -254,7 +253,7 @@ class Storage:
 
     # ----- connections ---------------------------------------------------------------
 
-    def _connect(self, cache_kib=32768):
+    def _connect(self):
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                timeout=self.BUSY_TIMEOUT_MS / 1000.0)
         conn.execute("PRAGMA busy_timeout = %d" % self.BUSY_TIMEOUT_MS)
@@ -264,8 +263,8 @@ class Storage:
         conn.execute("PRAGMA synchronous = %s" % self.sync.upper())
         conn.execute("PRAGMA foreign_keys = OFF")
         # 2 MiB of page cache (SQLite's default) thrashes once the indexes pass a few hundred
-        # thousand intents; 32 MiB for the writer keeps the claim path's pages in memory.
-        conn.execute("PRAGMA cache_size = -%d" % cache_kib)
+        # thousand intents; 32 MiB per connection keeps the claim path's pages in memory.
+        conn.execute("PRAGMA cache_size = -32768")
         if self.max_db_mb:
             page = conn.execute("PRAGMA page_size").fetchone()[0]
             conn.execute("PRAGMA max_page_count = %d" % max(1, int(self.max_db_mb * 1048576 // page)))
@@ -275,27 +274,25 @@ class Storage:
         with self._lock:
             if self._readers:
                 return self._readers.pop()
-        return self._connect(cache_kib=4096)   # reads touch few pages; many readers may be idle
+        return self._connect()
 
     def _give_back(self, conn):
         with self._lock:
-            # Opening a connection costs more than most reads, so keep enough for every
-            # request thread that reads at once (up to the connection cap's order of size).
-            if len(self._readers) < self.MAX_IDLE_READERS:
+            if len(self._readers) < self.READS_AT_ONCE:
                 self._readers.append(conn)
                 return
         conn.close()
 
     def _read(self, sql, args=()):
-        conn = self._reader()
-        try:
-            # A few reads at a time: SQLite releases the GIL inside each call, and forty threads
-            # trading it cost several times the read itself; more than one, so that a slow
-            # read (/stats on a big file) does not hold up the quick ones.
-            with self._read_slots:
+        # A few reads at a time: SQLite releases the GIL inside each call, and forty threads
+        # trading it cost several times the read itself; more than one, so that a slow read
+        # (/stats on a big file) does not hold up the quick ones.
+        with self._read_slots:
+            conn = self._reader()
+            try:
                 return conn.execute(sql, args).fetchall()
-        finally:
-            self._give_back(conn)
+            finally:
+                self._give_back(conn)
 
     def _read_one(self, sql, args=()):
         rows = self._read(sql, args)
@@ -359,10 +356,9 @@ class Storage:
         return [r[0] for r in self._read("PRAGMA integrity_check")]
 
     def backup(self, target_path):
-        """A consistent copy of the live database, with SQLite's online backup API."""
-        if os.path.exists(target_path):
-            raise FileExistsError(target_path)
-        os.close(os.open(target_path, os.O_CREAT | os.O_WRONLY, 0o600))
+        """A consistent copy of the live database, with SQLite's online backup API. Never
+        overwrites: FileExistsError if target_path exists (even as a dangling symlink)."""
+        os.close(os.open(target_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         target = sqlite3.connect(target_path)
         source = self._reader()
         try:
@@ -2117,7 +2113,7 @@ class Handler(BaseHTTPRequestHandler):
         if name == "claim":
             if result:
                 self._claimed = result["intents"]
-            elif self.server.rate is not None and isinstance(value, dict) and value.get("wait") and \
+            elif self.server.rate is not None and value.get("wait") and \
                     time.monotonic() - called >= IDLE_POLL_REFUND:
                 self.server.rate.refund(scope.name)   # a long poll that sat idle costs nothing
         elif name in _MINIMAL_ROUTES and "return=minimal" in headers.get("prefer", "").lower():
@@ -2830,10 +2826,11 @@ def admin(args):
                     raise SystemExit("intentbus token revoke: no token named %r" % args.name)
                 print("revoked %s" % args.name)
         elif args.command == "backup":
-            if os.path.lexists(args.file):
+            try:
+                store.backup(args.file)
+            except FileExistsError:
                 raise SystemExit("intentbus backup: %s exists; give a new file name (a backup "
                                  "never overwrites)" % args.file)
-            store.backup(args.file)
             print("backed up %s to %s" % (args.db, args.file))
     except QueueError as e:
         raise SystemExit("intentbus %s: %s" % (args.command, e.message))
