@@ -437,6 +437,58 @@ class QueueRules(RulesCase):
         self.assertEqual(h[-1]["error"], "e24")
         self.assertEqual(h[0]["error"], "e5")
 
+    def test_batch_fulfill_reads_once_yet_judges_each_item(self):
+        ids = [self.submit(payload=n)["id"] for n in range(4)]
+        jobs = {c["id"]: c for c in self.claim(max=4)}
+        first, second, third, fourth = (jobs[i] for i in ids)
+        results = self.q.fulfill_many([
+            {"id": first["id"], "token": first["token"], "result": 1},
+            {"id": first["id"], "token": first["token"], "result": 2},   # the same one again
+            {"id": "nope", "token": "t"}, {"id": "999999", "token": "t"},
+            {"id": second["id"], "token": "stale"}, {"id": third["id"], "token": ""},
+            {"id": fourth["id"], "token": fourth["token"], "result": {"n": 4}}])
+        self.assertEqual([(r["ok"], r.get("error", {}).get("code")) for r in results],
+                         [(True, None), (False, "lease_lost"), (False, "not_found"),
+                          (False, "not_found"), (False, "lease_lost"), (False, "invalid"),
+                          (True, None)])
+        self.assertEqual([self.q.get(i)["status"] for i in ids],
+                         ["fulfilled", "claimed", "claimed", "fulfilled"])
+        done = self.q.get(first["id"])
+        self.assertEqual((done["result"], [h["outcome"] for h in done["history"]]), (1, ["fulfilled"]))
+        self.assertEqual(self.q.get(fourth["id"])["result"], {"n": 4})
+
+    def test_batches_larger_than_one_statement(self):
+        # 1000 keys and 1000 acknowledgements cross the 500-per-statement chunks of the reads.
+        bodies = [{"goal": "g", "payload": n, "idempotency_key": "k%d" % n} for n in range(1000)]
+        created, first = self.q.submit(bodies)
+        created_again, again = self.q.submit(bodies)
+        self.assertEqual((created, created_again), (True, False))
+        self.assertEqual([i["id"] for i in again], [i["id"] for i in first])
+        jobs = []
+        while len(jobs) < 1000:
+            got = self.claim(max=100)
+            self.assertTrue(got)
+            jobs += got
+        self.assertEqual(len({j["id"] for j in jobs}), 1000)
+        results = self.q.fulfill_many([{"id": j["id"], "token": j["token"], "result": j["payload"]}
+                                       for j in jobs])
+        self.assertTrue(all(r["ok"] for r in results))
+        self.assertEqual(len(self.q.list(status="fulfilled", limit=1000)["intents"]), 1000)
+        self.assertEqual(self.q.get(first[999]["id"])["result"], 999)
+
+    def test_history_is_the_json_a_parser_would_write(self):
+        i = self.submit(max_attempts=5, backoff=0)
+        c = self.claim(worker="w-1.phone@home")[0]
+        self.q.fail(i["id"], c["token"], 'quote " newline \n tab \t é \u2028 end')
+        c = self.claim(worker="w-2")[0]
+        self.q.fulfill(i["id"], c["token"], 1)
+        raw = self.store.intent_for_update(int(i["id"]))["history"]
+        parsed = json.loads(raw)
+        self.assertEqual(raw, json.dumps(parsed, separators=(",", ":"), ensure_ascii=False))
+        self.assertEqual([(h["worker"], h["outcome"]) for h in parsed],
+                         [("w-1.phone@home", "failed"), ("w-2", "fulfilled")])
+        self.assertEqual(parsed[0]["error"], 'quote " newline \n tab \t é \u2028 end')
+
     def test_idempotency(self):
         a = self.submit(idempotency_key="k1", payload={"x": 1})
         created, again = self.q.submit([{"goal": "g", "idempotency_key": "k1", "payload": {"x": 1}}])
