@@ -17,6 +17,7 @@ Standard library only; Python 3.9+.
 """
 
 import argparse
+import base64
 import collections
 import datetime
 import hashlib
@@ -633,9 +634,11 @@ class Storage:
         row = cur.fetchone()
         return _row_dict(cur, row) if row else None
 
-    def intents_for_update(self, intent_ids):
-        """{id: whole row} for those of intent_ids that exist, read in few statements. The IN
-        list is padded to a few fixed lengths, so that the statement cache keeps them all."""
+    def intents_for_update(self, intent_ids, whole=True):
+        """{id: row} for those of intent_ids that exist, read in few statements: the whole row,
+        or (whole=False) only what a fenced write checks and changes, which skips payloads and
+        results. The IN list is padded to a few fixed lengths, so the statement cache keeps it."""
+        keys = _INTENT_KEYS if whole else _HELD_KEYS
         rows = {}
         ids = list(set(intent_ids))
         for start in range(0, len(ids), 500):
@@ -643,8 +646,8 @@ class Storage:
             size = next(n for n in (1, 4, 16, 64, 500) if n >= len(chunk))
             chunk += chunk[-1:] * (size - len(chunk))
             for row in self._wconn.execute("SELECT %s FROM intents WHERE id IN (%s)" % (
-                    INTENT_COLUMNS, ",".join("?" * size)), chunk).fetchall():
-                rows[row[0]] = dict(zip(_INTENT_KEYS, row))
+                    ", ".join(keys), ",".join("?" * size)), chunk).fetchall():
+                rows[row[0]] = dict(zip(keys, row))
         return rows
 
     def intents_by_idempotency_key(self, namespace, keys):
@@ -827,6 +830,8 @@ class Storage:
 
 
 _INTENT_KEYS = tuple(c.strip() for c in INTENT_COLUMNS.split(","))
+_HELD_KEYS = ("id", "namespace", "goal", "submitted_by", "status", "token", "lease_expires_at",
+              "attempts", "worker", "claimed_at", "history")
 
 
 def _row_dict(cursor, row):
@@ -1245,10 +1250,11 @@ class Queue:
             candidates.extend(self.store.claimable(route.id, request.max))
         if len(routes) > 1:
             candidates.sort(key=lambda c: (-c[1], c[0]))
+        candidates = candidates[:request.max]
         claimed, claims = [], []
-        for intent_id, priority, goal, payload, requires, attempts, max_attempts, lease in \
-                candidates[:request.max]:
-            token = secrets.token_urlsafe(24)   # 192 bits
+        tokens = _lease_tokens(len(candidates))
+        for intent_id, priority, goal, payload, requires, attempts, max_attempts, lease in candidates:
+            token = next(tokens)
             lease = request.lease or lease
             claims.append((request.worker, token, now, now + lease, intent_id))
             claimed.append({
@@ -1336,15 +1342,17 @@ class Queue:
         text = _json_size(result, "result", self.max_result)
 
         def run():
-            row, error = self._fulfill_now([(intent_id, token, text)], scope)[0]
+            row, error = self._fulfill_now([(intent_id, token, text)], scope,
+                                           whole=view in (None, intent_view))[0]
             if error is not None:
                 raise error
             return row
         return (view or intent_view)(self.store.write(run))
 
-    def _fulfill_now(self, items, scope):
+    def _fulfill_now(self, items, scope, whole=False):
         """Fulfill each (id, token, result_text) whose token holds: [(row, None) or (None, error)].
-        All rows are read first and all updates run together; a refused item changes nothing."""
+        All rows are read first and all updates run together; a refused item changes nothing.
+        The rows are whole only if asked (a full view of the intent is wanted)."""
         now = self.clock()
         numbers = []
         for intent_id, _, _ in items:
@@ -1352,7 +1360,7 @@ class Queue:
                 numbers.append(_intent_id(intent_id))
             except QueueError:
                 pass   # reported below, by _row
-        rows = self.store.intents_for_update(numbers)
+        rows = self.store.intents_for_update(numbers, whole)
         outcomes, updates, finished = [], [], []
         for intent_id, token, result_text in items:
             try:
@@ -1651,6 +1659,12 @@ def _intent_id(value, field="id"):
     if not 0 < number < 2 ** 63:
         raise NotFound("no intent %s" % number)
     return number
+
+
+def _lease_tokens(count):
+    """count lease tokens of 192 random bits each, from one read of the system's CSPRNG."""
+    raw = base64.urlsafe_b64encode(os.urandom(24 * count)).decode("ascii")
+    return (raw[i:i + 32] for i in range(0, 32 * count, 32))
 
 
 def _list_text(items):

@@ -470,6 +470,7 @@ class QueueRules(RulesCase):
             self.assertTrue(got)
             jobs += got
         self.assertEqual(len({j["id"] for j in jobs}), 1000)
+        self.assertEqual(len({j["token"] for j in jobs}), 1000)
         results = self.q.fulfill_many([{"id": j["id"], "token": j["token"], "result": j["payload"]}
                                        for j in jobs])
         self.assertTrue(all(r["ok"] for r in results))
