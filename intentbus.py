@@ -637,30 +637,22 @@ class Storage:
     def intents_for_update(self, intent_ids, whole=True):
         """{id: row} for those of intent_ids that exist, read in few statements: the whole row,
         or (whole=False) only what a fenced write checks and changes, which skips payloads and
-        results. The IN list is padded to a few fixed lengths, so the statement cache keeps it."""
+        results."""
         keys = _INTENT_KEYS if whole else _HELD_KEYS
         rows = {}
-        ids = list(set(intent_ids))
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            size = next(n for n in (1, 4, 16, 64, 500) if n >= len(chunk))
-            chunk += chunk[-1:] * (size - len(chunk))
+        for marks, chunk in _in_lists(intent_ids):
             for row in self._wconn.execute("SELECT %s FROM intents WHERE id IN (%s)" % (
-                    ", ".join(keys), ",".join("?" * size)), chunk).fetchall():
+                    ", ".join(keys), marks), chunk).fetchall():
                 rows[row[0]] = dict(zip(keys, row))
         return rows
 
     def intents_by_idempotency_key(self, namespace, keys):
         """{key: whole row} for those of keys already used in namespace."""
         rows = {}
-        keys = list(set(keys))
-        for start in range(0, len(keys), 500):
-            chunk = keys[start:start + 500]
-            size = next(n for n in (1, 4, 16, 64, 500) if n >= len(chunk))
-            chunk += chunk[-1:] * (size - len(chunk))
+        for marks, chunk in _in_lists(keys):
             for row in self._wconn.execute(
                     "SELECT %s FROM intents WHERE namespace = ? AND idempotency_key IN (%s)" % (
-                        INTENT_COLUMNS, ",".join("?" * size)), [namespace] + chunk).fetchall():
+                        INTENT_COLUMNS, marks), [namespace] + chunk).fetchall():
                 row = dict(zip(_INTENT_KEYS, row))
                 rows[row["idempotency_key"]] = row
         return rows
@@ -832,6 +824,17 @@ class Storage:
 _INTENT_KEYS = tuple(c.strip() for c in INTENT_COLUMNS.split(","))
 _HELD_KEYS = ("id", "namespace", "goal", "submitted_by", "status", "token", "lease_expires_at",
               "attempts", "worker", "claimed_at", "history")
+
+
+def _in_lists(values):
+    """The distinct values in chunks for "IN (?, ...)": at most 500 each (old SQLite allows 999
+    parameters), padded with a repeat of the last value (which matches nothing new) to one of a
+    few lengths, so that the statement cache holds every shape. Yields (placeholders, chunk)."""
+    values = list(set(values))
+    for start in range(0, len(values), 500):
+        chunk = values[start:start + 500]
+        size = next(n for n in (1, 4, 16, 64, 500) if n >= len(chunk))
+        yield ",".join("?" * size), chunk + chunk[-1:] * (size - len(chunk))
 
 
 def _row_dict(cursor, row):
