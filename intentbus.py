@@ -1235,7 +1235,7 @@ class Queue:
         self._seen(scope.namespace or "default", worker, caps, now)
         if not self.store.has_writer:   # admin commands and storage tests: no long polling
             request.deadline = now
-            return self.store.write(lambda: self._claim_now(request))
+            return [_claim_view(c) for c in self.store.write(lambda: self._claim_now(request))]
         op = request.op = _Op(lambda: self._claim_now(request))
         self.store.enqueue(op)
         if not op.wait(wait) and self.store.cancel(op):
@@ -1243,7 +1243,7 @@ class Queue:
         op.wait()
         if op.error is not None:
             raise op.error
-        return op.value
+        return [_claim_view(c) for c in op.value]   # built here, off the writer thread
 
     def _claim_now(self, request):
         now = self.clock()
@@ -1256,21 +1256,17 @@ class Queue:
         candidates = candidates[:request.max]
         claimed, claims = [], []
         tokens = _lease_tokens(len(candidates))
-        for intent_id, priority, goal, payload, requires, attempts, max_attempts, lease in candidates:
+        for candidate in candidates:
             token = next(tokens)
-            lease = request.lease or lease
-            claims.append((request.worker, token, now, now + lease, intent_id))
-            claimed.append({
-                "id": str(intent_id), "goal": goal, "payload": json.loads(payload),
-                "priority": priority, "requires": _list_value(requires), "attempt": attempts + 1,
-                "max_attempts": max_attempts, "token": token, "lease": lease,
-                "lease_expires_at": now + lease})
+            lease = request.lease or candidate[7]
+            claims.append((request.worker, token, now, now + lease, candidate[0]))
+            claimed.append((candidate, token, lease, now + lease))
         if claims and self.store.claim_intents(claims) != len(claims):
             # Never expected: the candidates were read as open in this same transaction.
             raise StorageError("claim candidates changed underneath the writer")
         if claimed:
             if self.wakeup:
-                self.wakeup(min(c["lease_expires_at"] for c in claimed))
+                self.wakeup(min(c[3] for c in claimed))
             return claimed
         if request.deadline > now and not self.closing:
             if len(self._parked) > 64:   # drop the long polls that gave up
@@ -1677,6 +1673,15 @@ def _list_text(items):
 def _list_value(text):
     """Most intents require nothing and have no history yet: skip the parser for them."""
     return [] if text == "[]" else json.loads(text)
+
+
+def _claim_view(claimed):
+    """What a worker gets for each intent it claimed (the one answer that carries the token)."""
+    (intent_id, priority, goal, payload, requires, attempts, max_attempts, _), token, lease, expires \
+        = claimed
+    return {"id": str(intent_id), "goal": goal, "payload": json.loads(payload), "priority": priority,
+            "requires": _list_value(requires), "attempt": attempts + 1, "max_attempts": max_attempts,
+            "token": token, "lease": lease, "lease_expires_at": expires}
 
 
 def minimal_view(row):
