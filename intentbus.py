@@ -207,9 +207,10 @@ class Storage:
 
     Writes run on one writer thread, which takes every write waiting at that moment and runs
     them in one transaction with one commit (group commit): many requests share one fsync, and
-    no request can ever meet "database is locked" from another thread of this process. Each
-    write gets its own SAVEPOINT, so one failing write does not undo its neighbours. Reads use a
-    small pool of their own connections (WAL lets them run beside the writer).
+    no request can ever meet "database is locked" from another thread of this process. A write
+    that is refused changes nothing (its checks come first); one that fails after changing
+    something rolls the transaction back, and its neighbours run again (see _run_batch). Reads
+    use a small pool of their own connections (WAL lets them run beside the writer).
 
     Without start_writer() (the admin commands), write() runs inline in its own transaction.
     """
@@ -636,8 +637,8 @@ class Storage:
 
     def intents_for_update(self, intent_ids, whole=True):
         """{id: row} for those of intent_ids that exist, read in few statements: the whole row,
-        or (whole=False) only what a fenced write checks and changes, which skips payloads and
-        results."""
+        or (whole=False) only what fulfill checks and changes (_HELD_KEYS), which skips payloads
+        and results."""
         keys = _INTENT_KEYS if whole else _HELD_KEYS
         rows = {}
         for marks, chunk in _in_lists(intent_ids):
@@ -822,6 +823,8 @@ class Storage:
 
 
 _INTENT_KEYS = tuple(c.strip() for c in INTENT_COLUMNS.split(","))
+# What fulfill checks and changes (intents_for_update(whole=False)); not enough for fail, extend
+# or release, which need the route, lease and backoff too.
 _HELD_KEYS = ("id", "namespace", "goal", "submitted_by", "status", "token", "lease_expires_at",
               "attempts", "worker", "claimed_at", "history")
 
@@ -1102,6 +1105,8 @@ class Queue:
         return woke
 
     def _unfinished(self, namespace, delta):
+        """Count a change of unfinished intents; call it before writing the change, since a
+        count (re)loaded from the file after the write would already include it."""
         if self.max_open is None:
             return
         if self._open_counts is None:
@@ -1326,8 +1331,10 @@ class Queue:
     def _end_attempt(self, row, now, outcome, error=None):
         """The history with this attempt's entry added, keeping the last HISTORY_KEEP."""
         # Formatted by hand: the same text dumps() gives for this dict, in a fifth of the time.
+        # Plain ints and finite floats print as JSON numbers; anything else goes to dumps().
         entry = '{"attempt":%s,"worker":%s,"start":%s,"end":%s,"outcome":%s,"error":%s}' % tuple(
-            "null" if v is None else dumps(v) if isinstance(v, str) else repr(v)
+            "null" if v is None else repr(v) if type(v) is int or (
+                type(v) is float and math.isfinite(v)) else dumps(v)
             for v in (row["attempts"], row["worker"], row["claimed_at"], now, outcome, error))
         history = row["history"]
         # Each entry starts with '{"attempt":', which cannot occur inside a JSON string (the quotes
@@ -1425,8 +1432,8 @@ class Queue:
                 self._became_ready(self._all_routes()[row["route"]])
         else:
             changes.update(status="dead", finished_at=now)
+            self._unfinished(row["namespace"], -1)   # before the write: a reload must not see it
             self.store.update_intent(row["id"], **changes)
-            self._unfinished(row["namespace"], -1)
             self._finished(row["id"])
         row.update(changes)
         return row
@@ -1488,8 +1495,8 @@ class Queue:
                            worker=None, delayed=0)
             if row["status"] == "claimed":
                 changes["history"] = self._end_attempt(row, now, "cancelled", "cancelled")
-            self.store.update_intent(row["id"], **changes)
             self._unfinished(row["namespace"], -1)
+            self.store.update_intent(row["id"], **changes)
             self._finished(row["id"])
             row.update(changes)
             return intent_view(row)
@@ -1507,8 +1514,8 @@ class Queue:
     def _redrive(self, row, now):
         changes = dict(status="open", attempts=0, run_at=now, delayed=0, finished_at=None,
                        worker=None, token=None, lease_expires_at=None, result=None)
-        self.store.update_intent(row["id"], **changes)
         self._unfinished(row["namespace"], +1)
+        self.store.update_intent(row["id"], **changes)
         self._became_ready(self._all_routes()[row["route"]])
         row.update(changes)
         return row

@@ -437,7 +437,7 @@ class QueueRules(RulesCase):
         self.assertEqual(h[-1]["error"], "e24")
         self.assertEqual(h[0]["error"], "e5")
 
-    def test_batch_fulfill_reads_once_yet_judges_each_item(self):
+    def test_batch_fulfill_judges_each_item_on_its_own(self):
         ids = [self.submit(payload=n)["id"] for n in range(4)]
         jobs = {c["id"]: c for c in self.claim(max=4)}
         first, second, third, fourth = (jobs[i] for i in ids)
@@ -489,6 +489,19 @@ class QueueRules(RulesCase):
         self.assertEqual([(h["worker"], h["outcome"]) for h in parsed],
                          [("w-1.phone@home", "failed"), ("w-2", "fulfilled")])
         self.assertEqual(parsed[0]["error"], 'quote " newline \n tab \t é \u2028 end')
+
+    def test_quota_counts_stay_true_after_the_caches_are_dropped(self):
+        # A rollback or an admin command's write drops the in-memory counts; the next change must
+        # not be counted twice (once in the reloaded count, once as its own delta).
+        self.q.max_open = 3
+        ids = [i["id"] for i in self.q.submit([{"goal": "g"}] * 3)[1]]
+        def fail_one():
+            job = self.claim()[0]
+            self.q.fail(job["id"], job["token"], retry=False)
+        for change in (lambda: self.q.cancel(ids[0]), lambda: self.q.retry(ids[0]), fail_one):
+            self.q._forget_caches()
+            change()
+            self.assertEqual(dict(self.q._open_counts), self.store.unfinished_by_namespace())
 
     def test_idempotency(self):
         a = self.submit(idempotency_key="k1", payload={"x": 1})
