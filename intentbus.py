@@ -631,9 +631,7 @@ class Storage:
 
     def intent_for_update(self, intent_id):
         """The whole row, read inside the write transaction (so it cannot change underneath)."""
-        cur = self._wconn.execute("SELECT %s FROM intents WHERE id = ?" % INTENT_COLUMNS, (intent_id,))
-        row = cur.fetchone()
-        return _row_dict(cur, row) if row else None
+        return self.intents_for_update([intent_id]).get(intent_id)
 
     def intents_for_update(self, intent_ids, whole=True):
         """{id: row} for those of intent_ids that exist, read in few statements: the whole row,
