@@ -693,11 +693,10 @@ class Storage:
         return sql
 
     def expired_leases(self, now, limit):
-        cur = self._wconn.execute(
+        return [dict(zip(_INTENT_KEYS, row)) for row in self._wconn.execute(
             "SELECT %s FROM intents INDEXED BY intents_lease "
             "WHERE status = 'claimed' AND lease_expires_at <= ? "
-            "ORDER BY lease_expires_at LIMIT ?" % INTENT_COLUMNS, (now, limit))
-        return [_row_dict(cur, row) for row in cur.fetchall()]
+            "ORDER BY lease_expires_at LIMIT ?" % INTENT_COLUMNS, (now, limit)).fetchall()]
 
     def due_delayed(self, now, limit):
         """Delayed intents whose run_at has come: (id, route) pairs."""
@@ -836,12 +835,6 @@ def _in_lists(values):
         chunk = values[start:start + 500]
         size = next(n for n in (1, 4, 16, 64, 500) if n >= len(chunk))
         yield ",".join("?" * size), chunk + chunk[-1:] * (size - len(chunk))
-
-
-def _row_dict(cursor, row):
-    if len(row) == len(_INTENT_KEYS):
-        return dict(zip(_INTENT_KEYS, row))
-    return {d[0]: v for d, v in zip(cursor.description, row)}
 
 
 # =====================================================================================
