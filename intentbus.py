@@ -942,11 +942,12 @@ class ClaimRequest:
 
 
 # ----- validation: one checker per kind of field; messages name the field -----------
+# An optional field sent as null is taken as not sent: it gets its default.
 
 def _number(body, field, low, high, default=None, integer=False):
-    value = body.get(field, default)
+    value = body.get(field)
     if value is None:
-        return None
+        return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or \
             (integer and not isinstance(value, int)) or \
             (isinstance(value, float) and not math.isfinite(value)):
@@ -957,9 +958,9 @@ def _number(body, field, low, high, default=None, integer=False):
 
 
 def _name(body, field, pattern, default=None, what="1-128 characters of A-Z a-z 0-9 _ . : -"):
-    value = body.get(field, default)
+    value = body.get(field)
     if value is None:
-        return None
+        return default
     if not isinstance(value, str) or not pattern.match(value):
         raise Invalid("'%s' must be %s" % (field, what))
     return value
@@ -1398,6 +1399,7 @@ class Queue:
             error = dumps(error)
         if error is not None and len(error) > MAX_ERROR:
             raise TooLarge("'error' is %d characters; the limit is %d" % (len(error), MAX_ERROR))
+        retry = True if retry is None else retry
         if not isinstance(retry, bool):
             raise Invalid("'retry' must be true or false")
 
@@ -1513,6 +1515,7 @@ class Queue:
 
     def retry_matching(self, status="dead", goal=None, scope=ROOT):
         """Redrive every dead (or cancelled) intent, optionally of one goal. Returns the count."""
+        status = "dead" if status is None else status
         if status not in ("dead", "cancelled"):
             raise Invalid("'status' must be dead or cancelled")
         if goal is not None and not NAME_RE.match(str(goal)):
@@ -2172,8 +2175,8 @@ class Handler(BaseHTTPRequestHandler):
             value = _loads(body)
             if isinstance(value, dict):   # query fields fill in what the body leaves out
                 for key, item in params.items():
-                    if key != "id":
-                        value.setdefault(key, item)
+                    if key != "id" and value.get(key) is None:
+                        value[key] = item
                 params = {"id": params["id"]} if "id" in params else {}
         elif self.command == "POST":
             value = {k: v for k, v in params.items() if k != "id"}

@@ -731,6 +731,32 @@ class HTTPApi(ServerCase):
         self.assertEqual(self.raw("DELETE", "/intents")[1]["allow"], "GET, POST")
         self.assertEqual(self.c.list()["intents"], [])
 
+    def test_null_means_not_given(self):
+        # An optional field sent as null takes its default. It once reached the database as NULL
+        # and came back as a 503 "try again", which clients would retry for ever.
+        json_h = {"Content-Type": "application/json"}
+        nulls = dict.fromkeys("payload priority requires delay run_at max_attempts lease backoff "
+                              "idempotency_key".split())
+        got, _, data = self.raw("POST", "/intents", json.dumps(dict(nulls, goal="g")).encode(), json_h)
+        self.assertEqual(got, 201, data)
+        intent = json.loads(data)
+        self.assertEqual((intent["priority"], intent["max_attempts"], intent["requires"]), (0, 3, []))
+        got, _, data = self.raw("POST", "/claim", json.dumps(dict.fromkeys(
+            "worker caps goals max wait lease".split())).encode(), json_h)
+        self.assertEqual(got, 200, data)
+        [job] = json.loads(data)["intents"]
+        self.assertEqual((job["id"], job["attempt"]), (intent["id"], 1))
+        got, _, data = self.raw("POST", "/intents/%s/extend" % job["id"],
+                                json.dumps({"token": job["token"], "lease": None}).encode(), json_h)
+        self.assertEqual(got, 200, data)
+        got, _, data = self.raw("POST", "/intents/%s/fail" % job["id"], json.dumps(
+            {"token": job["token"], "error": None, "retry": None}).encode(), json_h)
+        self.assertEqual((got, json.loads(data)["status"]), (200, "open"), data)   # retried
+        got, _, data = self.raw("POST", "/intents/retry", json.dumps(
+            {"status": None, "goal": None}).encode(), json_h)
+        self.assertEqual((got, json.loads(data)["count"]), (200, 0), data)
+        self.assertEqual(self.c.stats()["workers"][0]["name"], "anonymous")
+
     def test_huge_content_length_and_chunked_are_refused_unread(self):
         with socket.create_connection(self.address(), timeout=10) as s:
             s.sendall(b"POST /intents HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
