@@ -490,6 +490,30 @@ class QueueRules(RulesCase):
                          [("w-1.phone@home", "failed"), ("w-2", "fulfilled")])
         self.assertEqual(parsed[0]["error"], 'quote " newline \n tab \t é \u2028 end')
 
+    def test_claim_json_is_the_claim_view_as_dumps_writes_it(self):
+        # The HTTP claim answer sends stored payload text as it is; it must be the same bytes.
+        payloads = [None, 0, -0.0, 1e-07, 1e300, 2 ** 62, "quote \" \\ \n é \u2028 😀",
+                    {"nested": [1, 2.5, {"deep": [True, False, None]}], "": ""}, [], {}]
+        for n, payload in enumerate(payloads):
+            self.q.submit([{"goal": "g.json:%d" % n, "payload": payload, "priority": n - 3,
+                            "requires": ["gpu", "ffmpeg"] if n % 2 else []}])
+        got = self.q.claim({"worker": "w", "caps": ["gpu", "ffmpeg"], "max": 100, "lease": 30},
+                           view=lambda c: (intentbus.claim_view(c), intentbus.claim_json(c)))
+        got += self.q.claim({"worker": "w"}, view=lambda c: (intentbus.claim_view(c), intentbus.claim_json(c)))
+        self.assertEqual(len(got), len(payloads))
+        for view, (intent_id, token, text) in got:
+            self.assertEqual(text, intentbus.dumps(view))
+            self.assertEqual((str(intent_id), token), (view["id"], view["token"]))
+
+    def test_an_undelivered_claim_answer_gives_the_intents_back(self):
+        ids = [i["id"] for i in self.q.submit([{"goal": "g"}] * 3)[1]]
+        answer = intentbus.ClaimAnswer(self.q.claim({"worker": "w", "max": 2}, view=intentbus.claim_json))
+        self.assertEqual([str(i) for i, _ in answer.claimed], ids[:2])
+        self.q.release_undelivered(answer.claimed + [(int(ids[2]), "not-its-token")])
+        got = [self.q.get(i) for i in ids]
+        self.assertEqual([(g["status"], g["attempts"]) for g in got], [("open", 0)] * 3)
+        self.assertEqual(len(self.claim(max=3)), 3)
+
     def test_quota_counts_stay_true_after_the_caches_are_dropped(self):
         # A rollback or an admin command's write drops the in-memory counts; the next change must
         # not be counted twice (once in the reloaded count, once as its own delta).
