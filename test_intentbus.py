@@ -505,6 +505,16 @@ class QueueRules(RulesCase):
             self.assertEqual(text, intentbus.dumps(view))
             self.assertEqual((str(intent_id), token), (view["id"], view["token"]))
 
+    def test_dumps_writes_what_the_json_module_writes(self):
+        values = [None, True, 0, -1, 2 ** 63, -0.0, 1e-07, 1e300, "", "quote \" \\ \n é \u2028 😀 \x00",
+                  [], {}, [[[]]], {"b": 1, "a": [1.5, None, {"": False}]}, ["x"] * 3]
+        for value in values:
+            self.assertEqual(intentbus.dumps(value),
+                             json.dumps(value, separators=(",", ":"), ensure_ascii=False))
+        for bad in (float("nan"), [float("inf")], {"x": -float("inf")}):
+            with self.assertRaises(ValueError):
+                intentbus.dumps(bad)
+
     def test_an_undelivered_claim_answer_gives_the_intents_back(self):
         ids = [i["id"] for i in self.q.submit([{"goal": "g"}] * 3)[1]]
         answer = intentbus.ClaimAnswer(self.q.claim({"worker": "w", "max": 2}, view=intentbus.claim_json))
