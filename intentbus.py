@@ -1549,7 +1549,7 @@ class Queue:
         status = "dead" if status is None else status
         if status not in ("dead", "cancelled"):
             raise Invalid("'status' must be dead or cancelled")
-        if goal is not None and not NAME_RE.match(str(goal)):
+        if goal is not None and not (isinstance(goal, str) and NAME_RE.match(goal)):
             raise Invalid("'goal' must be 1-128 characters of A-Z a-z 0-9 _ . : -")
         total = 0
         while True:   # in chunks, so that claims are not held up behind one huge transaction
@@ -1681,12 +1681,20 @@ class Queue:
             event.set()
 
 
+_ID_RE = re.compile(r"[0-9]{1,19}\Z")
+
+
 def _intent_id(value, field="id"):
-    try:
-        number = int(str(value))
-    except ValueError:
-        raise NotFound("no intent %s" % str(value)[:40]) if field == "id" else \
-            Invalid("'%s' must be an intent id" % field)
+    """An intent id: an int, or a string of ASCII digits (int() would also take "+1", " 1",
+    "1_0" and other scripts' digits, so one intent would have many names)."""
+    if type(value) is int:
+        number = value
+    elif isinstance(value, str) and _ID_RE.match(value) and value[0] != "0":
+        number = int(value)
+    elif isinstance(value, str) and field == "id":
+        raise NotFound("no intent %s" % value[:40])
+    else:
+        raise Invalid("'%s' must be an intent id (a string of digits)" % field)
     if not 0 < number < 2 ** 63:
         raise NotFound("no intent %s" % number)
     return number
@@ -1948,17 +1956,18 @@ _NUMBERS = {"priority", "delay", "run_at", "max_attempts", "lease", "backoff", "
 _BOOLS = {"retry"}
 
 
+_QUERY_NUMBER_RE = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?\Z")
+
+
 def _query_value(name, raw):
     if name in _LISTS:
         return [part for part in raw.split(",") if part]
     if name in _NUMBERS:
-        try:
-            return int(raw)
-        except ValueError:
-            try:
-                return float(raw)
-            except ValueError:
-                raise Invalid("'%s' must be a number" % name)
+        # JSON's number syntax: int() and float() would also take "1_000", "+5", " 1", "inf"
+        # and other scripts' digits
+        if not _QUERY_NUMBER_RE.match(raw):
+            raise Invalid("'%s' must be a number" % name)
+        return float(raw) if any(c in raw for c in ".eE") else int(raw)
     if name in _BOOLS:
         if raw.lower() in ("true", "1", "yes"):
             return True
@@ -2225,7 +2234,11 @@ class Handler(BaseHTTPRequestHandler):
         m, name, role = match
         self.deadline = None   # the request is in: long polls may take their time
         scope = self.server.authorize(self, role, path, query, body)
+        if self.command == "GET" and (body or self._form):
+            raise HTTPError(400, "bad_request", "a GET takes no body; send its fields in the query")
         params = self._params(query, headers, body)
+        if "id" in params:
+            raise HTTPError(400, "invalid", "unknown field 'id' in the query (an id goes in the path)")
         params.update(m.groupdict())
         if body:
             value = _loads(body)
@@ -2239,8 +2252,9 @@ class Handler(BaseHTTPRequestHandler):
             params = {"id": params["id"]} if "id" in params else {}
         else:
             value = None
-        if name == "submit" and "idempotency-key" in headers and isinstance(value, dict):
-            value.setdefault("idempotency_key", headers["idempotency-key"])
+        if name == "submit" and "idempotency-key" in headers and isinstance(value, dict) and \
+                value.get("idempotency_key") is None:
+            value["idempotency_key"] = headers["idempotency-key"]
         minimal = name in _MINIMAL_ROUTES and "return=minimal" in headers.get("prefer", "").lower()
         called = time.monotonic()
         try:
@@ -2300,7 +2314,7 @@ class Handler(BaseHTTPRequestHandler):
         length = headers.get("content-length")
         if length is None:
             return b""
-        if not length.isdigit() or len(length) > 12:
+        if not (length.isascii() and length.isdigit()) or len(length) > 12:
             raise HTTPError(400, "bad_request", "bad Content-Length", close=True)
         length = int(length)
         if length > self.server.config.max_body:
@@ -2591,7 +2605,7 @@ class Server(ThreadingHTTPServer):
         if abs(now - stamp) > 300:
             raise HTTPError(401, "unauthorized", "signature timestamp is more than 300 s off")
         expected = sign_request(entry["hash"], handler.command, path, query, parts["ts"], nonce, body)
-        if not hmac.compare_digest(expected, parts.get("sig", "")):
+        if not hmac.compare_digest(expected.encode(), parts.get("sig", "").encode("utf-8", "replace")):
             return None
         with self._conn_lock:
             for old in [n for n, t in self.nonces.items() if t < now - 600]:

@@ -791,6 +791,49 @@ class HTTPApi(ServerCase):
         self.assertEqual((got, json.loads(data)["count"]), (200, 0), data)
         self.assertEqual(self.c.stats()["workers"][0]["name"], "anonymous")
 
+    def test_numbers_and_ids_are_plain_ascii_digits(self):
+        # int() takes "+1", " 1", "1_0" and other scripts' digits; the API does not.
+        json_h = {"Content-Type": "application/json"}
+        i = self.c.submit("g")
+        job = self.c.claim("w")[0]
+        for alias in ("+%s" % i["id"], "0%s" % i["id"], "%s_0" % i["id"][:1] if len(i["id"]) == 1 else "1_0",
+                      "%20" + i["id"], "%D9%A1"):
+            self.assertEqual(self.raw("GET", "/intents/" + alias)[0], 404, alias)
+            self.assertEqual(self.raw("POST", "/intents/%s/cancel" % alias)[0], 404, alias)
+        for query in ("priority=1_000", "priority=%2B5", "max_attempts=%D9%A3", "priority=%201"):
+            got, _, data = self.raw("POST", "/intents?goal=q&" + query)
+            self.assertEqual(got, 400, (query, data))
+        outcomes = self.c.fulfill_many([{"id": " " + i["id"], "token": job["token"]},
+                                        {"id": "+" + i["id"], "token": job["token"]},
+                                        {"id": None, "token": job["token"]},
+                                        {"id": True, "token": job["token"]}])
+        self.assertEqual([o["ok"] for o in outcomes], [False] * 4)
+        self.assertEqual([o["error"]["code"] for o in outcomes[2:]], ["invalid", "invalid"])
+        self.assertEqual(self.c.get(i["id"])["status"], "claimed")
+        self.assertEqual(len(self.c.list()["intents"]), 1)
+
+    def test_a_get_with_a_body_is_refused(self):
+        # The body once replaced the query, so ?status=bogus and ?wait= were silently dropped.
+        got, _, data = self.raw("GET", "/intents?status=bogus", b"{}", {"Content-Type": "application/json"})
+        self.assertEqual(got, 400, data)
+
+    def test_odd_bytes_in_content_length_are_a_400(self):
+        for digit in (b"\xb2", b"\xb9", b"\xd9\xa1"):
+            with socket.create_connection(self.address(), timeout=10) as s:
+                s.sendall(b"POST /intents HTTP/1.1\r\nHost: x\r\nContent-Length: " + digit + b"\r\n\r\n")
+                self.assertIn(b" 400 ", s.recv(4096))
+
+    def test_redrive_goal_must_be_a_name_and_the_header_key_fills_a_null(self):
+        json_h = {"Content-Type": "application/json"}
+        for goal in (True, 0, [], {}):
+            got, _, data = self.raw("POST", "/intents/retry", json.dumps({"goal": goal}).encode(), json_h)
+            self.assertEqual(got, 400, (goal, data))
+        h = dict(json_h, **{"Idempotency-Key": "hdr-1"})
+        body = json.dumps({"goal": "g", "idempotency_key": None}).encode()
+        self.assertEqual(self.raw("POST", "/intents", body, h)[0], 201)
+        self.assertEqual(self.raw("POST", "/intents", body, h)[0], 200)
+        self.assertEqual(len(self.c.list()["intents"]), 1)
+
     def test_huge_content_length_and_chunked_are_refused_unread(self):
         with socket.create_connection(self.address(), timeout=10) as s:
             s.sendall(b"POST /intents HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -1777,6 +1820,12 @@ class SignedRequests(ServerCase):
         self.assertEqual(c.extend(job["id"], job["token"], 30)["status"], "claimed")
         self.assertEqual(c.fulfill(job["id"], job["token"], "done")["status"], "fulfilled")
         self.assertEqual(c.retry_all("dead", "g"), 0)
+
+    def test_a_non_ascii_signature_is_refused_not_a_crash(self):
+        status, headers, data = self.raw("POST", "/claim", b"{}", {
+            "Content-Type": "application/json",
+            "Authorization": "IntentBus-HMAC name=signer, ts=%d, nonce=abcdefgh, sig=\xe9" % time.time()})
+        self.assertEqual(status, 401, data)
 
     def test_correct_signature_then_replay(self):
         body = b'{"goal":"g","payload":"once"}'
