@@ -882,6 +882,40 @@ def process_cpu(pid):
         return None
 
 
+def machine_cpu():
+    """(busy, total) clock ticks of the whole machine since boot (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+        idle = ticks[3] + ticks[4]   # idle and iowait
+        return sum(ticks) - idle, sum(ticks)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def cpu_snapshot(server, procs):
+    """CPU used so far by the server, the load generator's processes and the machine."""
+    loadgen = [process_cpu(p.pid) for p in procs]
+    return {"server": process_cpu(server.proc.pid) if server is not None else None,
+            "server_pid": server.proc.pid if server is not None else None,
+            "loadgen": None if None in loadgen else sum(loadgen), "machine": machine_cpu()}
+
+
+def cpu_used(before, after, jobs):
+    """CPU per fulfilled job over the load, and how busy the machine was: where the time went,
+    and whether the machine or something else was the limit."""
+    out = {"server_us_per_job": None, "loadgen_us_per_job": None, "machine_busy_pct": None}
+    if jobs and before["server"] is not None and after["server"] is not None \
+            and before["server_pid"] == after["server_pid"]:   # not across a chaos restart
+        out["server_us_per_job"] = round((after["server"] - before["server"]) / jobs * 1e6)
+    if jobs and before["loadgen"] is not None and after["loadgen"] is not None:
+        out["loadgen_us_per_job"] = round((after["loadgen"] - before["loadgen"]) / jobs * 1e6)
+    if before["machine"] and after["machine"] and after["machine"][1] > before["machine"][1]:
+        out["machine_busy_pct"] = round(100.0 * (after["machine"][0] - before["machine"][0])
+                                        / (after["machine"][1] - before["machine"][1]), 1)
+    return out
+
+
 def run_probe(cfg, what, count, server=None):
     """No queue load: `workers` threads over `procs` processes each send `count` requests of
     one kind (GET /health, GET /intents/{id}, or POST /intents). Measures the HTTP path and the
@@ -1117,6 +1151,7 @@ def run_load(cfg, server=None):
             raise RuntimeError("child processes did not start (%d of %d ready)"
                                % (len(coll.ready), len(procs)))
     poller = Client(cfg["url"], token=cfg["token"], timeout=10.0)
+    cpu_before = cpu_snapshot(server, procs.values())
     t_go = time.time()
     go.set()
     deadline = t_go + cfg["timeout"]
@@ -1177,6 +1212,7 @@ def run_load(cfg, server=None):
     except KeyboardInterrupt:
         load["status"] = "interrupted"
     load["t_go"], load["t_load_end"] = t_go, time.time()
+    load["cpu"] = (cpu_before, cpu_snapshot(server, procs.values()))
     stop.set()
     # every child ships its last events and says done; a stuck one is terminated
     end_by = time.time() + min(cfg["claim_wait"], 2.0) + cfg["batch"] * cfg["work_ms"] / 1000.0 + 15.0
@@ -1263,6 +1299,7 @@ def build_result(cfg, coll, load, server_info=None, backlog=None):
                    "stuck_threads": load.get("stuck_threads", 0),
                    "children_missing": load.get("children_missing", [])},
         "latency_ms": latency,
+        "cpu": cpu_used(load["cpu"][0], load["cpu"][1], coll.fulfill_acks) if load.get("cpu") else {},
         "errors": dict(coll.errors.most_common()),
         "verification": verdict,
         "backlog": backlog,
@@ -1325,6 +1362,13 @@ def report_text(res):
                        fmt_ms(lat["wakeup"]["p99"]), lat["wakeup"]["n"],
                        fmt_ms(lat["wakeup_from_submit_ack"]["p50"]),
                        fmt_ms(lat["wakeup_from_submit_ack"]["p99"])))
+    cpu = res.get("cpu") or {}
+    if cpu.get("machine_busy_pct") is not None:
+        out.append("CPU per fulfilled job: server %s, load generator %s; the machine's %d CPUs "
+                   "were %.0f%% busy" % (
+                       "n/a" if cpu["server_us_per_job"] is None else "%d us" % cpu["server_us_per_job"],
+                       "n/a" if cpu["loadgen_us_per_job"] is None else "%d us" % cpu["loadgen_us_per_job"],
+                       res["machine"]["cpus"], cpu["machine_busy_pct"]))
     out.append("claim round trip when work was returned (ms): p50 %s  p95 %s  p99 %s; "
                "%d claim requests, %d empty" % (
                    fmt_ms(lat["claim_rtt"]["p50"]), fmt_ms(lat["claim_rtt"]["p95"]),

@@ -3271,6 +3271,8 @@ class StressAgainstServer(BusCase):
         self.assertEqual(code, 0, text)
         self.assertRegex(text, r"lost jobs +0")
         self.assertIn("PASS", text)
+        if os.path.exists("/proc/stat"):   # a server it did not start: no server CPU to read
+            self.assertRegex(text, r"CPU per fulfilled job: server n/a, load generator \d+ us")
 
     def test_probe_counts_every_request(self):
         code, text = self.run_stress("--probe", "get", "--workers", "3", "--probe-requests", "4")
