@@ -1011,7 +1011,7 @@ def _names(body, field, pattern, most, what):
 def _json_size(value, field, limit):
     try:
         text = dumps(value)
-    except ValueError:
+    except (ValueError, RecursionError):   # RecursionError: a cycle, from a Python caller
         raise Invalid("'%s' must be JSON (NaN and Infinity are not)" % field)
     if len(text.encode("utf-8")) > limit:
         raise TooLarge("'%s' is %d bytes of JSON; the limit is %d" % (
@@ -1604,7 +1604,7 @@ class Queue:
         if goal is not None and not (isinstance(goal, str) and NAME_RE.match(goal)):
             raise Invalid("'goal' must be 1-128 characters of A-Z a-z 0-9 _ . : -")
         limit = _number({"limit": limit}, "limit", 1, 1000, 100, integer=True)
-        cursor = 0 if after in (None, "") else _intent_id(after, "after")
+        cursor = 0 if after in (None, "", "0", 0) else _intent_id(after, "after")
         rows = self.store.list_intents(status, goal, scope.namespace,
                                        scope.name if scope.own_only else None, cursor, limit + 1)
         rows = [r for r in rows if scope.goals is None or r["goal"] in scope.goals]
@@ -1696,7 +1696,8 @@ def _intent_id(value, field="id"):
     else:
         raise Invalid("'%s' must be an intent id (a string of digits)" % field)
     if not 0 < number < 2 ** 63:
-        raise NotFound("no intent %s" % number)
+        raise NotFound("no intent %s" % number) if field == "id" else \
+            Invalid("'%s' must be an intent id (a string of digits)" % field)
     return number
 
 
@@ -1965,7 +1966,7 @@ def _query_value(name, raw):
     if name in _NUMBERS:
         # JSON's number syntax: int() and float() would also take "1_000", "+5", " 1", "inf"
         # and other scripts' digits
-        if not _QUERY_NUMBER_RE.match(raw):
+        if len(raw) > 40 or not _QUERY_NUMBER_RE.match(raw):
             raise Invalid("'%s' must be a number" % name)
         return float(raw) if any(c in raw for c in ".eE") else int(raw)
     if name in _BOOLS:
@@ -2200,6 +2201,7 @@ class Handler(BaseHTTPRequestHandler):
         self._respond(status, value, headers)
 
     def _serve(self, line):
+        self._form = None   # a form body of an earlier, refused request on this connection
         if len(line) > MAX_HEADER_LINE:
             raise HTTPError(414, "too_large", "request line too long", close=True)
         parts = line.decode("latin-1").split()

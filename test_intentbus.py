@@ -505,6 +505,12 @@ class QueueRules(RulesCase):
             self.assertEqual(text, intentbus.dumps(view))
             self.assertEqual((str(intent_id), token), (view["id"], view["token"]))
 
+    def test_a_circular_payload_from_python_is_invalid(self):
+        payload = {}
+        payload["self"] = payload
+        with self.assertRaises(intentbus.Invalid):
+            self.q.submit([{"goal": "g", "payload": payload}])
+
     def test_dumps_writes_what_the_json_module_writes(self):
         values = [None, True, 0, -1, 2 ** 63, -0.0, 1e-07, 1e300, "", "quote \" \\ \n é \u2028 😀 \x00",
                   [], {}, [[[]]], {"b": 1, "a": [1.5, None, {"": False}]}, ["x"] * 3]
@@ -800,7 +806,8 @@ class HTTPApi(ServerCase):
                       "%20" + i["id"], "%D9%A1"):
             self.assertEqual(self.raw("GET", "/intents/" + alias)[0], 404, alias)
             self.assertEqual(self.raw("POST", "/intents/%s/cancel" % alias)[0], 404, alias)
-        for query in ("priority=1_000", "priority=%2B5", "max_attempts=%D9%A3", "priority=%201"):
+        for query in ("priority=1_000", "priority=%2B5", "max_attempts=%D9%A3", "priority=%201",
+                      "priority=" + "1" * 5000, "delay=" + "9" * 5000 + ".5"):
             got, _, data = self.raw("POST", "/intents?goal=q&" + query)
             self.assertEqual(got, 400, (query, data))
         outcomes = self.c.fulfill_many([{"id": " " + i["id"], "token": job["token"]},
@@ -816,6 +823,25 @@ class HTTPApi(ServerCase):
         # The body once replaced the query, so ?status=bogus and ?wait= were silently dropped.
         got, _, data = self.raw("GET", "/intents?status=bogus", b"{}", {"Content-Type": "application/json"})
         self.assertEqual(got, 400, data)
+        # A refused form body must not stay behind for the next request on the connection.
+        conn = http.client.HTTPConnection(*self.address(), timeout=10)
+        try:
+            for method, path, body, status in (
+                    ("GET", "/intents", b"status=open", 400), ("GET", "/intents", None, 200),
+                    ("POST", "/nowhere", b"status=open", 404), ("POST", "/intents?goal=g", None, 201)):
+                conn.request(method, path, body, {"Content-Type": "application/x-www-form-urlencoded"})
+                reply = conn.getresponse()
+                self.assertEqual(reply.status, status, (method, path, reply.read()))
+                reply.read()
+        finally:
+            conn.close()
+
+    def test_list_cursor_zero_is_the_start_and_others_are_ids(self):
+        ids = [i["id"] for i in self.c.submit_many([{"goal": "g"}] * 3)]
+        self.assertEqual([i["id"] for i in self.c.list(after="0")["intents"]], ids)
+        for bad in ("x", "-1", "9" * 19, "9" * 20):
+            got, _, data = self.raw("GET", "/intents?after=" + bad)
+            self.assertEqual(got, 400, (bad, data))
 
     def test_odd_bytes_in_content_length_are_a_400(self):
         for digit in (b"\xb2", b"\xb9", b"\xd9\xa1"):
@@ -1267,13 +1293,15 @@ class WorkerProcesses(WorkerCase):
         self.assertFalse(os.path.exists(finished))
 
     def test_jobs_that_finish_within_grace_are_reported_and_a_second_signal_quits_at_once(self):
-        hdir = self.handler("quick", "sleep 1; echo 1")
-        self.handler("stuck", "sleep 30")
+        # Both handlers must have started before the Ctrl-C: a job claimed but not yet started
+        # when the worker is stopping is released instead (a race on a busy machine).
+        started = [os.path.join(self.dir, name + ".started") for name in ("quick", "stuck")]
+        hdir = self.handler("quick", "touch %s; sleep 1; echo 1" % started[0])
+        self.handler("stuck", "touch %s; sleep 30" % started[1])
         q = self.c.submit("quick")
         s = self.c.submit("stuck")
         p = self.start_worker("--handlers", hdir, "--concurrency", "2", "--grace", "30")
-        self.state(q["id"], ("claimed",))
-        self.state(s["id"], ("claimed",))
+        self.assertTrue(eventually(lambda: all(os.path.exists(f) for f in started), 20))
         os.kill(p.pid, signal.SIGINT)
         self.state(q["id"], ("fulfilled",))           # finished within the grace period
         self.assertEqual(self.c.get(s["id"])["status"], "claimed")
