@@ -954,9 +954,10 @@ class Route:
 
 
 class ClaimRequest:
-    __slots__ = ("worker", "caps", "goals", "max", "lease", "deadline", "namespace", "op")
+    __slots__ = ("worker", "caps", "goals", "max", "lease", "deadline", "namespace", "op", "alive")
 
-    def __init__(self, worker, caps, goals, max_count, lease, deadline, namespace):
+    def __init__(self, worker, caps, goals, max_count, lease, deadline, namespace, alive=None):
+        self.alive = alive   # None, or a callable: False once the claimant has gone away
         self.worker = worker
         self.caps = frozenset(caps)
         self.goals = frozenset(goals) if goals else None
@@ -1117,7 +1118,8 @@ class Queue:
         submit and the claim it wakes share one commit. Returns True if it woke any."""
         woke = False
         for route_id, route in list(self._ready.items()):
-            waiting = next((r for r in self._parked if r.op.state == _PARKED and r.accepts(route)), None)
+            waiting = next((r for r in self._parked if r.op.state == _PARKED and r.accepts(route)
+                            and self._still_there(r)), None)
             if waiting is None or not self.store.claimable(route_id, 1):
                 del self._ready[route_id]
                 continue
@@ -1126,6 +1128,14 @@ class Queue:
         if woke:
             self._parked = [r for r in self._parked if r.op.state == _PARKED]
         return woke
+
+    def _still_there(self, request):
+        """A parked claim whose claimant has gone (a worker stopped mid long poll) is answered
+        with nothing and not woken: work handed to it would sit claimed by nobody for a lease."""
+        if request.alive is None or request.alive():
+            return True
+        self.store.finish_parked(request.op, [])
+        return False
 
     def _unfinished(self, namespace, delta):
         """Count a change of unfinished intents; call it before writing the change, since a
@@ -1242,9 +1252,10 @@ class Queue:
 
     # ----- claim -------------------------------------------------------------------
 
-    def claim(self, body, scope=ROOT, view=None):
+    def claim(self, body, scope=ROOT, view=None, alive=None):
         """Claim up to max intents; with wait, long-poll until some arrive. Returns a list of
-        view(claimed) for each: claim_view unless given (claim_json: the same as JSON text)."""
+        view(claimed) for each: claim_view unless given (claim_json: the same as JSON text).
+        alive, if given, says whether the claimant is still there to take what a long poll finds."""
         _only(body, CLAIM_FIELDS, "a claim")
         worker = _name(body, "worker", WORKER_RE, "anonymous",
                        what="1-128 characters of A-Z a-z 0-9 _ . : @ -")
@@ -1260,7 +1271,7 @@ class Queue:
         if self.closing:
             return []
         now = self.clock()
-        request = ClaimRequest(worker, caps, goals, max_count, lease, now + wait, scope.namespace)
+        request = ClaimRequest(worker, caps, goals, max_count, lease, now + wait, scope.namespace, alive)
         self._seen(scope.namespace or "default", worker, caps, now)
         if not self.store.has_writer:   # admin commands and storage tests: no long polling
             request.deadline = now
@@ -2067,8 +2078,8 @@ class Api:
         _only(params, {"id", "wait"}, "the query")
         return 200, self.queue.get(params["id"], params.get("wait"), scope)
 
-    def claim(self, scope, params, body):
-        claimed = self.queue.claim(body, scope, claim_json)
+    def claim(self, scope, params, body, alive=None):
+        claimed = self.queue.claim(body, scope, claim_json, alive)
         return (200, ClaimAnswer(claimed)) if claimed else (204, None)
 
     def fulfill(self, scope, params, body, view=None):
@@ -2262,6 +2273,8 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if minimal:
                 status, result = getattr(self.server.api, name)(scope, params, value, minimal_view)
+            elif name == "claim":
+                status, result = self.server.api.claim(scope, params, value, self._peer_still_there)
             else:
                 status, result = getattr(self.server.api, name)(scope, params, value)
         except QueueError as e:
@@ -2359,6 +2372,18 @@ class Handler(BaseHTTPRequestHandler):
                 except Invalid as e:
                     raise HTTPError(400, "invalid", e.message)
         return params
+
+    def _peer_still_there(self):
+        """False once the client has closed its end of the connection (looked at without
+        reading: a peek at the TCP stream, below any TLS)."""
+        if not hasattr(socket, "MSG_DONTWAIT"):
+            return True    # Windows: no way to look without blocking
+        try:
+            return socket.socket.recv(self.connection, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except (BlockingIOError, InterruptedError):
+            return True    # open, and nothing sent: a client waiting for its answer
+        except (OSError, ValueError):
+            return False   # reset, or closed on this side
 
     def _respond(self, status, value, extra=None):
         body = b"" if value is None else (

@@ -870,6 +870,21 @@ class HTTPApi(ServerCase):
             self.assertIn(b" 411 ", s.recv(4096))
         self.assertTrue(self.c.health()["ok"])
 
+    def test_a_long_poll_whose_worker_left_is_not_handed_work(self):
+        # A worker stopped mid long poll closes its connection. Its parked claim used to be
+        # woken by the next submit: the answer went nowhere, and the intent sat claimed by
+        # nobody for a whole lease (60 s here) and lost an attempt.
+        gone = socket.create_connection(self.address(), timeout=10)
+        gone.sendall(b"POST /claim HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 33\r\n\r\n" + b'{"worker": "gone", "wait": 30.0 }')
+        self.assertTrue(eventually(lambda: self.srv.queue._parked, 10))
+        gone.close()
+        i = self.c.submit("g")
+        [job] = self.c.claim("stays", wait=10)
+        self.assertEqual((job["id"], job["attempt"]), (i["id"], 1))
+        # and the departed claim was answered, so its request thread is not held for 30 s
+        self.assertEqual([r.worker for r in self.srv.queue._parked if r.op.state == intentbus._PARKED], [])
+
     def test_keep_alive(self):
         self.c.health()
         sock = self.c._conn.sock
@@ -2769,6 +2784,16 @@ class TLS(unittest.TestCase):
         with Client(self.srv.url, ca_file=self.cert) as c:
             i = c.submit("tls", {"secret": "over TLS"})
             self.assertEqual(c.get(i["id"])["payload"], {"secret": "over TLS"})
+        got = []   # a long poll over TLS is woken like any other (its connection looks alive)
+        waiter = threading.Thread(target=lambda: got.extend(
+            Client(self.srv.url, ca_file=self.cert).claim("tls-w", goals=["tls-wait"], wait=20)))
+        waiter.start()
+        self.assertTrue(eventually(lambda: [r for r in self.srv.queue._parked
+                                            if r.worker == "tls-w" and r.op.state == intentbus._PARKED], 10))
+        with Client(self.srv.url, ca_file=self.cert) as c:
+            i = c.submit("tls-wait")
+        waiter.join(25)
+        self.assertEqual([j["id"] for j in got], [i["id"]])
         status, _, version = self.https("GET", "/health", ssl.create_default_context(cafile=self.cert))
         self.assertEqual(status, 200)
         self.assertIn(version, ("TLSv1.2", "TLSv1.3"))
