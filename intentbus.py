@@ -1013,7 +1013,7 @@ def _json_size(value, field, limit):
     try:
         text = dumps(value)
     except (ValueError, RecursionError):   # RecursionError: a cycle, from a Python caller
-        raise Invalid("'%s' must be JSON (NaN and Infinity are not)" % field)
+        raise Invalid("'%s' must be JSON (NaN, Infinity and cycles are not)" % field)
     if len(text.encode("utf-8")) > limit:
         raise TooLarge("'%s' is %d bytes of JSON; the limit is %d" % (
             field, len(text.encode("utf-8")), limit))
