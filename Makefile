@@ -7,6 +7,7 @@ help:
 	@echo "make serve   run the server on 127.0.0.1:8080 (database ./intentbus.db)"
 	@echo "make test    run the test suite"
 	@echo "make stress  run the heavy stress preset (40 workers, 2000 jobs)"
+	@echo "make stress-batch  the batch run of the README's Performance section"
 
 serve:
 	$(PYTHON) intentbus.py serve
@@ -18,4 +19,4 @@ stress:
 	$(PYTHON) stress.py --preset heavy
 
 stress-batch:
-	$(PYTHON) stress.py --workers 40 --jobs 20000 --batch 50
+	$(PYTHON) stress.py --workers 40 --jobs 20000 --batch 50 --submit-batch 50
