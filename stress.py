@@ -883,10 +883,11 @@ def process_cpu(pid):
 
 
 def machine_cpu():
-    """(busy, total) clock ticks of the whole machine since boot (Linux /proc; None elsewhere)."""
+    """(busy, total) clock ticks of the whole machine since boot (Linux /proc; None elsewhere).
+    A VM's stolen time is left out of both: the CPU was not this machine's then."""
     try:
         with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:9]]
+            ticks = [int(v) for v in f.readline().split()[1:8]]   # user ... softirq
         idle = ticks[3] + ticks[4]   # idle and iowait
         return sum(ticks) - idle, sum(ticks)
     except (OSError, ValueError, IndexError):
