@@ -1291,6 +1291,28 @@ class WorkerProcesses(WorkerCase):
         os.killpg(p.pid, signal.SIGTERM)
         self.assertEqual(p.wait(15), 0)
 
+    def test_output_that_is_json_only_to_python_is_text(self):
+        # 1e999 parses as infinity, which is not JSON: it crashed the worker's slot on every try.
+        hdir = self.handler("inf", "echo '{\"x\": 1e999}'")
+        i = self.c.submit("inf")
+        p = self.start_worker("--handlers", hdir, "--once")
+        self.assertEqual(p.wait(20), 0)
+        v = self.c.get(i["id"])
+        self.assertEqual((v["status"], v["result"]), ("fulfilled", '{"x": 1e999}'))
+
+    def test_sighup_stops_the_worker_like_sigterm(self):
+        # A closed Termux session or a dropped ssh login sends SIGHUP: the worker must give its
+        # job back, not vanish and leave it claimed (and its handler running) until the lease ends.
+        started = os.path.join(self.dir, "started")
+        hdir = self.handler("stuck", "touch %s; sleep 30" % started)
+        i = self.c.submit("stuck")
+        p = self.start_worker("--handlers", hdir, "--grace", "0.5")
+        self.assertTrue(eventually(lambda: os.path.exists(started), 15))
+        os.kill(p.pid, signal.SIGHUP)
+        self.assertEqual(p.wait(20), 0)
+        v = self.c.get(i["id"])
+        self.assertEqual((v["status"], v["attempts"]), ("open", 0))
+
     def test_sigterm_releases_an_unfinished_job_and_kills_it(self):
         started = os.path.join(self.dir, "started")
         finished = os.path.join(self.dir, "finished")
@@ -1450,6 +1472,47 @@ class LibraryMode(WorkerCase):
         self.assertEqual(w.run(once=True, install_signals=False), 1)
         v = self.c.get(r["id"])
         self.assertEqual((v["status"], v["attempts"], v["error"]), ("dead", 1, "never works"))
+
+    def test_a_handler_failure_is_never_reported_as_success(self):
+        # Found by fuzzing the worker: an exception whose __str__ raises left no outcome, which
+        # counted as success (fulfilled with null); a lone surrogate in the message made the
+        # fail unsendable, so the job sat claimed until its lease ran out.
+        w = worker.Worker(self.url, None, wait=0, concurrency=1, log=None)
+
+        class Broken(Exception):
+            def __str__(self):
+                raise RuntimeError("no text either")
+
+        @w.handler("broken")
+        def broken(payload):
+            raise Broken()
+
+        @w.handler("surrogate")
+        def surrogate(payload):
+            raise ValueError("bad \ud800 text")
+
+        @w.handler("broken-permanent")
+        def broken_permanent(payload):
+            raise type("Odd", (worker.PermanentError,), {"__str__": lambda self: 1 / 0})()
+
+        for goal in ("broken", "surrogate", "broken-permanent"):
+            i = self.c.submit(goal, max_attempts=1)
+            self.assertEqual(w.run(once=True, install_signals=False), 1, goal)
+            v = self.c.get(i["id"])
+            self.assertEqual((v["status"], v["result"]), ("dead", None), goal)
+        self.assertIn("Broken", self.c.list(goal="broken")["intents"][0]["error"])
+        self.assertIn("ValueError: bad ? text", self.c.list(goal="surrogate")["intents"][0]["error"])
+
+    def test_a_result_the_server_refuses_is_a_failure_not_done(self):
+        # The server refuses a result over --max-result (64 KiB here); the worker then fails the
+        # intent for good. It used to log "done" and count it fulfilled (--once exited 0).
+        w = worker.Worker(self.url, None, wait=0, concurrency=1, log=None)
+        w.handler("big")(lambda payload: "x" * 70000)
+        i = self.c.submit("big")
+        self.assertEqual(w.run(once=True, install_signals=False), 1)
+        v = self.c.get(i["id"])
+        self.assertEqual(v["status"], "dead")
+        self.assertIn("refused the result", v["error"])
 
     def test_stop_from_another_thread_ends_a_long_poll(self):
         w = worker.Worker(self.url, None, wait=20, log=None)

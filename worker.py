@@ -355,8 +355,8 @@ class Client:
                                              self.timeout if timeout is None else timeout)
         obj = None
         if raw:
-            try:
-                obj = json.loads(raw)
+            try:   # strict: NaN, Infinity or 1e999 from a proxy would crash a job later
+                obj = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
             except (ValueError, RecursionError):
                 obj = None
                 if status < 300:
@@ -758,8 +758,10 @@ class Worker:
                              "@worker.handler(goal)" % (self.handlers_dir or "a handlers directory"))
         previous = {}
         if install_signals and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                previous[sig] = signal.signal(sig, self._on_signal)
+            # SIGHUP: the terminal went away (a closed Termux session, a dropped ssh login)
+            for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)):
+                if sig is not None:
+                    previous[sig] = signal.signal(sig, self._on_signal)
         self.log("%s starting: server=%s caps=%s goals=%s concurrency=%d auth=%s pid=%d" % (
             self.name, _safe_url(self.url), ",".join(self.caps) or "-",
             ",".join(sorted(self.current_handlers())), self.concurrency,
@@ -998,10 +1000,11 @@ class Worker:
             self._deliver(job, client, "release")
             return False
         if kind == "fulfill":
-            if self._deliver(job, client, "fulfill", result=value):
+            answer = self._deliver(job, client, "fulfill", result=value)
+            if isinstance(answer, dict) and answer.get("status") == "fulfilled":
                 self.log("done %s in %.2fs" % (job.id, took))
                 return True
-            return False
+            return False   # not delivered, or the server refused the result (failed it instead)
         error, retry = value
         answer = self._deliver(job, client, "fail", error=error, retry=retry)
         if answer:
@@ -1084,7 +1087,7 @@ class Worker:
                 try:
                     value = fn(job.payload, job) if takes_job else fn(job.payload)
                 except PermanentError as e:
-                    box["error"] = (str(e) or "PermanentError", False)
+                    box["error"] = (_str_of(e) or "PermanentError", False)
                     return
                 except BaseException:
                     box["error"] = (_exception_text(), True)
@@ -1114,7 +1117,9 @@ class Worker:
             return "release", None
         if "error" in box:
             return "fail", box["error"]
-        return "fulfill", box.get("result")
+        if "result" in box:
+            return "fulfill", box["result"]
+        return "fail", ("the handler ended with neither a result nor an error", True)
 
     def _run_process(self, job, command, client):
         env = dict(os.environ)
@@ -1188,8 +1193,9 @@ class Worker:
             try:
                 if kind == "fulfill":
                     return client.fulfill(job.id, job.token, result, minimal=True)
-                if kind == "fail":
-                    return client.fail(job.id, job.token, error[:8000], retry, minimal=True)
+                if kind == "fail":   # a lone surrogate (from a handler's exception) is not UTF-8
+                    text = error[:8000].encode("utf-8", "replace").decode("utf-8")
+                    return client.fail(job.id, job.token, text, retry, minimal=True)
                 answer = client.release(job.id, job.token)
                 self.log("released %s" % job.id)
                 return answer
@@ -1291,7 +1297,9 @@ def _result_of(raw):
     if not text.strip():
         return None
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        value = json.loads(text, parse_constant=_no_constant)
+        _encode(value)   # 1e999 parses as infinity, which is not JSON
+        return value
     except (ValueError, RecursionError):   # RecursionError: nested deeper than Python can parse
         return text[:-1] if text.endswith("\n") else text
 
@@ -1307,10 +1315,27 @@ def _no_constant(name):
     raise ValueError("%s is not JSON" % name)
 
 
+def _finite_float(text):
+    value = float(text)
+    if value - value != 0.0:   # infinite (NaN cannot come from digits)
+        raise ValueError("%s is out of range" % text)
+    return value
+
+
+def _str_of(error):
+    """str(error), or "" when the exception's own __str__ fails (it must not pass for success)."""
+    try:
+        text = str(error)
+    except BaseException:   # noqa: a broken __str__ can raise anything
+        return ""
+    return text if isinstance(text, str) else ""
+
+
 def _exception_text():
     """ "Type: message" and the handler's last frames (not the worker's own)."""
     kind, value, tb = sys.exc_info()
-    text = "%s: %s" % (kind.__name__, value) if str(value) else kind.__name__
+    message = _str_of(value)
+    text = "%s: %s" % (kind.__name__, message) if message else kind.__name__
     frames = traceback.extract_tb(tb)[1:][-3:]
     if frames:
         text += "\n" + "\n".join("  at %s:%s in %s" % (os.path.basename(f.filename), f.lineno, f.name)
