@@ -1014,9 +1014,12 @@ def _json_size(value, field, limit):
         text = dumps(value)
     except (ValueError, RecursionError):   # RecursionError: a cycle, from a Python caller
         raise Invalid("'%s' must be JSON (NaN, Infinity and cycles are not)" % field)
-    if len(text.encode("utf-8")) > limit:
-        raise TooLarge("'%s' is %d bytes of JSON; the limit is %d" % (
-            field, len(text.encode("utf-8")), limit))
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:   # a lone surrogate, from a Python caller (HTTP refuses it sooner)
+        raise Invalid("'%s' must be valid Unicode (no lone surrogates)" % field)
+    if size > limit:
+        raise TooLarge("'%s' is %d bytes of JSON; the limit is %d" % (field, size, limit))
     return text
 
 
@@ -2957,7 +2960,7 @@ def _admin_queue(args):
     try:
         store = Storage(args.db)
         store.migrate()
-    except sqlite3.DatabaseError as e:
+    except (sqlite3.DatabaseError, OSError) as e:   # OSError: no such directory, no permission
         raise SystemExit("intentbus %s: cannot use the database %s: %s" % (args.command, args.db, e))
     return store, Queue(store)
 
@@ -2989,8 +2992,11 @@ def admin(args):
         elif args.command == "submit":
             try:
                 payload = json.loads(args.payload)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise SystemExit("intentbus submit: --payload is not JSON")
+            if not NAME_RE.match(args.namespace):
+                raise SystemExit("intentbus submit: --namespace must be 1-128 characters of "
+                                 "A-Z a-z 0-9 _ . : -")
             body = {"goal": args.goal, "payload": payload, "priority": args.priority,
                     "requires": args.requires}
             if args.delay is not None:
@@ -3023,6 +3029,8 @@ def admin(args):
             except FileExistsError:
                 raise SystemExit("intentbus backup: %s exists; give a new file name (a backup "
                                  "never overwrites)" % args.file)
+            except OSError as e:
+                raise SystemExit("intentbus backup: cannot write %s: %s" % (args.file, e))
             print("backed up %s to %s" % (args.db, args.file))
     except QueueError as e:
         raise SystemExit("intentbus %s: %s" % (args.command, e.message))
@@ -3050,7 +3058,11 @@ def main(argv=None):
     args = parse_args(argv)
     if args.command == "serve":
         return serve(args)
-    return admin(args)
+    try:
+        return admin(args)
+    except BrokenPipeError:   # `intentbus.py list | head`: the reader has gone; so do we, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -2758,6 +2758,20 @@ class DataSafety(BusCase):
             self.assertEqual(f.read(), b"precious")
         self.assertNotIn("Traceback", p.stderr)   # a message, not a FileExistsError
 
+    def test_admin_commands_answer_bad_paths_and_payloads_in_one_line(self):
+        # Found by fuzzing the CLI: each of these printed a Python traceback.
+        missing = os.path.join(self.dir, "no-such-dir", "x.db")
+        deep = "[" * 50000 + "]" * 50000
+        for args in (("list", "--db", missing), ("backup", missing, "--db", self.db),
+                     ("submit", "g", "--payload", '"\\ud800"', "--db", self.db),
+                     ("submit", "g", "--payload", deep, "--db", self.db),
+                     ("submit", "g", "--namespace", "a\x1b[31m", "--db", self.db)):
+            p = cli(*args)
+            self.assertNotEqual(p.returncode, 0, args[:2])
+            self.assertNotIn("Traceback", p.stderr, args[:2])
+            self.assertEqual(len(p.stderr.strip().splitlines()), 1, (args[:2], p.stderr))
+        self.assertEqual(cli("list", "--db", self.db).stdout, "")   # nothing was submitted
+
     def test_damaged_file_refuses_to_serve(self):
         srv = self.start()
         c = self.client(srv)
