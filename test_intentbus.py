@@ -1057,6 +1057,25 @@ class ClientConnections(unittest.TestCase):
         self.assertEqual(c.health(), {"n": 2})     # the first connection died: sent again once
         self.assertEqual(f.connections, 2)
 
+    def test_odd_answers_and_settings_are_refused_plainly(self):
+        # Found by fuzzing the worker against a fake server: these crashed its claim loop or a
+        # job later (NaN, 1e999, a list where intents go, an intent without a token).
+        bad = [b'{"intents": "abc"}', b'[1, 2]', b'{"intents": [{"id": "1"}]}',
+               b'{"intents": [{"id": "1", "token": "t", "lease": "abc"}]}',
+               b'{"intents": [{"id": "1", "token": "t", "lease": NaN}]}',
+               b'{"intents": [{"id": "1", "token": "t", "lease": 1e999}]}']
+        f = self.fake([[b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                        % (len(body), body) for body in bad]])
+        c = self.client(f.url)
+        for body in bad:
+            with self.assertRaises(Unavailable, msg=body) as cm:
+                c.claim("w")
+            self.assertEqual(cm.exception.code, "bad_answer", body)
+        for kw in ({"url": "http://127.0.0.1:1/a b"}, {"url": "http://127.0.0.1:1", "token": "t",
+                                                       "sign_as": "x\r\nEvil: 1"}):
+            with self.assertRaises(ValueError, msg=kw):
+                Client(**kw)
+
     def test_no_resend_on_a_fresh_connection(self):
         f = self.fake([[None], [http_answer(200, {"n": 2})]])
         c = self.client(f.url)
@@ -1397,7 +1416,7 @@ class WorkerSetup(WorkerCase):
         os.chmod(path, 0o644)
         p = self.start_worker("--token-file", path, "--run", "g=true")
         _o, err = p.communicate(timeout=20)
-        self.assertNotEqual(p.returncode, 0)
+        self.assertEqual(p.returncode, 2)   # a bad argument; 1 would tell --once "a job failed"
         self.assertIn(b"readable by others", err)
         self.assertNotIn(b"t0k3n-value", err)
         os.chmod(path, 0o600)
@@ -1405,7 +1424,7 @@ class WorkerSetup(WorkerCase):
         os.symlink(path, link)
         p = self.start_worker("--token-file", link, "--run", "g=true")
         _o, err = p.communicate(timeout=20)
-        self.assertNotEqual(p.returncode, 0)
+        self.assertEqual(p.returncode, 2)
         self.assertIn(b"symlink", err)
         i = self.c.submit("g")
         p = self.start_worker("--run", "g=true", "--once", env={"INTENTBUS_TOKEN_FILE": path})

@@ -269,6 +269,11 @@ class Client:
             token = str(token)
             if any(c < " " or c > "~" for c in token):   # no header injection, ever
                 raise ValueError("the token must be printable ASCII (no control characters)")
+        if sign_as is not None and not re.match(r"[A-Za-z0-9_.:-]{1,128}\Z", str(sign_as)):
+            raise ValueError("--sign-as must be a token name: 1-128 characters of A-Z a-z 0-9 _ . : -")
+        if any(c <= " " or c > "~" for c in parts.path):
+            raise ValueError("the server URL's path must be printable ASCII without spaces "
+                             "(percent-encode the rest)")
         self.url = _safe_url(url).rstrip("/")
         self.timeout = float(timeout)
         self._https = parts.scheme == "https"
@@ -463,7 +468,13 @@ class Client:
                                    timeout=max_(self.timeout, (wait or 0) + 10.0))
         if status == 204 or not obj:
             return []
-        return obj.get("intents") or []
+        intents = obj.get("intents", ()) if isinstance(obj, dict) else obj
+        if not isinstance(intents, list) or not all(
+                isinstance(i, dict) and isinstance(i.get("id"), str) and isinstance(i.get("token"), str)
+                and isinstance(i.get("lease", 0), (int, float)) and not isinstance(i.get("lease"), bool)
+                for i in intents):
+            raise Unavailable("the server's claim answer is malformed (a proxy?)", status, "bad_answer")
+        return intents
 
     def fulfill(self, id, token, result=None, minimal=False):
         return self.request("POST", "/intents/%s/fulfill" % _quote(id),
@@ -865,7 +876,7 @@ class Worker:
         try:
             while not self.stopping.is_set():
                 with self._cv:
-                    while self._free == 0 and not self.stopping.is_set():
+                    while self._free <= 0 and not self.stopping.is_set():
                         self._cv.wait()
                     free = self._free
                 if self.stopping.is_set():
@@ -1357,33 +1368,39 @@ def _check_goal(goal):
 # 4. CLI
 # =====================================================================================
 
+def _bad_argument(message):
+    """Exit 2 with one line, as for any bad argument (1 would mean "a job failed" to --once)."""
+    sys.stderr.write(message + "\n")
+    return SystemExit(2)
+
+
 def read_token_file(path):
     """The token from a file that only its owner can read (no symlinks)."""
     # O_NONBLOCK: opening a FIFO would otherwise wait for a writer, before the regular-file check
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
         if os.path.islink(path):
-            raise SystemExit("worker: refusing token file %s: it is a symlink; point --token-file "
+            raise _bad_argument("worker: refusing token file %s: it is a symlink; point --token-file "
                              "at the real file" % path)
         fd = os.open(path, flags)
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise SystemExit("worker: refusing token file %s: it is a symlink; point --token-file "
+            raise _bad_argument("worker: refusing token file %s: it is a symlink; point --token-file "
                              "at the real file" % path)
-        raise SystemExit("worker: cannot read token file %s: %s" % (path, e.strerror))
+        raise _bad_argument("worker: cannot read token file %s: %s" % (path, e.strerror))
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise SystemExit("worker: refusing token file %s: not a regular file" % path)
+            raise _bad_argument("worker: refusing token file %s: not a regular file" % path)
         if os.name == "posix" and info.st_mode & 0o077:
-            raise SystemExit("worker: refusing token file %s: it is readable by others (mode %03o); "
+            raise _bad_argument("worker: refusing token file %s: it is readable by others (mode %03o); "
                              "run: chmod 600 %s" % (path, info.st_mode & 0o777, shlex.quote(path)))
         data = os.read(fd, 65536)
     finally:
         os.close(fd)
     token = data.decode("utf-8", "replace").strip()
     if not token:
-        raise SystemExit("worker: token file %s is empty" % path)
+        raise _bad_argument("worker: token file %s is empty" % path)
     return token
 
 
