@@ -2975,7 +2975,7 @@ def admin(args):
             for item in page["intents"]:
                 print("%-8s %-10s %-24s attempts=%d/%d %s" % (
                     item["id"], item["status"], item["goal"], item["attempts"], item["max_attempts"],
-                    (item["error"] or "")[:60]))
+                    (item["error"] or "")[:60].translate(_CONTROLS)))
             if page["next"]:
                 print("more: --after %s" % page["next"])
         elif args.command == "show":
@@ -3008,6 +3008,8 @@ def admin(args):
         elif args.command == "token":
             if args.token_command == "add":
                 goals = [g for g in (args.goals or "").split(",") if g]
+                if args.goals is not None and not goals:   # ',,,' must not mean "every goal"
+                    raise SystemExit("intentbus token add: --goals names no goal")
                 secret = add_token(store, args.name, args.role, args.namespace, goals,
                                    args.require_signature)
                 print(secret)
@@ -3039,6 +3041,10 @@ def admin(args):
     finally:
         store.close()
     return 0
+
+
+# A handler's error text is shown on the admin's terminal: no escape sequences, no line breaks.
+_CONTROLS = dict.fromkeys(list(range(0x20)) + list(range(0x7f, 0xa0)), "?")
 
 
 def _when(stamp):

@@ -1458,6 +1458,22 @@ class WorkerSetup(WorkerCase):
         self.assertIn("reconnecting", p.stderr.read().decode())
 
 
+class WorkerBigPayloads(WorkerCase):
+    settings = dict(WorkerCase.settings, max_payload=200000)
+
+    def test_a_child_left_holding_stdin_does_not_hold_the_job(self):
+        # The handler exits at once without reading its stdin, but its child keeps the pipe
+        # open: writing a payload bigger than the pipe (64 KiB) used to block the wait for the
+        # handler, so the job ended only when the child did.
+        # (a background job's stdin is /dev/null unless redirected: hand it the pipe explicitly)
+        hdir = self.handler("quick", "exec 3<&0; (sleep 60 <&3 >/dev/null 2>&1 3<&-) & echo ok")
+        i = self.c.submit("quick", "x" * 150000)
+        p = self.start_worker("--handlers", hdir, "--once")
+        self.assertTrue(eventually(lambda: self.c.get(i["id"])["status"] == "fulfilled", 30))
+        self.assertEqual(p.wait(20), 0)
+        self.assertEqual(self.c.get(i["id"])["result"], "ok")
+
+
 class LibraryMode(WorkerCase):
     def test_python_handlers(self):
         w = worker.Worker(self.url, None, caps=["x"], wait=0, concurrency=3, log=None)
@@ -1675,6 +1691,22 @@ class Roles(ServerCase):
 
 class TokenCLI(ServerCase):
     settings = {"token": ROOT, "auth_burst": 1000}
+
+    def test_goals_that_name_no_goal_are_refused(self):
+        # ',,,' once made a token with no goal limit at all: the opposite of what was asked.
+        p = cli("token", "add", "typo", "--role", "work", "--goals", ",,,", "--db", self.db)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("names no goal", p.stderr)
+        self.assertNotIn("typo", cli("token", "list", "--db", self.db).stdout)
+
+    def test_admin_list_shows_no_control_characters(self):
+        i = self.c.submit("g", max_attempts=1)
+        job = self.c.claim("w")[0]
+        self.c.fail(job["id"], job["token"], "\x1b[31mred\r\nsecond line\x00")
+        out = cli("list", "--db", self.db).stdout
+        self.assertEqual(len(out.splitlines()), 1, out)
+        self.assertIn("?[31mred??second line?", out)
+        self.assertIn(i["id"], out)
 
     def test_add_list_hash_only_and_revoke_on_a_running_server(self):
         srv = self.srv

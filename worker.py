@@ -561,9 +561,14 @@ def _now_text():
 _log_lock = threading.RLock()   # reentrant: signal handlers log on the main thread, which may hold it
 
 
+# Control characters (ESC, CR, NUL, C1) from a handler's stderr or a server's message must not
+# reach a terminal or make the log "binary" to grep.
+_CONTROLS = dict.fromkeys(list(range(0x20)) + list(range(0x7f, 0xa0)), "?")
+
+
 def stderr_log(message):
     # one line, even when the message quotes server text that holds newlines
-    text = " | ".join(part for part in str(message).splitlines() if part.strip())
+    text = " | ".join(part for part in str(message).splitlines() if part.strip()).translate(_CONTROLS)
     line = "%s worker %s\n" % (_now_text(), text)
     with _log_lock:
         try:
@@ -1149,7 +1154,7 @@ class Worker:
         err = _Capture(proc.stderr, MAX_ERROR_CHARS * 4, head=False)
         data = _encode(job.payload).encode("utf-8") + b"\n"
 
-        def feed_and_wait():
+        def feed():
             try:
                 proc.stdin.write(data)
             except (OSError, ValueError):
@@ -1158,10 +1163,14 @@ class Worker:
                 proc.stdin.close()
             except (OSError, ValueError):
                 pass
+
+        def wait():   # apart from feed(): a child left holding an unread stdin must not hold us
             proc.wait()
             job.exited = True
             job._wake.set()
-        waiter = threading.Thread(target=feed_and_wait, name="intentbus-wait-%s" % job.id, daemon=True)
+        feeder = threading.Thread(target=feed, name="intentbus-feed-%s" % job.id, daemon=True)
+        feeder.start()
+        waiter = threading.Thread(target=wait, name="intentbus-wait-%s" % job.id, daemon=True)
         waiter.start()
 
         def kill(sig):
@@ -1170,6 +1179,7 @@ class Worker:
         self._supervise(job, client, kill)
         waiter.join()
         _kill_group(proc, signal.SIGKILL, after_exit=True)   # whatever it left running
+        feeder.join(5.0)
         out.join(5.0)
         err.join(5.0)
         code = proc.returncode
