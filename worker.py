@@ -760,7 +760,7 @@ class Worker:
                 self._cv.notify_all()
 
     def run(self, once=False, install_signals=True):
-        """Run until stop() (or SIGTERM/SIGINT). Returns the exit code (0 ok, 1 a job failed in
+        """Run until stop() (or SIGTERM/SIGINT/SIGHUP). Returns the exit code (0 ok, 1 a job failed in
         once mode, 2 a fatal error such as a refused token)."""
         self.concurrency = int(self.concurrency)
         if not 1 <= self.concurrency <= 1000:
@@ -1449,7 +1449,7 @@ def build_parser():
   or taken by another worker after a long outage) the handler is killed and nothing is reported.
 
 signals:
-  SIGTERM or Ctrl-C: stop claiming, let running jobs finish within --grace, then kill them and
+  SIGTERM, Ctrl-C or a hang-up: stop claiming, let running jobs finish within --grace, then kill them and
   release them (the attempt is given back). A second Ctrl-C quits at once.
 
 exit status:
@@ -1501,7 +1501,7 @@ examples:
       help="kill a job (its whole process group) running longer than this and fail it with "
            "'timed out' (env INTENTBUS_TIMEOUT; default 0: no limit)")
     a("--grace", type=_positive, metavar="S", default=_env("INTENTBUS_GRACE", "30"),
-      help="on SIGTERM/Ctrl-C, let running jobs finish this long before killing and releasing "
+      help="on SIGTERM/Ctrl-C/SIGHUP, let running jobs finish this long before killing and releasing "
            "them (env INTENTBUS_GRACE; default 30)")
     a("--max-result", type=int, metavar="BYTES", default=_env("INTENTBUS_MAX_RESULT", str(MAX_RESULT_BYTES)),
       help="most stdout bytes a handler may return as its result; more fails the intent without "
