@@ -1391,12 +1391,12 @@ def read_token_file(path):
     try:
         if os.path.islink(path):
             raise _bad_argument("worker: refusing token file %s: it is a symlink; point --token-file "
-                             "at the real file" % path)
+                                "at the real file" % path)
         fd = os.open(path, flags)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise _bad_argument("worker: refusing token file %s: it is a symlink; point --token-file "
-                             "at the real file" % path)
+                                "at the real file" % path)
         raise _bad_argument("worker: cannot read token file %s: %s" % (path, e.strerror))
     try:
         info = os.fstat(fd)
@@ -1404,7 +1404,7 @@ def read_token_file(path):
             raise _bad_argument("worker: refusing token file %s: not a regular file" % path)
         if os.name == "posix" and info.st_mode & 0o077:
             raise _bad_argument("worker: refusing token file %s: it is readable by others (mode %03o); "
-                             "run: chmod 600 %s" % (path, info.st_mode & 0o777, shlex.quote(path)))
+                                "run: chmod 600 %s" % (path, info.st_mode & 0o777, shlex.quote(path)))
         data = os.read(fd, 65536)
     finally:
         os.close(fd)
@@ -1449,8 +1449,8 @@ def build_parser():
   or taken by another worker after a long outage) the handler is killed and nothing is reported.
 
 signals:
-  SIGTERM, Ctrl-C or a hang-up: stop claiming, let running jobs finish within --grace, then kill them and
-  release them (the attempt is given back). A second Ctrl-C quits at once.
+  SIGTERM, Ctrl-C or a hang-up (SIGHUP): stop claiming, let running jobs finish within --grace,
+  then kill them and release them (the attempt is given back). A second Ctrl-C quits at once.
 
 exit status:
   0 stopped normally (--once: every job was fulfilled, or there was none); 1 --once and a job
