@@ -1057,6 +1057,12 @@ class ClientConnections(unittest.TestCase):
         self.assertEqual(c.health(), {"n": 2})     # the first connection died: sent again once
         self.assertEqual(f.connections, 2)
 
+    def test_log_lines_carry_no_control_characters(self):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            worker.stderr_log("handler said \x1b[31mred\x00 and\r\nmore\x9b")
+        self.assertEqual(err.getvalue().split(" worker ", 1)[1], "handler said ?[31mred? and | more?\n")
+
     def test_odd_answers_and_settings_are_refused_plainly(self):
         # Found by fuzzing the worker against a fake server: these crashed its claim loop or a
         # job later (NaN, 1e999, a list where intents go, an intent without a token).
