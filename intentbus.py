@@ -3008,7 +3008,7 @@ def admin(args):
         elif args.command == "token":
             if args.token_command == "add":
                 goals = [g for g in (args.goals or "").split(",") if g]
-                if args.goals is not None and not goals:   # ',,,' must not mean "every goal"
+                if (args.goals or "").strip() and not goals:   # ',,,' must not mean "every goal"
                     raise SystemExit("intentbus token add: --goals names no goal")
                 secret = add_token(store, args.name, args.role, args.namespace, goals,
                                    args.require_signature)
@@ -3044,7 +3044,7 @@ def admin(args):
 
 
 # A handler's error text is shown on the admin's terminal: no escape sequences, no line breaks.
-_CONTROLS = dict.fromkeys(list(range(0x20)) + list(range(0x7f, 0xa0)), "?")
+_CONTROLS = dict.fromkeys([c for c in range(0x20) if c != 0x09] + list(range(0x7f, 0xa0)), "?")
 
 
 def _when(stamp):
@@ -3065,7 +3065,9 @@ def main(argv=None):
     if args.command == "serve":
         return serve(args)
     try:
-        return admin(args)
+        code = admin(args)
+        sys.stdout.flush()   # inside the try: a piped stdout is written here, not as admin() prints
+        return code
     except BrokenPipeError:   # `intentbus.py list | head`: the reader has gone; so do we, quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

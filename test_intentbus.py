@@ -1062,6 +1062,10 @@ class ClientConnections(unittest.TestCase):
         with contextlib.redirect_stderr(err):
             worker.stderr_log("handler said \x1b[31mred\x00 and\r\nmore\x9b")
         self.assertEqual(err.getvalue().split(" worker ", 1)[1], "handler said ?[31mred? and | more?\n")
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            worker.stderr_log("a\ttab stays")
+        self.assertTrue(err.getvalue().endswith(" worker a\ttab stays\n"))
 
     def test_odd_answers_and_settings_are_refused_plainly(self):
         # Found by fuzzing the worker against a fake server: these crashed its claim loop or a
@@ -1191,7 +1195,7 @@ class WorkerCase(ServerCase):
         os.chmod(os.path.join(path, goal), 0o755)
         return path
 
-    def start_worker(self, *args, env=None):
+    def start_worker(self, *args, env=None, preexec_fn=None):
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("INTENTBUS_")}
         if self.settings.get("token"):
             full_env["INTENTBUS_TOKEN"] = self.settings["token"]
@@ -1199,7 +1203,7 @@ class WorkerCase(ServerCase):
         p = subprocess.Popen([PY, WORKER, "--server", self.url, "--wait", "1", "--name", "tester"]
                              + list(args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, cwd=self.dir, env=full_env,
-                             start_new_session=True)
+                             start_new_session=True, preexec_fn=preexec_fn)
         self.addCleanup(self._reap, p)
         return p
 
@@ -1337,6 +1341,18 @@ class WorkerProcesses(WorkerCase):
         self.assertEqual(p.wait(20), 0)
         v = self.c.get(i["id"])
         self.assertEqual((v["status"], v["attempts"]), ("open", 0))
+
+    def test_an_ignored_sighup_stays_ignored(self):
+        # nohup keeps a worker running after the terminal closes by ignoring SIGHUP before it
+        # starts; the worker must not take that back.
+        hdir = self.handler("g", "cat")
+        p = self.start_worker("--handlers", hdir,
+                              preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+        self.assertTrue(eventually(lambda: any(w["name"] == "tester" for w in self.c.stats()["workers"]), 15))
+        os.kill(p.pid, signal.SIGHUP)
+        i = self.c.submit("g", {"still": "here"})
+        self.assertTrue(eventually(lambda: self.c.get(i["id"])["status"] == "fulfilled", 15))
+        self.assertIsNone(p.poll())
 
     def test_sigterm_releases_an_unfinished_job_and_kills_it(self):
         started = os.path.join(self.dir, "started")
@@ -1700,6 +1716,9 @@ class TokenCLI(ServerCase):
 
     def test_goals_that_name_no_goal_are_refused(self):
         # ',,,' once made a token with no goal limit at all: the opposite of what was asked.
+        # (An empty --goals, as an unset $GOALS gives, still means every goal.)
+        self.assertEqual(cli("token", "add", "empty", "--role", "work", "--goals", "", "--db",
+                             self.db).returncode, 0)
         p = cli("token", "add", "typo", "--role", "work", "--goals", ",,,", "--db", self.db)
         self.assertNotEqual(p.returncode, 0)
         self.assertIn("names no goal", p.stderr)

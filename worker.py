@@ -471,8 +471,8 @@ class Client:
         intents = obj.get("intents", ()) if isinstance(obj, dict) else obj
         if not isinstance(intents, list) or not all(
                 isinstance(i, dict) and isinstance(i.get("id"), str) and isinstance(i.get("token"), str)
-                and isinstance(i.get("lease", 0), (int, float)) and not isinstance(i.get("lease"), bool)
-                for i in intents):
+                and isinstance(i.get("lease", 1), (int, float)) and not isinstance(i.get("lease"), bool)
+                and 0 < i.get("lease", 1) <= 366 * 86400 for i in intents):
             raise Unavailable("the server's claim answer is malformed (a proxy?)", status, "bad_answer")
         return intents
 
@@ -563,7 +563,7 @@ _log_lock = threading.RLock()   # reentrant: signal handlers log on the main thr
 
 # Control characters (ESC, CR, NUL, C1) from a handler's stderr or a server's message must not
 # reach a terminal or make the log "binary" to grep.
-_CONTROLS = dict.fromkeys(list(range(0x20)) + list(range(0x7f, 0xa0)), "?")
+_CONTROLS = dict.fromkeys([c for c in range(0x20) if c != 0x09] + list(range(0x7f, 0xa0)), "?")
 
 
 def stderr_log(message):
@@ -774,9 +774,10 @@ class Worker:
                              "@worker.handler(goal)" % (self.handlers_dir or "a handlers directory"))
         previous = {}
         if install_signals and threading.current_thread() is threading.main_thread():
-            # SIGHUP: the terminal went away (a closed Termux session, a dropped ssh login)
+            # SIGHUP: the terminal went away (a closed Termux session, a dropped ssh login). An
+            # ignored SIGHUP or SIGINT stays ignored: that is how nohup and `&` keep a worker on.
             for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)):
-                if sig is not None:
+                if sig is not None and (sig == signal.SIGTERM or signal.getsignal(sig) is not signal.SIG_IGN):
                     previous[sig] = signal.signal(sig, self._on_signal)
         self.log("%s starting: server=%s caps=%s goals=%s concurrency=%d auth=%s pid=%d" % (
             self.name, _safe_url(self.url), ",".join(self.caps) or "-",
@@ -810,7 +811,8 @@ class Worker:
                 t.join(max(0.0, deadline - time.monotonic()))
             self.claim_client.close()
             for sig, handler in previous.items():
-                signal.signal(sig, handler)
+                if handler is not None:   # None: a handler installed from C, which we cannot restore
+                    signal.signal(sig, handler)
         if self.exit_code:
             return self.exit_code
         if once and self.failures:
