@@ -2965,6 +2965,10 @@ def _admin_queue(args):
     return store, Queue(store)
 
 
+# A handler's error text is shown on the admin's terminal: no escape sequences, no line breaks.
+_CONTROLS = dict.fromkeys([c for c in range(0x20) if c != 0x09] + list(range(0x7f, 0xa0)), "?")
+
+
 def admin(args):
     store, queue = _admin_queue(args)
     try:
@@ -2994,9 +2998,7 @@ def admin(args):
                 payload = json.loads(args.payload)
             except (ValueError, RecursionError):
                 raise SystemExit("intentbus submit: --payload is not JSON")
-            if not NAME_RE.match(args.namespace):
-                raise SystemExit("intentbus submit: --namespace must be 1-128 characters of "
-                                 "A-Z a-z 0-9 _ . : -")
+            _name({"namespace": args.namespace}, "namespace", NAME_RE)   # the API's own check
             body = {"goal": args.goal, "payload": payload, "priority": args.priority,
                     "requires": args.requires}
             if args.delay is not None:
@@ -3041,10 +3043,6 @@ def admin(args):
     finally:
         store.close()
     return 0
-
-
-# A handler's error text is shown on the admin's terminal: no escape sequences, no line breaks.
-_CONTROLS = dict.fromkeys([c for c in range(0x20) if c != 0x09] + list(range(0x7f, 0xa0)), "?")
 
 
 def _when(stamp):

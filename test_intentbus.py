@@ -1082,7 +1082,8 @@ class ClientConnections(unittest.TestCase):
                 c.claim("w")
             self.assertEqual(cm.exception.code, "bad_answer", body)
         for kw in ({"url": "http://127.0.0.1:1/a b"}, {"url": "http://127.0.0.1:1", "token": "t",
-                                                       "sign_as": "x\r\nEvil: 1"}):
+                                                       "sign_as": "x\r\nEvil: 1"},
+                   {"url": "http://127.0.0.1:1", "token": "t", "sign_as": "name\n"}):
             with self.assertRaises(ValueError, msg=kw):
                 Client(**kw)
 

@@ -70,9 +70,10 @@ EXIT_NO_RETRY = 100      # handler exit code: do not retry (dead at once)
 MAX_RESULT_BYTES = 60000
 MAX_ERROR_CHARS = 4000
 
-GOAL_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
-CAP_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-WORKER_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
+# \Z, not $: "$" also matches before a final newline, which no server name allows
+GOAL_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")    # also a token name (--sign-as)
+CAP_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}\Z")
+WORKER_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,128}\Z")
 
 
 # =====================================================================================
@@ -269,7 +270,7 @@ class Client:
             token = str(token)
             if any(c < " " or c > "~" for c in token):   # no header injection, ever
                 raise ValueError("the token must be printable ASCII (no control characters)")
-        if sign_as is not None and not re.match(r"[A-Za-z0-9_.:-]{1,128}\Z", str(sign_as)):
+        if sign_as is not None and not GOAL_RE.match(str(sign_as)):
             raise ValueError("--sign-as must be a token name: 1-128 characters of A-Z a-z 0-9 _ . : -")
         if any(c <= " " or c > "~" for c in parts.path):
             raise ValueError("the server URL's path must be printable ASCII without spaces "
