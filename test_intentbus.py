@@ -990,7 +990,8 @@ class ClientAgainstServer(ServerCase):
 
 class FakeHTTP:
     """A raw-socket server that plays a script per connection: each entry answers one request
-    with raw bytes, or None to close the connection without answering."""
+    with raw bytes, a function that writes to the connection itself, or None to close the
+    connection without answering."""
 
     def __init__(self, scripts):
         self.scripts = list(scripts)
@@ -1027,7 +1028,10 @@ class FakeHTTP:
                             buf = buf[n:]
                     if answer is None:
                         break
-                    conn.sendall(answer)
+                    try:
+                        answer(conn) if callable(answer) else conn.sendall(answer)
+                    except OSError:   # the client gave up on this answer
+                        break
 
     def close(self):
         self.sock.close()
@@ -1122,6 +1126,36 @@ class ClientConnections(unittest.TestCase):
         c = self.client(f.url)
         self.assertEqual([c.health() for _ in range(5)], [{"n": n} for n in range(1, 6)])
         self.assertEqual(f.connections, 3)   # kept alive after chunked; closed after 1.0
+
+    def test_an_answer_that_trickles_in_times_out_as_a_whole(self):
+        # A byte every 0.1 s never trips a 0.5 s timeout on each read, so the timeout has to
+        # cover the whole answer: a stalled proxy or a wrong URL must not hold a worker for ever.
+        def trickle(conn):
+            body = b'{"n": 1}' + b" " * 40
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+            for i in range(len(body)):
+                conn.sendall(body[i:i + 1])
+                time.sleep(0.1)
+        f = self.fake([[trickle], [http_answer(200, {"n": 2})]])
+        c = self.client(f.url, timeout=0.5)
+        with self.assertRaises(Unavailable) as cm:
+            c.health()
+        self.assertEqual(cm.exception.code, "timeout")
+        self.assertEqual(c.health(), {"n": 2})   # on a new connection
+
+    def test_an_oversized_answer_is_refused_before_it_is_read(self):
+        huge = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n{}" % (1 << 40)
+        chunked = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   + (b"400\r\n" + b" " * 1024 + b"\r\n") * 3 + b"2\r\n{}\r\n0\r\n\r\n")
+        until_close = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b" " * 3000 + b"{}"
+        f = self.fake([[huge], [chunked], [until_close], [http_answer(200, {"n": 1})]])
+        c = self.client(f.url)
+        c.max_answer = 2048
+        for _ in range(3):
+            with self.assertRaises(Unavailable) as cm:
+                c.health()
+            self.assertEqual(cm.exception.code, "answer_too_large")
+        self.assertEqual(c.health(), {"n": 1})
 
     def test_nothing_listening_is_unavailable(self):
         c = self.client("http://127.0.0.1:%d" % free_port(), timeout=2)

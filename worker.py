@@ -39,10 +39,12 @@ and `Worker` runs Python functions:
 
 import argparse
 import errno
+import functools
 import hashlib
 import hmac
 import http.client
 import inspect
+import io
 import json
 import os
 import random
@@ -136,9 +138,40 @@ class _Headers(dict):
         return default if value is None else [value]
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A socket's bytes with one deadline for them all. The socket's timeout alone bounds each
+    read, so an answer that trickles in (a stalled proxy, a wrong URL) could hold a worker for
+    ever."""
+
+    def __init__(self, raw, sock, deadline):
+        self._raw = raw
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        self._sock.settimeout(left)
+        return self._raw.readinto(buffer)
+
+    def close(self):
+        self._raw.close()
+        super().close()
+
+
 class _Response(http.client.HTTPResponse):
-    """http.client's answer, with a plain header reader: the stdlib's runs the e-mail parser,
-    a fifth of a client's CPU per request (stress.py --probe health: 193 -> 152 us)."""
+    """http.client's answer, read before a deadline, with a plain header reader: the stdlib's
+    runs the e-mail parser, a fifth of a client's CPU per request (stress.py --probe health:
+    193 -> 152 us)."""
+
+    def __init__(self, sock, debuglevel=0, method=None, url=None, deadline=None):
+        super().__init__(sock, debuglevel, method, url)
+        if deadline is not None:
+            self.fp = io.BufferedReader(_DeadlineReader(self.fp.detach(), sock, deadline))
 
     def begin(self):
         if self.headers is not None:
@@ -257,8 +290,13 @@ class Client:
     raises Unavailable. Error answers raise IntentBusError (LeaseLost for 409 lease_lost, NotFound
     for 404, Unavailable for 5xx, 408 and 429). Use one Client per thread.
 
+    timeout bounds each request as a whole, from sending it to the last byte of the answer. An
+    answer over max_answer bytes is refused (Unavailable "answer_too_large") before it is read.
+
     sign_as=NAME signs every request with HMAC-SHA256 as the scoped token NAME (for tokens created
     with --require-signature); the token itself is then never sent."""
+
+    max_answer = 128 << 20   # a list of 1,000 intents with the largest default results is ~75 MB
 
     def __init__(self, url="http://127.0.0.1:8080", token=None, timeout=30.0, ca_file=None,
                  sign_as=None):
@@ -406,6 +444,7 @@ class Client:
             conn.timeout = timeout
             if reused:
                 conn.sock.settimeout(timeout)
+            conn.response_class = functools.partial(_Response, deadline=time.monotonic() + timeout)
             try:
                 conn.request(method, target, data, hdrs)
                 reply = conn.getresponse()
@@ -423,14 +462,33 @@ class Client:
                 self.close()
                 raise self._network_error(e, timeout)
             try:
-                raw = reply.read()
+                raw = self._read_answer(reply)
             except (OSError, http.client.HTTPException) as e:
                 self.close()
                 raise self._network_error(e, timeout)
+            if raw is None:
+                self.close()
+                raise Unavailable("the server's answer is over %d bytes (is the URL right?)"
+                                  % self.max_answer, reply.status, "answer_too_large")
             if reply.will_close:
                 self.close()
             return reply.status, reply, raw
         raise Unavailable("unreachable", None, "network")   # not reached
+
+    def _read_answer(self, reply):
+        """The answer's body, or None if it is over max_answer bytes. A Content-Length is
+        checked before reading, since http.client would allocate that much at once."""
+        if reply.length is not None:
+            return reply.read() if reply.length <= self.max_answer else None
+        pieces, size = [], 0
+        while True:   # chunked, or until the server closes: read a bounded piece at a time
+            piece = reply.read(65536)
+            if not piece:
+                return b"".join(pieces)
+            size += len(piece)
+            if size > self.max_answer:
+                return None
+            pieces.append(piece)
 
     def _network_error(self, error, timeout):
         if self._aborted:
