@@ -12,6 +12,7 @@ leases with bounded polling loops.
 import contextlib
 import hashlib
 import http.client
+import http.server
 import io
 import json
 import os
@@ -1564,6 +1565,59 @@ class LibraryMode(WorkerCase):
         self.assertEqual(w.run(once=True, install_signals=False), 1)
         v = self.c.get(r["id"])
         self.assertEqual((v["status"], v["attempts"], v["error"]), ("dead", 1, "never works"))
+
+    def test_more_intents_than_asked_for_do_not_start_a_claim_storm(self):
+        # A server (or proxy) that answers with more intents than the free slots drove the
+        # worker's free-slot count below zero; the worker then claimed "max": -1 in a tight loop.
+        claims, lock = [], threading.Lock()
+
+        class Fake(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path == "/claim":
+                    with lock:
+                        claims.append(body.get("max"))
+                        first = len(claims) == 1
+                    answer = {"intents": [{"id": str(n), "token": "t%d" % n, "goal": "g",
+                                           "payload": n, "attempt": 1, "max_attempts": 3,
+                                           "lease": 30} for n in (1, 2)] if first else []}
+                else:   # /intents/N/fulfill
+                    answer = {"id": self.path.split("/")[2], "status": "fulfilled"}
+                data = json.dumps(answer).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        fake = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Fake)
+        fake.daemon_threads = True
+        threading.Thread(target=fake.serve_forever, daemon=True).start()
+        self.addCleanup(fake.server_close)
+        self.addCleanup(fake.shutdown)
+        w = worker.Worker("http://127.0.0.1:%d" % fake.server_address[1], None, wait=0,
+                          concurrency=1, log=None)
+        done = threading.Event()
+
+        @w.handler("g")
+        def g(payload):
+            if payload == 2:
+                done.set()
+            return payload
+
+        runner = threading.Thread(target=w.run, kwargs={"install_signals": False}, daemon=True)
+        runner.start()
+        self.assertTrue(done.wait(30))
+        w.stop()
+        runner.join(30)
+        self.assertFalse(runner.is_alive())
+        self.assertEqual(w.completed, 2)
+        self.assertTrue(all(m == 1 for m in claims), claims)
 
     def test_a_handler_failure_is_never_reported_as_success(self):
         # Found by fuzzing the worker: an exception whose __str__ raises left no outcome, which
