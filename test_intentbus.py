@@ -1062,6 +1062,13 @@ class ClientConnections(unittest.TestCase):
         self.assertEqual(c.health(), {"n": 2})     # the first connection died: sent again once
         self.assertEqual(f.connections, 2)
 
+    def test_retry_after_is_honoured_up_to_the_backoff_cap(self):
+        # One 503 with "Retry-After: 900" from a proxy or captive portal must not park a phone
+        # worker for a quarter of an hour.
+        b = worker.Backoff(first=1.0, cap=60.0)
+        self.assertEqual(b.next(retry_after=900), 60.0)
+        self.assertEqual(b.next(retry_after=30), 30.0)   # a shorter one is still honoured
+
     def test_log_lines_carry_no_control_characters(self):
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
@@ -1465,6 +1472,18 @@ class WorkerProcesses(WorkerCase):
         self.assertEqual((v["status"], v["attempts"]), ("dead", 1))
         self.assertIn("limit is 1000", v["error"])
 
+    def test_the_result_limit_counts_the_result_as_json(self):
+        # --max-result is the size the server measures: the result as compact JSON. 800 bytes of
+        # "a\n" (the last newline dropped) are 1200 bytes as a JSON string, which the worker
+        # used to send as under 1000.
+        hdir = self.handler("lines", "for i in $(seq 400); do echo a; done")
+        i = self.c.submit("lines", max_attempts=3)
+        p = self.start_worker("--handlers", hdir, "--once", "--max-result", "1000")
+        self.assertEqual(p.wait(20), 1)
+        v = self.c.get(i["id"])
+        self.assertEqual((v["status"], v["attempts"]), ("dead", 1))
+        self.assertIn("1200 bytes as JSON; the limit is 1000", v["error"])
+
 
 class WorkerSetup(WorkerCase):
     def test_token_file_must_be_private_and_not_a_symlink(self):
@@ -1652,7 +1671,7 @@ class LibraryMode(WorkerCase):
     def test_a_result_the_server_refuses_is_a_failure_not_done(self):
         # The server refuses a result over --max-result (64 KiB here); the worker then fails the
         # intent for good. It used to log "done" and count it fulfilled (--once exited 0).
-        w = worker.Worker(self.url, None, wait=0, concurrency=1, log=None)
+        w = worker.Worker(self.url, None, wait=0, concurrency=1, log=None, max_result=10 ** 6)
         w.handler("big")(lambda payload: "x" * 70000)
         i = self.c.submit("big")
         self.assertEqual(w.run(once=True, install_signals=False), 1)

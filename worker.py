@@ -12,8 +12,9 @@ Handlers are executables in ./handlers/<goal> (or --run GOAL=COMMAND). The handl
   env        INTENT_ID, INTENT_GOAL, INTENT_ATTEMPT, INTENT_MAX_ATTEMPTS (INTENTBUS_TOKEN is removed)
   exit 0     fulfilled; the result is stdout, parsed as JSON if it is JSON, else the text (one
              trailing newline dropped; empty stdout gives null). stdout longer than --max-result
-             bytes (default 60000, under the server's default limit of 65536) fails the intent
-             for good: a cut result would be a wrong result.
+             bytes (default 60000, under the server's default limit of 65536), or a result
+             longer than that as compact JSON (escapes count, as on the server), fails the
+             intent for good: a cut result would be a wrong result.
   exit 75    EX_TEMPFAIL: failed for now, retried after the intent's backoff.
   exit 100   "do not retry": the intent goes dead at once (fail with retry=false). 100 is outside
              sysexits.h (64-78) and the shell's own codes (126, 127, 128+N), so a handler reaches
@@ -123,6 +124,7 @@ class PermanentError(Exception):
 # =====================================================================================
 
 _encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_encode_utf8 = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 _RESEND_ERRORS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)  # incl. RemoteDisconnected
 
 
@@ -638,7 +640,8 @@ def stderr_log(message):
 
 
 class Backoff:
-    """Exponential backoff with jitter, capped, honouring Retry-After."""
+    """Exponential backoff with jitter, capped, honouring Retry-After up to the cap (one odd
+    answer from a proxy or captive portal must not park a phone worker for an hour)."""
 
     def __init__(self, first=BACKOFF_FIRST, cap=BACKOFF_CAP):
         self.first, self.cap, self.failures = first, cap, 0
@@ -648,7 +651,7 @@ class Backoff:
         self.failures += 1
         delay *= random.uniform(0.5, 1.0)
         if retry_after:
-            delay = max(delay, retry_after)
+            delay = max(delay, min(retry_after, self.cap))
         return delay
 
     def reset(self):
@@ -1195,6 +1198,11 @@ class Worker:
         if "error" in box:
             return "fail", box["error"]
         if "result" in box:
+            # Measured as the server measures it: stdout's text gains escapes as a JSON string.
+            size = len(_encode_utf8(box["result"]).encode("utf-8", "surrogatepass"))
+            if size > self.max_result:
+                return "fail", ("the handler's result is %d bytes as JSON; the limit is %d "
+                                "(--max-result)" % (size, self.max_result), False)
             return "fulfill", box["result"]
         return "fail", ("the handler ended with neither a result nor an error", True)
 
@@ -1565,8 +1573,9 @@ examples:
       help="on SIGTERM/Ctrl-C/SIGHUP, let running jobs finish this long before killing and releasing "
            "them (env INTENTBUS_GRACE; default 30)")
     a("--max-result", type=int, metavar="BYTES", default=_env("INTENTBUS_MAX_RESULT", str(MAX_RESULT_BYTES)),
-      help="most stdout bytes a handler may return as its result; more fails the intent without "
-           "retry (env INTENTBUS_MAX_RESULT; default %d, under the server's default 65536)"
+      help="most bytes a handler's result may have, as stdout and as compact JSON; more fails "
+           "the intent without retry (env INTENTBUS_MAX_RESULT; default %d, under the server's "
+           "default 65536)"
            % MAX_RESULT_BYTES)
     a("--once", action="store_true", default=_env("INTENTBUS_ONCE", "") not in ("", "0", "false", "no"),
       help="claim at most one batch, run it and exit: 0 if all were fulfilled, 1 if one failed "
