@@ -186,12 +186,16 @@ MIGRATIONS = [
         last_used_at      REAL
     );
     """,
+    # version 2: the lease a claim asked for, which an extend without a lease renews
+    """
+    ALTER TABLE intents ADD COLUMN claim_lease REAL;
+    """,
 ]
 
 INTENT_COLUMNS = (
     "id, namespace, route, goal, payload, priority, requires, status, delayed, run_at, created_at, "
     "attempts, max_attempts, lease, backoff, worker, token, claimed_at, lease_expires_at, "
-    "finished_at, result, error, history, idempotency_key, request_hash, submitted_by")
+    "finished_at, result, error, history, idempotency_key, request_hash, submitted_by, claim_lease")
 UPDATABLE = frozenset(
     "status delayed run_at attempts worker token claimed_at lease_expires_at finished_at "
     "result error history".split())
@@ -696,11 +700,12 @@ class Storage:
             "ORDER BY priority DESC, id LIMIT ?", (route, limit)).fetchall()
 
     def claim_intents(self, claims):
-        """Hand open intents to a worker: claims is [(worker, token, now, expires, intent_id)].
-        Returns how many were open (and so are now claimed)."""
+        """Hand open intents to a worker: claims is [(worker, token, now, expires, lease,
+        intent_id)]. Returns how many were open (and so are now claimed)."""
         return self._wconn.executemany(
             "UPDATE intents SET status = 'claimed', attempts = attempts + 1, worker = ?, token = ?, "
-            "claimed_at = ?, lease_expires_at = ? WHERE id = ? AND status = 'open'", claims).rowcount
+            "claimed_at = ?, lease_expires_at = ?, claim_lease = ? WHERE id = ? AND status = 'open'",
+            claims).rowcount
 
     def update_intent(self, intent_id, **columns):
         names = tuple(sorted(columns))
@@ -1302,7 +1307,7 @@ class Queue:
         for candidate in candidates:
             token = next(tokens)
             lease = request.lease or candidate[7]
-            claims.append((request.worker, token, now, now + lease, candidate[0]))
+            claims.append((request.worker, token, now, now + lease, lease, candidate[0]))
             claimed.append((candidate, token, lease, now + lease))
         if claims and self.store.claim_intents(claims) != len(claims):
             # Never expected: the candidates were read as open in this same transaction.
@@ -1481,7 +1486,8 @@ class Queue:
         def run():
             now = self.clock()
             row = self._held(intent_id, token, scope, now)
-            expires = now + (lease or row["lease"])
+            # Without a lease: the one the claim asked for (older rows: the intent's).
+            expires = now + (lease or row["claim_lease"] or row["lease"])
             if expires - row["claimed_at"] > MAX_LEASE_TOTAL:
                 raise Conflict("a claim may be held for at most %d s in all" % MAX_LEASE_TOTAL,
                                code="lease_limit")
@@ -2745,6 +2751,7 @@ def start_server(**settings):
     if unknown:
         raise TypeError("unknown settings: %s" % ", ".join(sorted(unknown)))
     config = Config(**dict(SERVE_DEFAULTS, **settings))
+    check_settings(config)
     check_exposure(config)
     return Running(config, clock=clock)
 
@@ -2756,6 +2763,31 @@ def is_loopback(host):
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+# Settings that would make the server refuse every claim, payload or connection. (setting,
+# lowest, highest); the lease and backoff ranges are those a submitted intent may ask for.
+SETTING_RANGES = [
+    ("port", 0, 65535), ("lease", 0.1, MAX_LEASE_TOTAL), ("backoff_base", 0, 86400),
+    ("backoff_max", 0, None), ("max_payload", 1, None), ("max_result", 1, None),
+    ("max_body", 1, None), ("keep_done", 0, None), ("keep_dead", 0, None),
+    ("idle_timeout", 0.001, None), ("request_timeout", 0.001, None), ("max_connections", 1, None),
+    ("rate", 0, None), ("burst", 0, None), ("auth_rate", 0, None), ("auth_burst", 1, None),
+    ("max_open", 0, None), ("max_db_mb", 0.001, None)]
+
+
+def check_settings(config):
+    """Refuse at start, in one line, what argparse cannot check (values from INTENTBUS_*)."""
+    if config.sync not in ("full", "normal"):
+        raise SystemExit("intentbus: --sync must be full or normal, not %r" % (config.sync,))
+    for name, low, high in SETTING_RANGES:
+        value = getattr(config, name)
+        if value is None:
+            continue
+        if value < low or (high is not None and value > high):
+            raise SystemExit("intentbus: --%s must be %s, not %s" % (
+                name.replace("_", "-"), "at least %g" % low if high is None else
+                "between %g and %g" % (low, high), value))
 
 
 def check_exposure(config):
@@ -2927,6 +2959,7 @@ def serve(args):
         config.max_open = None
     if bool(config.tls_cert) != bool(config.tls_key):
         raise SystemExit("intentbus: --tls-cert and --tls-key go together")
+    check_settings(config)
     check_exposure(config)
     try:
         running = Running(config)

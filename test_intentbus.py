@@ -402,6 +402,19 @@ class QueueRules(RulesCase):
         self.assertEqual(self.q.get(i["id"])["status"], "claimed")
         self.q.fulfill(i["id"], c["token"])
 
+    def test_extend_without_a_lease_renews_the_claims_lease(self):
+        # Found by an audit: the README says the claim's lease, but extend used the intent's (30 s
+        # here), so a worker that claimed with a short lease for quick crash detection lost it.
+        i = self.submit()
+        c = self.claim(lease=5)[0]
+        self.clock.advance(2)
+        v = self.q.extend(i["id"], c["token"])
+        self.assertEqual(v["lease_expires_at"], self.clock.now + 5)
+        self.assertEqual(self.q.extend(i["id"], c["token"], 7)["lease_expires_at"], self.clock.now + 7)
+        j = self.submit()
+        d = self.claim()[0]   # no lease asked: the intent's
+        self.assertEqual(self.q.extend(j["id"], d["token"])["lease_expires_at"], self.clock.now + 30)
+
     def test_release_gives_the_attempt_back(self):
         i = self.submit()
         c = self.claim()[0]
@@ -602,6 +615,29 @@ class QueueRules(RulesCase):
         self.store.migrate()
         self.q = Queue(self.store, clock=self.clock)
         self.assertEqual(self.q.list()["intents"][0]["payload"], [1, 2])
+
+    def test_a_version_1_file_is_upgraded_with_its_claims(self):
+        # Version 2 added claim_lease. A claim made before the upgrade has none: an extend
+        # without a lease then falls back to the intent's lease.
+        path = os.path.join(self.dir, "v1.db")
+        conn = sqlite3.connect(path)
+        conn.executescript(intentbus.MIGRATIONS[0] + "PRAGMA user_version = 1;")
+        conn.execute("INSERT INTO routes (id, namespace, goal, requires) VALUES (1, 'default', 'g', '[]')")
+        conn.execute("INSERT INTO intents (namespace, route, goal, payload, priority, requires, status, "
+                     "delayed, run_at, created_at, attempts, max_attempts, lease, backoff, worker, token, "
+                     "claimed_at, lease_expires_at) VALUES ('default', 1, 'g', '1', 0, '[]', 'claimed', "
+                     "0, ?, ?, 1, 3, 20, 10, 'w', 'old-token', ?, ?)",
+                     (self.clock.now,) * 3 + (self.clock.now + 20,))
+        conn.commit()
+        conn.close()
+        store = Storage(path)
+        self.addCleanup(store.close)
+        store.migrate()
+        self.assertEqual(store.schema_version(), len(intentbus.MIGRATIONS))
+        q = Queue(store, clock=self.clock)
+        self.clock.advance(5)
+        self.assertEqual(q.extend("1", "old-token")["lease_expires_at"], self.clock.now + 20)
+        self.assertEqual(q.fulfill("1", "old-token")["status"], "fulfilled")
 
     def test_too_old_sqlite_is_named_at_start(self):
         saved = intentbus.sqlite3.sqlite_version_info
@@ -1214,6 +1250,23 @@ class ServerLifecycle(BusCase):
         self.assertFalse(t.is_alive())        # the 60 s long poll was answered at shutdown
         self.assertEqual(got["claim"], [])
         self.assertEqual(self.client(self.start()).get(kept)["payload"], "kept")
+
+    def test_settings_that_would_refuse_all_work_are_refused_at_start(self):
+        # Found by an audit: --lease 0 started a server whose every claim expired on arrival,
+        # and INTENTBUS_SYNC=fast (argparse checks choices only on the command line) crashed
+        # later with a traceback.
+        for settings, words in (({"lease": 0}, "--lease must be between 0.1 and 43200"),
+                                ({"max_body": -1}, "--max-body must be at least 1"),
+                                ({"idle_timeout": 0}, "--idle-timeout"),
+                                ({"sync": "fast"}, "--sync must be full or normal")):
+            with self.assertRaises(SystemExit, msg=settings) as e:
+                intentbus.start_server(db=self.db, port=0, **settings)
+            self.assertIn(words, str(e.exception))
+        p = subprocess.run([PY, SCRIPT, "serve", "--db", self.db, "--port", "0"],
+                           env=dict(os.environ, INTENTBUS_SYNC="fast"), capture_output=True,
+                           text=True, timeout=60)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertEqual(p.stderr.strip(), "intentbus: --sync must be full or normal, not 'fast'")
 
     def test_refuses_a_public_address_without_a_token(self):
         with self.assertRaises(SystemExit) as e:
