@@ -2773,21 +2773,28 @@ SETTING_RANGES = [
     ("max_body", 1, None), ("keep_done", 0, None), ("keep_dead", 0, None),
     ("idle_timeout", 0.001, None), ("request_timeout", 0.001, None), ("max_connections", 1, None),
     ("rate", 0, None), ("burst", 0, None), ("auth_rate", 0, None), ("auth_burst", 1, None),
-    ("max_open", 0, None), ("max_db_mb", 0.001, None)]
+    ("max_open", 0, None), ("max_db_mb", 0, None)]
 
 
 def check_settings(config):
-    """Refuse at start, in one line, what argparse cannot check (values from INTENTBUS_*)."""
+    """Refuse at start, in one line, what argparse cannot check (values from INTENTBUS_*), and
+    turn the 0 that means "no limit" into None."""
     if config.sync not in ("full", "normal"):
         raise SystemExit("intentbus: --sync must be full or normal, not %r" % (config.sync,))
     for name, low, high in SETTING_RANGES:
         value = getattr(config, name)
         if value is None:
             continue
+        if not math.isfinite(value):
+            raise SystemExit("intentbus: --%s must be a finite number, not %s" % (
+                name.replace("_", "-"), value))
         if value < low or (high is not None and value > high):
             raise SystemExit("intentbus: --%s must be %s, not %s" % (
                 name.replace("_", "-"), "at least %g" % low if high is None else
                 "between %g and %g" % (low, high), value))
+    for name in ("max_open", "max_db_mb"):
+        if getattr(config, name) == 0:
+            setattr(config, name, None)
 
 
 def check_exposure(config):
@@ -2955,8 +2962,6 @@ def _print_json(value):
 
 def serve(args):
     config = Config(**{k: getattr(args, k) for k in SERVE_DEFAULTS})
-    if config.max_open == 0:
-        config.max_open = None
     if bool(config.tls_cert) != bool(config.tls_key):
         raise SystemExit("intentbus: --tls-cert and --tls-key go together")
     check_settings(config)

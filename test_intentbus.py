@@ -1185,7 +1185,55 @@ class ClientConnections(unittest.TestCase):
         with self.assertRaises(Unavailable) as cm:
             c.health()
         self.assertEqual(cm.exception.code, "timeout")
+        c.timeout = 10
         self.assertEqual(c.health(), {"n": 2})   # on a new connection
+
+    def test_a_big_answer_on_a_slow_link_is_not_cut_off(self):
+        # The deadline grows with what arrives: 64 KiB at 80 KiB/s takes longer than the 0.5 s
+        # timeout, but it is moving, unlike a trickle.
+        def steady(conn):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (65536 + 2))
+            for _ in range(8):
+                conn.sendall(b" " * 8192)
+                time.sleep(0.1)
+            conn.sendall(b"{}")
+        f = self.fake([[steady]])
+        c = self.client(f.url, timeout=0.5)
+        self.assertEqual(c.health(), {})
+
+    def test_an_oversized_answer_closes_its_connection(self):
+        # After "Connection: close" the socket belongs to the answer, which the error kept open
+        # for as long as the caller held the exception (a worker's whole backoff).
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        self.addCleanup(server.close)
+        closed = threading.Event()
+
+        def serve():
+            conn, _ = server.accept()
+            with conn:
+                conn.settimeout(10)
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b" " * 4096)
+                try:
+                    if conn.recv(1) == b"":
+                        closed.set()
+                except ConnectionResetError:
+                    closed.set()
+                except OSError:
+                    pass
+        threading.Thread(target=serve, daemon=True).start()
+        c = self.client("http://127.0.0.1:%d" % server.getsockname()[1])
+        c.max_answer = 2048
+        try:   # not assertRaises: it clears the traceback's frames, which frees the answer
+            c.health()
+        except Unavailable as e:
+            error = e   # held with its traceback, as a worker holds it through its backoff
+        else:
+            self.fail("an oversized answer was accepted")
+        self.assertEqual(error.code, "answer_too_large")
+        self.assertTrue(closed.wait(10))
 
     def test_an_oversized_answer_is_refused_before_it_is_read(self):
         huge = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n{}" % (1 << 40)
@@ -1258,7 +1306,8 @@ class ServerLifecycle(BusCase):
         for settings, words in (({"lease": 0}, "--lease must be between 0.1 and 43200"),
                                 ({"max_body": -1}, "--max-body must be at least 1"),
                                 ({"idle_timeout": 0}, "--idle-timeout"),
-                                ({"sync": "fast"}, "--sync must be full or normal")):
+                                ({"sync": "fast"}, "--sync must be full or normal"),
+                                ({"rate": float("nan")}, "--rate must be a finite number")):
             with self.assertRaises(SystemExit, msg=settings) as e:
                 intentbus.start_server(db=self.db, port=0, **settings)
             self.assertIn(words, str(e.exception))
@@ -1267,6 +1316,11 @@ class ServerLifecycle(BusCase):
                            text=True, timeout=60)
         self.assertNotEqual(p.returncode, 0)
         self.assertEqual(p.stderr.strip(), "intentbus: --sync must be full or normal, not 'fast'")
+        for off in ({"max_open": 0}, {"max_db_mb": 0}):   # 0 is "no limit", as before
+            srv = self.start(db=self.db, **off)
+            self.assertIsNone(getattr(srv.config, next(iter(off))))
+            self.client(srv).submit("g")
+            srv.stop()
 
     def test_refuses_a_public_address_without_a_token(self):
         with self.assertRaises(SystemExit) as e:
@@ -1724,8 +1778,8 @@ class LibraryMode(WorkerCase):
     def test_a_result_the_server_refuses_is_a_failure_not_done(self):
         # The server refuses a result over --max-result (64 KiB here); the worker then fails the
         # intent for good. It used to log "done" and count it fulfilled (--once exited 0).
-        w = worker.Worker(self.url, None, wait=0, concurrency=1, log=None, max_result=10 ** 6)
-        w.handler("big")(lambda payload: "x" * 70000)
+        w = worker.Worker(self.url, None, wait=0, concurrency=1, log=None)
+        w.handler("big")(lambda payload: "x" * 70000)   # --max-result is for stdout, not this
         i = self.c.submit("big")
         self.assertEqual(w.run(once=True, install_signals=False), 1)
         v = self.c.get(i["id"])

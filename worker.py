@@ -124,6 +124,7 @@ class PermanentError(Exception):
 # =====================================================================================
 
 _encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+MIN_ANSWER_RATE = 8192.0   # bytes/s: an answer slower than this is a stalled one
 _encode_utf8 = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 _RESEND_ERRORS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)  # incl. RemoteDisconnected
 
@@ -141,9 +142,10 @@ class _Headers(dict):
 
 
 class _DeadlineReader(io.RawIOBase):
-    """A socket's bytes with one deadline for them all. The socket's timeout alone bounds each
-    read, so an answer that trickles in (a stalled proxy, a wrong URL) could hold a worker for
-    ever."""
+    """A socket's bytes before a deadline, which each read pushes back by a second per
+    MIN_ANSWER_RATE bytes. The socket's timeout alone bounds each read, so an answer that
+    trickles in (a stalled proxy, a wrong URL) could hold a worker for ever; a fixed deadline
+    would fail a big answer (a long list) on a slow phone link."""
 
     def __init__(self, raw, sock, deadline):
         self._raw = raw
@@ -158,7 +160,10 @@ class _DeadlineReader(io.RawIOBase):
         if left <= 0:
             raise socket.timeout("timed out")
         self._sock.settimeout(left)
-        return self._raw.readinto(buffer)
+        count = self._raw.readinto(buffer)
+        if count:
+            self._deadline += count / MIN_ANSWER_RATE
+        return count
 
     def close(self):
         self._raw.close()
@@ -292,8 +297,10 @@ class Client:
     raises Unavailable. Error answers raise IntentBusError (LeaseLost for 409 lease_lost, NotFound
     for 404, Unavailable for 5xx, 408 and 429). Use one Client per thread.
 
-    timeout bounds each request as a whole, from sending it to the last byte of the answer. An
-    answer over max_answer bytes is refused (Unavailable "answer_too_large") before it is read.
+    timeout bounds connecting, sending, and each wait for the answer; the answer as a whole
+    must arrive within timeout plus a second per MIN_ANSWER_RATE bytes received. An answer over
+    max_answer bytes is refused (Unavailable "answer_too_large"), before reading it when it says
+    its length.
 
     sign_as=NAME signs every request with HMAC-SHA256 as the scoped token NAME (for tokens created
     with --require-signature); the token itself is then never sent."""
@@ -466,12 +473,15 @@ class Client:
             try:
                 raw = self._read_answer(reply)
             except (OSError, http.client.HTTPException) as e:
+                reply.close()
                 self.close()
                 raise self._network_error(e, timeout)
             if raw is None:
+                reply.close()   # after "Connection: close", the socket is the answer's to close
                 self.close()
-                raise Unavailable("the server's answer is over %d bytes (is the URL right?)"
-                                  % self.max_answer, reply.status, "answer_too_large")
+                raise Unavailable("the server's answer is over %d bytes (a wrong server URL? "
+                                  "or ask for fewer)" % self.max_answer, reply.status,
+                                  "answer_too_large")
             if reply.will_close:
                 self.close()
             return reply.status, reply, raw
@@ -483,8 +493,8 @@ class Client:
         if reply.length is not None:
             return reply.read() if reply.length <= self.max_answer else None
         pieces, size = [], 0
-        while True:   # chunked, or until the server closes: read a bounded piece at a time
-            piece = reply.read(65536)
+        while True:   # chunked, or until the server closes: read what has come, a piece at a time
+            piece = reply.read1(65536)
             if not piece:
                 return b"".join(pieces)
             size += len(piece)
@@ -1198,11 +1208,6 @@ class Worker:
         if "error" in box:
             return "fail", box["error"]
         if "result" in box:
-            # Measured as the server measures it: stdout's text gains escapes as a JSON string.
-            size = len(_encode_utf8(box["result"]).encode("utf-8", "surrogatepass"))
-            if size > self.max_result:
-                return "fail", ("the handler's result is %d bytes as JSON; the limit is %d "
-                                "(--max-result)" % (size, self.max_result), False)
             return "fulfill", box["result"]
         return "fail", ("the handler ended with neither a result nor an error", True)
 
@@ -1259,7 +1264,14 @@ class Worker:
                 box["error"] = ("the handler wrote %d bytes to stdout; the limit is %d (--max-result)"
                                 % (out.total, self.max_result), False)
             else:
-                box["result"] = _result_of(raw)
+                result = _result_of(raw)
+                # Measured as the server measures it: stdout's text gains escapes as a JSON string.
+                size = len(_encode_utf8(result).encode("utf-8", "surrogatepass"))
+                if size > self.max_result:
+                    box["error"] = ("the handler's result is %d bytes as JSON; the limit is %d "
+                                    "(--max-result)" % (size, self.max_result), False)
+                else:
+                    box["result"] = result
         else:
             if code < 0 and not job.signalled and \
                     -code in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", 1)) and \
