@@ -1570,26 +1570,20 @@ class WorkerProcesses(WorkerCase):
         self.assertEqual(self.c.get(i["id"])["result"], "ABC; TOUCH PWNED")
         self.assertFalse(os.path.exists(os.path.join(self.dir, "pwned")))
 
-    def test_oversized_stdout_fails_without_retry(self):
-        hdir = self.handler("big", "head -c 3000 /dev/zero | tr '\\0' x")
-        i = self.c.submit("big", max_attempts=3)
-        p = self.start_worker("--handlers", hdir, "--once", "--max-result", "1000")
-        self.assertEqual(p.wait(20), 1)
-        v = self.c.get(i["id"])
-        self.assertEqual((v["status"], v["attempts"]), ("dead", 1))
-        self.assertIn("limit is 1000", v["error"])
-
-    def test_the_result_limit_counts_the_result_as_json(self):
-        # --max-result is the size the server measures: the result as compact JSON. 800 bytes of
-        # "a\n" (the last newline dropped) are 1200 bytes as a JSON string, which the worker
-        # used to send as under 1000.
-        hdir = self.handler("lines", "for i in $(seq 400); do echo a; done")
-        i = self.c.submit("lines", max_attempts=3)
-        p = self.start_worker("--handlers", hdir, "--once", "--max-result", "1000")
-        self.assertEqual(p.wait(20), 1)
-        v = self.c.get(i["id"])
-        self.assertEqual((v["status"], v["attempts"]), ("dead", 1))
-        self.assertIn("1200 bytes as JSON; the limit is 1000", v["error"])
+    def test_an_oversized_result_fails_without_retry(self):
+        # --max-result bounds stdout, and the result as the server measures it: compact JSON.
+        # 800 bytes of "a\n" (the last newline dropped) are 1200 bytes as a JSON string, which
+        # the worker used to send as under 1000.
+        for goal, script, words in (
+                ("big", "head -c 3000 /dev/zero | tr '\\0' x", "limit is 1000"),
+                ("lines", "for i in $(seq 400); do echo a; done", "1200 bytes as JSON; the limit is 1000")):
+            hdir = self.handler(goal, script)
+            i = self.c.submit(goal, max_attempts=3)
+            p = self.start_worker("--handlers", hdir, "--once", "--max-result", "1000")
+            self.assertEqual(p.wait(20), 1, goal)
+            v = self.c.get(i["id"])
+            self.assertEqual((v["status"], v["attempts"]), ("dead", 1), goal)
+            self.assertIn(words, v["error"])
 
 
 class WorkerSetup(WorkerCase):
