@@ -882,6 +882,25 @@ def process_cpu(pid):
         return None
 
 
+def process_switches(pid):
+    """Context switches of a process's live threads, voluntary (it blocked: a socket, a lock,
+    the GIL) and not (preempted), summed (Linux /proc; None elsewhere)."""
+    total = 0
+    try:
+        tasks = os.listdir("/proc/%d/task" % pid)
+    except (OSError, AttributeError):
+        return None
+    for task in tasks:
+        try:
+            with open("/proc/%d/task/%s/status" % (pid, task)) as f:
+                for line in f:
+                    if "ctxt_switches:" in line:
+                        total += int(line.split(":")[1])
+        except (OSError, ValueError):
+            pass   # a thread that ended meanwhile
+    return total
+
+
 def machine_cpu():
     """(busy, total) clock ticks of the whole machine since boot (Linux /proc; None elsewhere).
     A VM's stolen time is left out of both: the CPU was not this machine's then."""
@@ -899,16 +918,23 @@ def cpu_snapshot(server, procs):
     loadgen = [process_cpu(p.pid) for p in procs]
     return {"server": process_cpu(server.proc.pid) if server is not None else None,
             "server_pid": server.proc.pid if server is not None else None,
+            "server_switches": process_switches(server.proc.pid) if server is not None else None,
             "loadgen": None if None in loadgen else sum(loadgen), "machine": machine_cpu()}
 
 
 def cpu_used(before, after, jobs):
     """CPU per fulfilled job over the load, and how busy the machine was: where the time went,
     and whether the machine or something else was the limit."""
-    out = {"server_us_per_job": None, "loadgen_us_per_job": None, "machine_busy_pct": None}
+    out = {"server_us_per_job": None, "loadgen_us_per_job": None, "machine_busy_pct": None,
+           "server_switches_per_job": None}
     if jobs and before["server"] is not None and after["server"] is not None \
             and before["server_pid"] == after["server_pid"]:   # not across a chaos restart
         out["server_us_per_job"] = round((after["server"] - before["server"]) / jobs * 1e6)
+        switches = None
+        if before.get("server_switches") is not None and after.get("server_switches") is not None:
+            switches = after["server_switches"] - before["server_switches"]
+        if switches is not None and switches >= 0:   # < 0: threads ended, taking their counts
+            out["server_switches_per_job"] = round(switches / float(jobs), 1)
     if jobs and before["loadgen"] is not None and after["loadgen"] is not None:
         out["loadgen_us_per_job"] = round((after["loadgen"] - before["loadgen"]) / jobs * 1e6)
     if before["machine"] and after["machine"] and after["machine"][1] > before["machine"][1]:
@@ -1366,10 +1392,12 @@ def report_text(res):
     cpu = res.get("cpu") or {}
     if cpu.get("machine_busy_pct") is not None:
         out.append("CPU per fulfilled job: server %s, load generator %s; the machine's %d CPUs "
-                   "were %.0f%% busy" % (
+                   "were %.0f%% busy%s" % (
                        "n/a" if cpu["server_us_per_job"] is None else "%d us" % cpu["server_us_per_job"],
                        "n/a" if cpu["loadgen_us_per_job"] is None else "%d us" % cpu["loadgen_us_per_job"],
-                       res["machine"]["cpus"], cpu["machine_busy_pct"]))
+                       res["machine"]["cpus"], cpu["machine_busy_pct"],
+                       "" if cpu.get("server_switches_per_job") is None else
+                       "; the server's threads switched %s times per job" % cpu["server_switches_per_job"]))
     out.append("claim round trip when work was returned (ms): p50 %s  p95 %s  p99 %s; "
                "%d claim requests, %d empty" % (
                    fmt_ms(lat["claim_rtt"]["p50"]), fmt_ms(lat["claim_rtt"]["p95"]),

@@ -3625,6 +3625,20 @@ class Measurement(unittest.TestCase):
         self.assertAlmostEqual(lat[1][1], 0.002)
         self.assertAlmostEqual(lat[2][1], 0.001)
 
+    def test_cpu_and_thread_switches_per_job(self):
+        before = {"server": 1.0, "server_pid": 5, "server_switches": 1000, "loadgen": 2.0,
+                  "machine": (100, 400)}
+        after = {"server": 2.0, "server_pid": 5, "server_switches": 3500, "loadgen": 2.5,
+                 "machine": (250, 600)}
+        self.assertEqual(stress.cpu_used(before, after, 1000), {
+            "server_us_per_job": 1000, "loadgen_us_per_job": 500, "machine_busy_pct": 75.0,
+            "server_switches_per_job": 2.5})
+        after["server_pid"] = 6   # the chaos test restarted the server: no server figures
+        out = stress.cpu_used(before, after, 1000)
+        self.assertEqual((out["server_us_per_job"], out["server_switches_per_job"]), (None, None))
+        if sys.platform.startswith("linux"):
+            self.assertGreater(stress.process_switches(os.getpid()), 0)
+
     def test_timeline(self):
         rows = stress.timeline(100.0, 130.0, [100.5, 101.2, 101.7], [(101.2, 0.01), (101.7, 0.03)],
                                [(101.2, 0.002)], [100.1], [])
