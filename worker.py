@@ -124,9 +124,9 @@ class PermanentError(Exception):
 # =====================================================================================
 
 _encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
-MIN_ANSWER_RATE = 8192.0   # bytes/s: an answer slower than this is a stalled one
-_encode_utf8 = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+_encode_utf8 = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode  # sizes
 _RESEND_ERRORS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)  # incl. RemoteDisconnected
+MIN_ANSWER_RATE = 8192.0   # bytes/s: an answer slower than this is a stalled one
 
 
 class _Headers(dict):
