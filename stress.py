@@ -14,7 +14,8 @@ database and a free port on 127.0.0.1, and stops it at the end. Producers and wo
 spread over several processes; every HTTP request goes through `worker.Client`.
 
 Every run ends with a verification from the server's own final state: lost jobs, jobs fulfilled
-twice, jobs run by two workers while both held a valid lease, and duplicate intents for one job.
+twice, jobs run by two workers while both held a valid lease, duplicate intents for one job, and
+valid leases the server refused (lease_lost before the lease it promised ran out).
 Any non-zero count, a timeout or an unfinished job makes the exit status non-zero.
 
 Sections: config and presets; records and verification (pure functions, unit-tested in
@@ -80,9 +81,10 @@ ACK_RETRY_FOR = 15.0                       # a worker retries an unacknowledged 
 BACKOFF_MIN, BACKOFF_MAX = 0.02, 0.5       # on Unavailable: bounded exponential backoff
 
 
-def chaos_lease(work_ms):
-    """Lease used when leases must expire within the run (crash-rate or server kills)."""
-    return max(2.0, 3.0 * work_ms / 1000.0 + 1.0)
+def chaos_lease(work_ms, batch=1):
+    """Lease used when leases must expire within the run (crash-rate or server kills). A worker
+    acknowledges a claimed batch after working through all of it, so the lease covers a batch."""
+    return max(2.0, 3.0 * work_ms * batch / 1000.0 + 1.0)
 
 
 def job_body(cfg, n):
@@ -122,6 +124,8 @@ ClaimReq = collections.namedtuple("ClaimReq", "worker claim t_send t_ack wait n"
 # One claimed job, from its claim to its end as the worker saw it.
 #   end: "fulfill" | "fail" | "crash" (abandoned on purpose) | "stopped" (harness stopped first)
 #   t_end_send: when the worker first sent the ending request (None for crash/stopped)
+#   t_end_ack: when the server answered it, acknowledged or refused (None: no answer, or a
+#     refusal after a retry, which may only mean an unanswered earlier attempt went through)
 #   end_ok: the server acknowledged the end for this item; end_status: its answer
 #   ("fulfilled", "open", "dead") or why not ("lease_lost", "unavailable", ...).
 Run = collections.namedtuple(
@@ -129,6 +133,14 @@ Run = collections.namedtuple(
            "end t_end_send t_end_ack end_ok end_status")
 
 HARNESS_FAILED_ENDS = ("fail", "crash", "stopped")
+
+
+def refused_while_valid(run, lease_eps=0.002):
+    """The server answered this run's fulfill or fail with lease_lost before the lease it had
+    promised ran out: it dropped a valid lease. Not an injected failure; a fault."""
+    return (run.end in ("fulfill", "fail") and not run.end_ok and run.end_status == "lease_lost"
+            and run.t_end_ack is not None and run.lease_expires_at is not None
+            and run.t_end_ack < run.lease_expires_at - lease_eps)
 
 
 def _job_number(intent):
@@ -215,8 +227,8 @@ def find_lost(submits, runs, finals, unrecorded_attempts_ok=False):
         if any(r.end == "fulfill" and r.end_ok for r in rs):
             lost.append((id_, "dead although a fulfill was acknowledged"))
             continue
-        harness = sum(1 for r in rs if r.end in HARNESS_FAILED_ENDS
-                      or (r.end == "fulfill" and not r.end_ok))
+        harness = sum(1 for r in rs if not refused_while_valid(r) and (
+            r.end in HARNESS_FAILED_ENDS or (r.end == "fulfill" and not r.end_ok)))
         if unrecorded_attempts_ok:
             harness += max(0, int(final.get("attempts") or 0) - len(rs))
         max_attempts = int(final.get("max_attempts") or 0)
@@ -250,16 +262,18 @@ def verify(submits, runs, finals, unrecorded_attempts_ok=False):
     twice = find_fulfilled_twice(runs)
     double = find_double_runs(runs)
     dups = find_duplicates(submits, runs, finals)
+    refused = sorted({r.id for r in runs if refused_while_valid(r)})
     acked = {s.id for s in submits}
     fulfilled = sum(1 for id_ in acked
                     if isinstance(finals.get(id_), dict) and finals[id_].get("status") == "fulfilled")
     return {
         "acknowledged": len(acked), "fulfilled": fulfilled, "dead_ok": len(dead_ok),
         "lost": len(lost), "fulfilled_twice": len(twice), "double_run": len(double),
-        "duplicates": len(dups),
-        "ok": not (lost or twice or double or dups),
+        "duplicates": len(dups), "valid_lease_refused": len(refused),
+        "ok": not (lost or twice or double or dups or refused),
         "examples": {"lost": lost[:20], "fulfilled_twice": twice[:20], "double_run": double[:20],
-                     "duplicates": dups[:20], "dead_ok": dead_ok[:20]},
+                     "duplicates": dups[:20], "dead_ok": dead_ok[:20],
+                     "valid_lease_refused": refused[:20]},
     }
 
 
@@ -389,14 +403,13 @@ class ServerProcess:
         self.expected_exit = False
 
     def _command(self, port):
-        cmd = [sys.executable, self.script, "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--db", self.db, "--sync", self.sync]
-        if self.token:
-            cmd += ["--token", self.token]
-        return cmd + self.extra_args
+        return [sys.executable, self.script, "serve", "--host", "127.0.0.1", "--port", str(port),
+                "--db", self.db, "--sync", self.sync] + self.extra_args
 
     def start(self, port=0, timeout=30.0):
         env = {k: v for k, v in os.environ.items() if not k.startswith("INTENTBUS_")}
+        if self.token:   # in the environment: a command line is visible to every user (ps)
+            env["INTENTBUS_TOKEN"] = self.token
         self.expected_exit = False
         self.proc = subprocess.Popen(self._command(port), stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
@@ -520,30 +533,40 @@ def backoff_delay(previous, exc=None):
 
 def _acknowledge(call, stop, sink, op):
     """Send a fulfill/fail, retrying on Unavailable for ACK_RETRY_FOR seconds (the server may be
-    restarting). Returns (ok, answer_or_reason, t_first_send, t_ack)."""
+    restarting). Returns (ok, answer_or_reason, t_first_send, t_answer, retried): t_answer is
+    when the server acknowledged or refused it (None: no answer); retried says an earlier
+    attempt got no answer, so it may have been applied and a refusal may only mean that."""
     t_send = time.time()
     deadline = t_send + ACK_RETRY_FOR
     delay = 0.0
+    retried = False
     while True:
         t = time.time()
         try:
             answer = call()
-            return True, answer, t_send, time.time()
+            return True, answer, t_send, time.time(), retried
         except LeaseLost as e:
             sink.err(op, e, t)
-            return False, "lease_lost", t_send, None
+            return False, "lease_lost", t_send, time.time(), retried
         except Unavailable as e:
             sink.err(op, e, t)
             if stop.is_set() or time.time() > deadline:
-                return False, "unavailable", t_send, None
+                return False, "unavailable", t_send, None, retried
+            retried = True
             delay = backoff_delay(delay, e)
             time.sleep(delay)
         except IntentBusError as e:
             sink.err(op, e, t)
-            return False, e.code or str(e.status), t_send, None
+            return False, e.code or str(e.status), t_send, time.time(), retried
         except Exception as e:  # a client bug must not kill the worker thread
             sink.err(op, e, t)
-            return False, type(e).__name__, t_send, None
+            return False, type(e).__name__, t_send, None, retried
+
+
+def _answered(ok, t_answer, retried):
+    """The t_end_ack of a run: a refusal's time only when no earlier, unanswered attempt may
+    have been applied (then "lease_lost" may just mean that attempt's fulfill went through)."""
+    return t_answer if ok or not retried else None
 
 
 def worker_loop(client, cfg, name, sink, stop, rng=None, work=None):
@@ -588,20 +611,20 @@ def _handle_jobs(client, cfg, name, key, t0, t1, jobs, sink, stop, rng, work):
             sink.add("run", base + ("crash", None, None, False, "abandoned"))
             continue
         if dice < cfg["crash_rate"] + cfg["fail_rate"]:
-            ok, answer, ts, ta = _acknowledge(
+            ok, answer, ts, ta, retried = _acknowledge(
                 lambda: client.fail(id_, job["token"], error="injected failure", retry=True,
                                     minimal=True),
                 stop, sink, "fail")
             status = answer.get("status") if ok and isinstance(answer, dict) else answer
-            sink.add("run", base + ("fail", ts, ta, ok, status))
+            sink.add("run", base + ("fail", ts, _answered(ok, ta, retried), ok, status))
             continue
         to_fulfill.append((base, id_, job["token"]))
     if not to_fulfill:
         return
     if cfg["batch"] > 1:
         items = [{"id": id_, "token": token, "result": {"by": name}} for _, id_, token in to_fulfill]
-        ok, answer, ts, ta = _acknowledge(lambda: client.fulfill_many(items), stop, sink,
-                                          "fulfill_many")
+        ok, answer, ts, ta, retried = _acknowledge(lambda: client.fulfill_many(items), stop,
+                                                   sink, "fulfill_many")
         outcome = {}
         if ok:
             for res in answer:
@@ -613,14 +636,14 @@ def _handle_jobs(client, cfg, name, key, t0, t1, jobs, sink, stop, rng, work):
                     sink.add("err", (ta, "fulfill_many item %s" % code))
         for base, id_, _ in to_fulfill:
             item_ok, status = outcome.get(id_, (False, answer if not ok else "missing"))
-            sink.add("run", base + ("fulfill", ts, ta if item_ok else None, item_ok, status))
+            sink.add("run", base + ("fulfill", ts, _answered(item_ok, ta, retried), item_ok, status))
     else:
         for base, id_, token in to_fulfill:
-            ok, answer, ts, ta = _acknowledge(
+            ok, answer, ts, ta, retried = _acknowledge(
                 lambda: client.fulfill(id_, token, result={"by": name}, minimal=True), stop, sink,
                 "fulfill")
             status = answer.get("status") if ok and isinstance(answer, dict) else answer
-            sink.add("run", base + ("fulfill", ts, ta, ok, status))
+            sink.add("run", base + ("fulfill", ts, _answered(ok, ta, retried), ok, status))
 
 
 def producer_loop(client, cfg, job_numbers, sink, stop, deadline, rate=None, gap=None):
@@ -1128,7 +1151,9 @@ def fetch_finals(client, goal, ids):
                 after = page.get("next")
                 if not after:
                     break
-    except IntentBusError as e:
+    except Unavailable:
+        raise   # the server is unreachable: fetching one by one would only wait as long again
+    except IntentBusError as e:   # e.g. a token that may not list: fetch one by one
         progress("listing failed (%s); fetching one by one" % error_kind("list", e), force=True)
         progress_end()
     for id_ in ids:
@@ -1260,6 +1285,7 @@ def run_load(cfg, server=None):
         progress("verifying: fetching the final state of %d intents" % len(coll.acked), force=True)
         try:
             load["finals"] = fetch_finals(poller, cfg["goal"], list(coll.acked))
+            load["finals_read"] = True
         except IntentBusError as e:
             load["status"] = "could not fetch the final state: %s" % error_kind("fetch", e)
         progress_end()
@@ -1295,6 +1321,9 @@ def build_result(cfg, coll, load, server_info=None, backlog=None):
 
     chaos = bool(load["kills"]) or any(k.startswith("claim ") for k in coll.errors)
     verdict = verify(coll.submits, coll.runs, load["finals"], unrecorded_attempts_ok=chaos)
+    if not load.get("finals_read"):   # no final state: lost, fulfilled and dead are unknown
+        verdict.update(lost=None, fulfilled=None, dead_ok=None, ok=False)
+        verdict["examples"].update(lost=[], dead_ok=[])
     t_end = max([t_last or t0] + [r[1] for r in coll.subreqs])
     rows = timeline(t0, max(t_end, t0 + 0.05), list(fulfilled_at.values()), e2e, claim_lat,
                     [r[1] for r in coll.subreqs for _ in range(r[2])], coll.error_times)
@@ -1316,7 +1345,8 @@ def build_result(cfg, coll, load, server_info=None, backlog=None):
         "server": server_info or {},
         "duration_s": round(load["t_load_end"] - load["t_go"], 3),
         "throughput_jobs_per_s": round(throughput, 2),
-        "success_pct": round(100.0 * verdict["fulfilled"] / cfg["jobs"], 2) if cfg["jobs"] else 0.0,
+        "success_pct": None if verdict["fulfilled"] is None else
+                       round(100.0 * verdict["fulfilled"] / cfg["jobs"], 2) if cfg["jobs"] else 0.0,
         "jobs": cfg["jobs"], "acknowledged": len(coll.acked), "fulfilled": verdict["fulfilled"],
         "unsubmitted": dict(coll.unsubmitted),
         "counts": {"claim_requests": len(coll.claims),
@@ -1339,6 +1369,15 @@ def build_result(cfg, coll, load, server_info=None, backlog=None):
 # ============================================================================================
 # Report: table, json, svg
 # ============================================================================================
+
+def _known(count):
+    """A verification count, or "unknown" when the server's final state could not be read."""
+    return "unknown" if count is None else "%d" % count
+
+
+def _pct(value):
+    return "n/a" if value is None else "%.2f%%" % value
+
 
 def fmt_ms(v):
     if v is None:
@@ -1371,8 +1410,8 @@ def report_text(res):
     out.append("| preset | workers | jobs | success | throughput | submit p50 / p95 / p99 ms "
                "| claim p50 / p95 / p99 ms | end-to-end p50 / p95 / p99 ms |")
     out.append("|---|---:|---:|---:|---:|---|---|---|")
-    out.append("| %s | %d | %d | %.2f%% | %.1f jobs/s | %s | %s | %s |" % (
-        cfg["preset"] or "custom", cfg["workers"], cfg["jobs"], res["success_pct"],
+    out.append("| %s | %d | %d | %s | %.1f jobs/s | %s | %s | %s |" % (
+        cfg["preset"] or "custom", cfg["workers"], cfg["jobs"], _pct(res["success_pct"]),
         res["throughput_jobs_per_s"], triple(lat["submit"]), triple(lat["claim"]),
         triple(lat["end_to_end"])))
     out.append("")
@@ -1427,14 +1466,15 @@ def report_text(res):
     v = res["verification"]
     out.append("")
     out.append("verification (server's final state of %d acknowledged intents):" % v["acknowledged"])
-    out.append("  %-40s %8d" % ("lost jobs", v["lost"]))
+    out.append("  %-40s %8s" % ("lost jobs", _known(v["lost"])))
     out.append("  %-40s %8d" % ("fulfilled twice", v["fulfilled_twice"]))
     out.append("  %-40s %8d" % ("double-run (two valid leases at once)", v["double_run"]))
     out.append("  %-40s %8d" % ("duplicate intents for one job", v["duplicates"]))
-    out.append("  (fulfilled %d, dead after injected failures used up their attempts %d)"
-               % (v["fulfilled"], v["dead_ok"]))
-    for name in ("lost", "fulfilled_twice", "double_run", "duplicates"):
-        for example in v["examples"][name][:5]:
+    out.append("  %-40s %8d" % ("valid lease refused (lease_lost early)", v.get("valid_lease_refused", 0)))
+    out.append("  (fulfilled %s, dead after injected failures used up their attempts %s)"
+               % (_known(v["fulfilled"]), _known(v["dead_ok"])))
+    for name in ("lost", "fulfilled_twice", "double_run", "duplicates", "valid_lease_refused"):
+        for example in v["examples"].get(name, [])[:5]:
             out.append("    %s: %s" % (name, example))
     if srv.get("log_tail"):
         out.append("")
@@ -1500,11 +1540,12 @@ def svg_chart(res):
         cfg["preset"] or "custom", cfg["workers"], cfg["jobs"])
     s.append('<text x="%d" y="30" font-size="19" font-weight="bold" fill="%s">%s</text>'
              % (ml, c_text, _esc(title)))
-    sub = "%s jobs/s \u00b7 success %.2f%% \u00b7 p99 claim %s ms \u00b7 p99 end-to-end %s ms \u00b7 " \
-          "lost %d \u00b7 twice %d \u00b7 double-run %d \u00b7 sync %s%s" % (
-              _num(round(res["throughput_jobs_per_s"], 1)), res["success_pct"],
+    sub = "%s jobs/s \u00b7 success %s \u00b7 p99 claim %s ms \u00b7 p99 end-to-end %s ms \u00b7 " \
+          "lost %s \u00b7 twice %d \u00b7 double-run %d \u00b7 sync %s%s" % (
+              _num(round(res["throughput_jobs_per_s"], 1)), _pct(res["success_pct"]),
               fmt_ms(res["latency_ms"]["claim"]["p99"]), fmt_ms(res["latency_ms"]["end_to_end"]["p99"]),
-              v["lost"], v["fulfilled_twice"], v["double_run"], cfg["sync"],
+              _known(v["lost"]), v["fulfilled_twice"], v["double_run"],
+              cfg["sync"] if res["server"].get("started") else "(server's)",
               " \u00b7 batch %d" % cfg["batch"] if cfg["batch"] > 1 else "")
     s.append('<text x="%d" y="52" font-size="13" fill="#555555">%s</text>' % (ml, _esc(sub)))
     verdict = "PASS" if res["passed"] else "FAIL"
@@ -1630,7 +1671,7 @@ def parse_args(argv=None):
     g.add_argument("--rate", type=float, default=0.0, help="total submit rate, jobs/s (0: as fast as possible)")
     g.add_argument("--claim-wait", type=float, help="long-poll seconds per claim (default 1; 25 with --wakeup)")
     g.add_argument("--lease", type=float, help="lease seconds for the jobs (default: the server's; "
-                                               "max(2, 3*work+1) with --crash-rate or --kill-server-after)")
+                                               "max(2, 3*work*batch+1) with --crash-rate or --kill-server-after)")
     g.add_argument("--backoff", type=float, default=0.1, help="retry backoff base of the jobs, seconds")
     g.add_argument("--max-attempts", type=int, default=3, help="max_attempts of the jobs")
     g = p.add_argument_group("scenarios")
@@ -1675,6 +1716,28 @@ def parse_args(argv=None):
         problems.append("--kill-server-after needs the server that stress.py starts (no --url)")
     if args.timeout <= 0:
         problems.append("--timeout must be positive")
+    if args.work_ms < 0 or args.gap_ms < 0 or args.rate < 0 or args.backoff < 0 or args.backlog < 0:
+        problems.append("--work-ms, --gap-ms, --rate, --backoff and --backlog must be >= 0")
+    if args.kill_server_after is not None and args.kill_server_after <= 0:
+        problems.append("--kill-server-after must be positive")
+    if args.lease is not None and not 0.1 <= args.lease <= 43200:
+        problems.append("--lease must be between 0.1 and 43200 s, as the server takes it")
+    if not 1 <= args.max_attempts <= 100:
+        problems.append("--max-attempts must be 1..100, as the server takes it")
+    if args.claim_wait is not None and not 0 <= args.claim_wait <= 60:
+        problems.append("--claim-wait must be 0..60 s")
+    try:
+        args.server_args = shlex.split(args.server_args)
+    except ValueError as e:
+        problems.append("--server-args: %s" % e)
+    if args.url:
+        try:
+            Client(args.url).close()
+        except ValueError as e:
+            problems.append("--url: %s" % e)
+    for flag, path in (("--json", args.json), ("--svg", args.svg)):
+        if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+            problems.append("%s: cannot write in the directory of %s" % (flag, path))
     if args.probe_requests < 1:
         problems.append("--probe-requests must be >= 1")
     if problems:
@@ -1697,7 +1760,7 @@ def make_config(args):
         "producer_procs": max(1, args.producer_procs or (1 if args.producers <= 4 else 2)),
         "batch": args.batch, "submit_batch": args.submit_batch, "rate": args.rate,
         "claim_wait": args.claim_wait if args.claim_wait is not None else (25.0 if args.wakeup else 1.0),
-        "lease": args.lease if args.lease else (chaos_lease(args.work_ms) if chaos else None),
+        "lease": args.lease if args.lease else (chaos_lease(args.work_ms, args.batch) if chaos else None),
         "backoff": args.backoff, "max_attempts": args.max_attempts,
         "work_ms": args.work_ms, "fail_rate": args.fail_rate, "crash_rate": args.crash_rate,
         "kill_server_after": args.kill_server_after, "backlog": args.backlog,
@@ -1707,11 +1770,18 @@ def make_config(args):
     }
 
 
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt   # SIGTERM (timeout(1), a CI runner) stops a run like Ctrl-C does
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg = make_config(args)
     server, tmpdir, server_info = None, None, {"started": False}
     backlog = None
+    on_term = None
+    if threading.current_thread() is threading.main_thread():
+        on_term = signal.signal(signal.SIGTERM, _interrupted)
     try:
         if not cfg["url"]:
             script = os.path.join(HERE, "intentbus.py")
@@ -1719,7 +1789,7 @@ def main(argv=None):
                 tmpdir = tempfile.mkdtemp(prefix="intentbus-stress-")
             db = args.db or os.path.join(tmpdir, "stress.db")
             server = ServerProcess(script, db, sync=args.sync, token=args.token,
-                                   extra_args=shlex.split(args.server_args))
+                                   extra_args=args.server_args)
             cfg["url"] = server.start()
             server_info = {"started": True, "db": db, "command": server._command(server.port)}
         client = Client(cfg["url"], token=cfg["token"], timeout=15.0)
@@ -1773,6 +1843,8 @@ def main(argv=None):
         print("stress.py: interrupted", file=sys.stderr)
         return 130
     finally:
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
         if server is not None and server.alive():
             server.stop()
         if tmpdir and not args.keep_db:

@@ -3375,6 +3375,29 @@ class FakeClient:
 
 # ----- the broken fakes ------------------------------------------------------------------------
 
+class DropsValidLeases(FakeBus):
+    """Answers every fulfill with lease_lost while the lease is still valid, and puts the intent
+    back (dead once its attempts are used up): a server that forgets leases."""
+
+    def fulfill(self, id_, token, result):
+        with self.lock:
+            it = self.held(id_, token)
+            it.update(status="dead" if it["attempts"] >= it["max_attempts"] else "open", token=None)
+        raise LeaseLost("lease lost", status=409, code="lease_lost")
+
+
+class LosesAFulfillAck(FakeBus):
+    """Fulfills intent 5, then loses the answer (a server killed before it replied): the
+    worker's retry is then refused with lease_lost, which is no fault of the server's."""
+
+    def fulfill(self, id_, token, result):
+        answer = FakeBus.fulfill(self, id_, token, result)
+        if str(id_) == "5" and not getattr(self, "lost_one", False):
+            self.lost_one = True
+            raise Unavailable("connection reset", code="network")
+        return answer
+
+
 class LosesAJob(FakeBus):
     """Acknowledges the submit of the 7th intent, then forgets it."""
 
@@ -3523,6 +3546,21 @@ class HarnessAgainstFakes(unittest.TestCase):
         self.assertGreater(v["lost"], 0)
         self.assertTrue(all("dead after 1 injected" in why for _, why in v["examples"]["lost"]))
 
+    def test_dropping_valid_leases_is_caught(self):
+        # Found by an audit: a lease_lost answer counted as an injected failure, so a server
+        # that dropped every valid lease passed with all its jobs "dead after injected failures".
+        v, _, _, _ = run_against(DropsValidLeases(), jobs=10)
+        self.assertEqual(v["valid_lease_refused"], 10)
+        self.assertEqual(v["dead_ok"], 0)
+        self.assertEqual(v["lost"], 10)
+        self.assertFalse(v["ok"])
+
+    def test_a_refusal_after_a_lost_answer_is_not_blamed_on_the_server(self):
+        v, _, runs, _ = run_against(LosesAFulfillAck(), jobs=10)
+        self.assertTrue(v["ok"], v["examples"])
+        self.assertEqual((v["valid_lease_refused"], v["fulfilled"]), (0, 10))
+        self.assertEqual([r.end_status for r in runs if r.id == "5"], ["lease_lost"])
+
     def test_ignored_idempotency_key_is_caught(self):
         v, _, _, events = run_against(LosesAcksAndIgnoresKeys(), jobs=10)
         self.assertEqual(v["duplicates"], 1)
@@ -3547,6 +3585,14 @@ def run(id_, worker, claimed, end=None, kind="fulfill", ok=True, lease_until=Non
 
 
 class VerificationRecords(unittest.TestCase):
+    def test_lease_lost_counts_as_a_fault_only_before_the_lease_ran_out(self):
+        early = run("1", "a", 10.0, end=11.0, ok=False, lease_until=12.0, status="lease_lost")
+        late = run("2", "a", 10.0, end=12.5, ok=False, lease_until=12.0, status="lease_lost")
+        unanswered = run("3", "a", 10.0, end=11.0, ok=False, lease_until=12.0,
+                         status="unavailable")._replace(t_end_ack=None)
+        self.assertEqual([stress.refused_while_valid(r) for r in (early, late, unanswered)],
+                         [True, False, False])
+
     def test_reclaim_after_lease_expiry_is_not_a_double_run(self):
         runs = [run("1", "a", 10.0, kind="crash", end=None, ok=False, lease_until=12.0),
                 run("1", "b", 12.3, end=12.5)]
@@ -3649,15 +3695,18 @@ class Measurement(unittest.TestCase):
 
 
 class Reports(unittest.TestCase):
-    def result(self, bus, jobs, args, kills, monitor):
+    def result(self, bus, jobs, args, kills, monitor, finals_read=True):
         """stress.build_result over a run against a fake bus."""
         v, submits, runs, events = run_against(bus, jobs=jobs)
         coll = stress.Collector()
         coll.feed(events)
         load = {"status": "finished", "t_go": min(s.t_send for s in submits),
-                "t_load_end": time.time(), "kills": kills,
-                "finals": stress.fetch_finals(FakeClient(bus), "g", list(coll.acked)),
-                "children_missing": []}
+                "t_load_end": time.time(), "kills": kills, "finals": {}, "children_missing": []}
+        if finals_read:
+            load.update(finals=stress.fetch_finals(FakeClient(bus), "g", list(coll.acked)),
+                        finals_read=True)
+        else:
+            load["status"] = "could not fetch the final state: fetch Unavailable"
         cfg = stress.make_config(stress.parse_args(args))
         cfg["url"] = "http://127.0.0.1:1"
         return stress.build_result(cfg, coll, load, monitor)
@@ -3675,6 +3724,33 @@ class Reports(unittest.TestCase):
         root = ET.fromstring(stress.svg_chart(res))
         self.assertTrue(root.tag.endswith("svg"))
         self.assertIn("SIGKILL", stress.svg_chart(res))
+
+    def test_bad_flags_are_refused_before_anything_starts(self):
+        # Found by an audit: these crashed with a traceback, idled until --timeout, or only
+        # failed after the whole run.
+        for args in (["--url", "ftp://127.0.0.1:1"], ["--server-args", "'unclosed"],
+                     ["--json", "/nonexistent-dir/x.json"], ["--work-ms", "-5"],
+                     ["--kill-server-after", "0"], ["--lease", "-1"], ["--max-attempts", "0"]):
+            with contextlib.redirect_stderr(io.StringIO()) as err, self.assertRaises(SystemExit) as e:
+                stress.parse_args(args)
+            self.assertEqual(e.exception.code, 2, args)
+            self.assertIn(args[0], err.getvalue())
+
+    def test_the_token_is_not_on_the_servers_command_line(self):
+        # A command line is visible to every user (ps), and stress.py writes it to --json.
+        srv = stress.ServerProcess("intentbus.py", "x.db", token="s3cret-token")
+        self.assertNotIn("s3cret-token", " ".join(srv._command(8080)))
+
+    def test_an_unread_final_state_is_unknown_not_lost(self):
+        # Found by an audit: a server gone at the end was reported as every job lost.
+        res = self.result(FakeBus(), 10, ["--jobs", "10"], [], {}, finals_read=False)
+        self.assertFalse(res["passed"])
+        self.assertIsNone(res["success_pct"])
+        text = stress.report_text(res)
+        self.assertRegex(text, r"lost jobs +unknown")
+        self.assertIn("| custom | 5 | 10 | n/a |", text)
+        self.assertTrue(text.endswith("FAIL"))
+        ET.fromstring(stress.svg_chart(res))
 
     def test_failed_verification_makes_it_fail(self):
         res = self.result(LosesAJob(), 10, ["--jobs", "10"], [], {})
