@@ -200,7 +200,7 @@ def find_fulfilled_twice(runs):
     return sorted(id_ for id_, n in acks.items() if n > 1)
 
 
-def find_lost(submits, runs, finals, unrecorded_attempts_ok=False):
+def find_lost(submits, runs, finals, unrecorded_attempts_ok=False, same_clock=True):
     """Acknowledged submits that did not finish properly. Returns (lost, dead_ok) where lost is
     [(id, reason)] and dead_ok the ids that are dead because injected failures (fail, crash, an
     end the harness could not deliver) used up their attempts.
@@ -227,7 +227,7 @@ def find_lost(submits, runs, finals, unrecorded_attempts_ok=False):
         if any(r.end == "fulfill" and r.end_ok for r in rs):
             lost.append((id_, "dead although a fulfill was acknowledged"))
             continue
-        harness = sum(1 for r in rs if not refused_while_valid(r) and (
+        harness = sum(1 for r in rs if not (same_clock and refused_while_valid(r)) and (
             r.end in HARNESS_FAILED_ENDS or (r.end == "fulfill" and not r.end_ok)))
         if unrecorded_attempts_ok:
             harness += max(0, int(final.get("attempts") or 0) - len(rs))
@@ -256,13 +256,19 @@ def find_duplicates(submits, runs, finals):
     return sorted((job, sorted(v)) for job, v in ids.items() if len(v) > 1)
 
 
-def verify(submits, runs, finals, unrecorded_attempts_ok=False):
-    """The verdict of one run, from its event records and the server's final state."""
-    lost, dead_ok = find_lost(submits, runs, finals, unrecorded_attempts_ok)
+def verify(submits, runs, finals, unrecorded_attempts_ok=False, same_clock=True):
+    """The verdict of one run, from its event records and the server's final state.
+    same_clock: the server runs on this machine (stress.py started it), so its lease_expires_at
+    can be compared with our clock to find valid leases it refused."""
+    lost, dead_ok = find_lost(submits, runs, finals, unrecorded_attempts_ok, same_clock)
     twice = find_fulfilled_twice(runs)
     double = find_double_runs(runs)
     dups = find_duplicates(submits, runs, finals)
-    refused = sorted({r.id for r in runs if refused_while_valid(r)})
+    refused = {}
+    for r in runs:
+        if same_clock and refused_while_valid(r) and r.id not in refused:
+            refused[r.id] = "refused at %.4f, lease until %.4f" % (r.t_end_ack, r.lease_expires_at)
+    refused = sorted(refused.items())
     acked = {s.id for s in submits}
     fulfilled = sum(1 for id_ in acked
                     if isinstance(finals.get(id_), dict) and finals[id_].get("status") == "fulfilled")
@@ -751,7 +757,11 @@ def preload_backlog(url, token, cfg, total, threads=4, timeout=3600.0):
 # ----- child processes ------------------------------------------------------------------------
 
 def _child_setup():
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent handles Ctrl-C and stops us
+    # The parent handles Ctrl-C and SIGTERM (sent to the whole group by timeout(1) or a CI
+    # runner) and stops us: a child killed inside stop.wait() would leave the shared Event's
+    # condition waiting for it, and the parent's stop.set() hanging, for ever.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _ship(q, proc_id, sink):
@@ -1199,7 +1209,7 @@ def run_load(cfg, server=None):
         if time.time() > ready_by or any(not p.is_alive() for p in procs.values()):
             stop.set()
             for p in procs.values():
-                p.terminate()
+                p.kill()   # SIGTERM is ignored by the children
             raise RuntimeError("child processes did not start (%d of %d ready)"
                                % (len(coll.ready), len(procs)))
     poller = Client(cfg["url"], token=cfg["token"], timeout=10.0)
@@ -1273,7 +1283,7 @@ def run_load(cfg, server=None):
     for p in procs.values():
         p.join(max(0.1, end_by - time.time()))
         if p.is_alive():
-            p.terminate()
+            p.kill()   # SIGTERM is ignored by the children
             p.join(2)
     progress_end()
     load["stuck_threads"] = sum(d.get("stuck", 0) for d in coll.done.values())
@@ -1320,7 +1330,8 @@ def build_result(cfg, coll, load, server_info=None, backlog=None):
     wake_ack = [t - submit_ack[i] for i, t in first_claim.items()]
 
     chaos = bool(load["kills"]) or any(k.startswith("claim ") for k in coll.errors)
-    verdict = verify(coll.submits, coll.runs, load["finals"], unrecorded_attempts_ok=chaos)
+    verdict = verify(coll.submits, coll.runs, load["finals"], unrecorded_attempts_ok=chaos,
+                     same_clock=bool((server_info or {}).get("started")))
     if not load.get("finals_read"):   # no final state: lost, fulfilled and dead are unknown
         verdict.update(lost=None, fulfilled=None, dead_ok=None, ok=False)
         verdict["examples"].update(lost=[], dead_ok=[])
@@ -1642,7 +1653,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Load, chaos and correctness harness for Intent Bus. Starts its own server "
                     "unless --url is given; exits non-zero on any lost, twice-fulfilled or "
-                    "double-run job, on a timeout, or when a job was not finished.",
+                    "double-run job, on a valid lease refused (lease_lost early; only against a "
+                    "server it started, whose clock is its own), on a timeout, or when a job was "
+                    "not finished.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("size")
     g.add_argument("--preset", choices=sorted(PRESETS), default="light",
@@ -1720,7 +1733,7 @@ def parse_args(argv=None):
         problems.append("--work-ms, --gap-ms, --rate, --backoff and --backlog must be >= 0")
     if args.kill_server_after is not None and args.kill_server_after <= 0:
         problems.append("--kill-server-after must be positive")
-    if args.lease is not None and not 0.1 <= args.lease <= 43200:
+    if args.lease and not 0.1 <= args.lease <= 43200:   # 0: the server's default
         problems.append("--lease must be between 0.1 and 43200 s, as the server takes it")
     if not 1 <= args.max_attempts <= 100:
         problems.append("--max-attempts must be 1..100, as the server takes it")
@@ -1736,8 +1749,9 @@ def parse_args(argv=None):
         except ValueError as e:
             problems.append("--url: %s" % e)
     for flag, path in (("--json", args.json), ("--svg", args.svg)):
-        if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
-            problems.append("%s: cannot write in the directory of %s" % (flag, path))
+        if path and not (os.access(path, os.W_OK) if os.path.exists(path) else
+                         os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)):
+            problems.append("%s: cannot write %s" % (flag, path))
     if args.probe_requests < 1:
         problems.append("--probe-requests must be >= 1")
     if problems:
