@@ -51,6 +51,8 @@ FINISHED = ("fulfilled", "dead", "cancelled")
 OUTCOMES = ("fulfilled", "failed", "lease_expired", "released", "cancelled")
 HISTORY_KEEP = 20
 MAX_LEASE_TOTAL = 12 * 3600.0   # a claim may be extended to at most 12 h in all, as in SQS
+MIN_LEASE = 0.1                 # a lease, as an intent, a claim, an extend or --lease gives it
+MAX_BACKOFF = 86400.0           # an intent's backoff base, or --backoff-base
 ROLES = ("submit", "work", "admin")
 
 
@@ -1182,8 +1184,8 @@ class Queue:
             "priority": _number(body, "priority", -MAX_INT, MAX_INT, 0, integer=True),
             "requires": _names(body, "requires", CAP_RE, 16, "1-64 characters of A-Z a-z 0-9 _ . : -"),
             "max_attempts": _number(body, "max_attempts", 1, 100, 3, integer=True),
-            "lease": _number(body, "lease", 0.1, MAX_LEASE_TOTAL, self.lease),
-            "backoff": _number(body, "backoff", 0, 86400, self.backoff_base),
+            "lease": _number(body, "lease", MIN_LEASE, MAX_LEASE_TOTAL, self.lease),
+            "backoff": _number(body, "backoff", 0, MAX_BACKOFF, self.backoff_base),
             "idempotency_key": _name(body, "idempotency_key", KEY_RE,
                                      what="1-256 printable ASCII characters"),
         }
@@ -1271,7 +1273,7 @@ class Queue:
         goals = _names(body, "goals", NAME_RE, 1000, "1-128 characters of A-Z a-z 0-9 _ . : -")
         max_count = _number(body, "max", 1, 100, 1, integer=True)
         wait = _number(body, "wait", 0, 60, 0)
-        lease = _number(body, "lease", 0.1, MAX_LEASE_TOTAL)
+        lease = _number(body, "lease", MIN_LEASE, MAX_LEASE_TOTAL)
         if scope.goals is not None:
             if goals and not set(goals) <= scope.goals:
                 raise Forbidden("this token may claim only goals %s" % ", ".join(sorted(scope.goals)))
@@ -1481,7 +1483,7 @@ class Queue:
         return row
 
     def extend(self, intent_id, token, lease=None, scope=ROOT):
-        lease = _number({"lease": lease}, "lease", 0.1, MAX_LEASE_TOTAL)
+        lease = _number({"lease": lease}, "lease", MIN_LEASE, MAX_LEASE_TOTAL)
 
         def run():
             now = self.clock()
@@ -1517,8 +1519,9 @@ class Queue:
         claimed is [(intent id, token)]."""
         def run():
             now = self.clock()
+            rows = self.store.intents_for_update([intent_id for intent_id, _ in claimed])
             for intent_id, token in claimed:
-                row = self.store.intent_for_update(intent_id)
+                row = rows.get(intent_id)
                 if row and row["status"] == "claimed" and row["token"] == token:
                     self._release_now(row, now)
         try:
@@ -2768,7 +2771,7 @@ def is_loopback(host):
 # Settings that would make the server refuse every claim, payload or connection. (setting,
 # lowest, highest); the lease and backoff ranges are those a submitted intent may ask for.
 SETTING_RANGES = [
-    ("port", 0, 65535), ("lease", 0.1, MAX_LEASE_TOTAL), ("backoff_base", 0, 86400),
+    ("port", 0, 65535), ("lease", MIN_LEASE, MAX_LEASE_TOTAL), ("backoff_base", 0, MAX_BACKOFF),
     ("backoff_max", 0, None), ("max_payload", 1, None), ("max_result", 1, None),
     ("max_body", 1, None), ("keep_done", 0, None), ("keep_dead", 0, None),
     ("idle_timeout", 0.001, None), ("request_timeout", 0.001, None), ("max_connections", 1, None),
