@@ -754,15 +754,11 @@ class Storage:
         times = [t for t in (lease, due) if t is not None]
         return min(times) if times else None
 
-    def matching_ids(self, statuses, goal, namespace, limit):
-        sql = "SELECT id FROM intents WHERE status IN (%s)" % ",".join("?" * len(statuses))
-        args = list(statuses)
-        if goal is not None:
-            sql += " AND goal = ?"
-            args.append(goal)
-        if namespace is not None:
-            sql += " AND namespace = ?"
-            args.append(namespace)
+    def matching_ids(self, statuses, goal, namespace, limit, after=0, goals=None):
+        """Ids above `after` with one of these statuses, of `goal` and of one of `goals` if given."""
+        sql = "SELECT id FROM intents WHERE id > ? AND status IN (%s)" % ",".join("?" * len(statuses))
+        args = [after] + list(statuses)
+        sql, args = _filtered(sql, args, goal=goal, namespace=namespace, goals=goals)
         sql += " ORDER BY id LIMIT ?"
         args.append(limit)
         return [r[0] for r in self._wconn.execute(sql, args).fetchall()]
@@ -793,29 +789,23 @@ class Storage:
         return dict(zip(_INTENT_KEYS, rows[0])) if rows else None
 
     def list_intents(self, status=None, goal=None, namespace=None, submitted_by=None,
-                     after=0, limit=100):
-        sql = "SELECT %s FROM intents WHERE id > ?" % INTENT_COLUMNS
-        args = [after]
-        for column, value in (("status", status), ("goal", goal), ("namespace", namespace),
-                              ("submitted_by", submitted_by)):
-            if value is not None:
-                sql += " AND %s = ?" % column
-                args.append(value)
+                     after=0, limit=100, goals=None):
+        sql, args = _filtered("SELECT %s FROM intents WHERE id > ?" % INTENT_COLUMNS, [after],
+                              status=status, goal=goal, namespace=namespace,
+                              submitted_by=submitted_by, goals=goals)
         sql += " ORDER BY id LIMIT ?"
         args.append(limit)
         return [dict(zip(_INTENT_KEYS, row)) for row in self._read(sql, args)]
 
-    def count_by_goal_and_status(self, namespace=None):
-        if namespace is None:
-            return self._read("SELECT goal, status, count(*) FROM intents GROUP BY goal, status")
-        return self._read("SELECT goal, status, count(*) FROM intents WHERE namespace = ? "
-                          "GROUP BY goal, status", (namespace,))
+    def count_by_goal_and_status(self, namespace=None, goals=None):
+        sql, args = _filtered("SELECT goal, status, count(*) FROM intents WHERE 1", [],
+                              namespace=namespace, goals=goals)
+        return self._read(sql + " GROUP BY goal, status", args)
 
-    def oldest_ready_run_at(self, namespace=None):
-        sql = "SELECT min(run_at) FROM intents WHERE status = 'open' AND delayed = 0"
-        if namespace is None:
-            return self._read_one(sql)[0]
-        return self._read_one(sql + " AND namespace = ?", (namespace,))[0]
+    def oldest_ready_run_at(self, namespace=None, goals=None):
+        sql, args = _filtered("SELECT min(run_at) FROM intents WHERE status = 'open' AND delayed = 0",
+                              [], namespace=namespace, goals=goals)
+        return self._read_one(sql, args)[0]
 
     def holdings(self, namespace=None):
         sql = "SELECT worker, count(*) FROM intents INDEXED BY intents_lease WHERE status = 'claimed'"
@@ -862,6 +852,20 @@ _INTENT_KEYS = tuple(c.strip() for c in INTENT_COLUMNS.split(","))
 # or release, which need the route, lease and backoff too.
 _HELD_KEYS = ("id", "namespace", "goal", "submitted_by", "status", "token", "lease_expires_at",
               "attempts", "worker", "claimed_at", "history")
+
+
+def _filtered(sql, args, goals=None, **equal):
+    """sql and args with "AND column = ?" for each given column, and "AND goal IN (...)" for goals."""
+    args = list(args)
+    for column, value in equal.items():
+        if value is not None:
+            sql += " AND %s = ?" % column
+            args.append(value)
+    if goals is not None:
+        goals = sorted(goals)
+        sql += " AND goal IN (%s)" % ",".join("?" * len(goals))
+        args += goals
+    return sql, args
 
 
 def _in_lists(values):
@@ -961,10 +965,13 @@ class Route:
 
 
 class ClaimRequest:
-    __slots__ = ("worker", "caps", "goals", "max", "lease", "deadline", "namespace", "op", "alive")
+    __slots__ = ("worker", "caps", "goals", "max", "lease", "deadline", "namespace", "op", "alive",
+                 "revocable")
 
-    def __init__(self, worker, caps, goals, max_count, lease, deadline, namespace, alive=None):
+    def __init__(self, worker, caps, goals, max_count, lease, deadline, namespace, alive=None,
+                 revocable=False):
         self.alive = alive   # None, or a callable: False once the claimant has gone away
+        self.revocable = revocable   # made with a scoped token, which an admin command may revoke
         self.worker = worker
         self.caps = frozenset(caps)
         self.goals = frozenset(goals) if goals else None
@@ -1046,6 +1053,8 @@ CLAIM_FIELDS = frozenset("worker caps goals max wait lease".split())
 class Queue:
     """The rules of the bus. Every state change runs as one write op on the storage writer."""
 
+    REDRIVE_CHUNK = 500   # intents redriven per transaction by retry_matching
+
     def __init__(self, store, lease=60.0, backoff_base=10.0, backoff_max=3600.0,
                  max_payload=8192, max_result=65536, keep_done=7 * 86400.0,
                  keep_dead=30 * 86400.0, max_open=None, clock=time.time, rng=random.random):
@@ -1087,7 +1096,12 @@ class Queue:
         self._ready = {}
 
     def _external_change(self):
-        """An admin command changed the file: routes, counts and claimable work may differ."""
+        """An admin command changed the file: routes, counts, claimable work and tokens may differ."""
+        # A parked claim was authenticated when it arrived, and the change may revoke its token:
+        # answered empty, the worker's next claim is authenticated again.
+        for request in self._parked:
+            if request.revocable:
+                self.store.finish_parked(request.op, [])
         self._forget_caches()
         with self._watch_lock:
             events = [e for es in self._watchers.values() for e in es]
@@ -1212,10 +1226,10 @@ class Queue:
             for spec in specs:
                 if spec["goal"] not in scope.goals:
                     raise Forbidden("this token may not submit goal '%s'" % spec["goal"])
-        created, rows = self.store.write(lambda: self._submit_now(specs, namespace, scope.name, now))
+        created, rows = self.store.write(lambda: self._submit_now(specs, namespace, scope, now))
         return created, [(view or intent_view)(r) for r in rows]   # built here, off the writer
 
-    def _submit_now(self, specs, namespace, submitted_by, now):
+    def _submit_now(self, specs, namespace, scope, now):
         # Every check first (idempotency, quota), then every insert: a refusal changes nothing.
         rows, new = [], []
         keys = [spec["idempotency_key"] for spec in specs if spec["idempotency_key"] is not None]
@@ -1225,6 +1239,11 @@ class Queue:
             existing = None
             if key is not None:
                 existing = seen.get(key)
+                if existing is not None and not scope.sees(existing):
+                    # Keys are unique in a namespace, but the intent is another submitter's:
+                    # neither it nor its id is this caller's to learn.
+                    raise Conflict("idempotency key '%s' is already used in this namespace" % key,
+                                   code="idempotency_conflict")
                 if existing is not None and existing["request_hash"] != spec["request_hash"]:
                     raise Conflict("idempotency key '%s' was used for a different intent%s" % (
                         key, " (id %s)" % existing["id"] if existing.get("id") else ""),
@@ -1234,7 +1253,7 @@ class Queue:
                 continue
             row = dict(spec, namespace=namespace, requires=_list_text(spec["requires"]), status="open",
                        delayed=int(spec["run_at"] > now), created_at=now, attempts=0,
-                       submitted_by=submitted_by, history="[]", worker=None, token=None,
+                       submitted_by=scope.name, history="[]", worker=None, token=None,
                        claimed_at=None, lease_expires_at=None, finished_at=None, result=None,
                        error=None)
             if key is not None:
@@ -1281,7 +1300,8 @@ class Queue:
         if self.closing:
             return []
         now = self.clock()
-        request = ClaimRequest(worker, caps, goals, max_count, lease, now + wait, scope.namespace, alive)
+        request = ClaimRequest(worker, caps, goals, max_count, lease, now + wait, scope.namespace, alive,
+                               revocable=scope is not ROOT)
         self._seen(scope.namespace or "default", worker, caps, now)
         if not self.store.has_writer:   # admin commands and storage tests: no long polling
             request.deadline = now
@@ -1574,21 +1594,24 @@ class Queue:
             raise Invalid("'status' must be dead or cancelled")
         if goal is not None and not (isinstance(goal, str) and NAME_RE.match(goal)):
             raise Invalid("'goal' must be 1-128 characters of A-Z a-z 0-9 _ . : -")
-        total = 0
+        total, after = 0, 0
         while True:   # in chunks, so that claims are not held up behind one huge transaction
             def run():
                 now = self.clock()
                 count = 0
-                for intent_id in self.store.matching_ids([status], goal, scope.namespace, 500):
+                ids = self.store.matching_ids([status], goal, scope.namespace, self.REDRIVE_CHUNK,
+                                              after, scope.goals)
+                for intent_id in ids:
                     row = self.store.intent_for_update(intent_id)
                     if scope.sees(row):
                         self._redrive(row, now)
                         count += 1
-                return count
-            count = self.store.write(run)
+                return count, ids
+            count, ids = self.store.write(run)
             total += count
-            if count < 500:
+            if len(ids) < self.REDRIVE_CHUNK:
                 return total
+            after = ids[-1]
 
     # ----- reads ---------------------------------------------------------------------
 
@@ -1629,8 +1652,8 @@ class Queue:
         limit = _number({"limit": limit}, "limit", 1, 1000, 100, integer=True)
         cursor = 0 if after in (None, "", "0", 0) else _intent_id(after, "after")
         rows = self.store.list_intents(status, goal, scope.namespace,
-                                       scope.name if scope.own_only else None, cursor, limit + 1)
-        rows = [r for r in rows if scope.goals is None or r["goal"] in scope.goals]
+                                       scope.name if scope.own_only else None, cursor, limit + 1,
+                                       scope.goals)
         more = len(rows) > limit
         rows = rows[:limit]
         return {"intents": [intent_view(r) for r in rows],
@@ -1640,10 +1663,10 @@ class Queue:
         now = self.clock()
         counts = dict.fromkeys(STATUSES, 0)
         goals = {}
-        for goal, status, n in self.store.count_by_goal_and_status(scope.namespace):
+        for goal, status, n in self.store.count_by_goal_and_status(scope.namespace, scope.goals):
             counts[status] = counts.get(status, 0) + n
             goals.setdefault(goal, dict.fromkeys(STATUSES, 0))[status] = n
-        oldest = self.store.oldest_ready_run_at(scope.namespace)
+        oldest = self.store.oldest_ready_run_at(scope.namespace, scope.goals)
         holding = self.store.holdings(scope.namespace)
         workers = [{"name": name, "namespace": namespace, "caps": json.loads(caps),
                     "last_seen": last_seen, "holding": holding.get(name, 0)}
@@ -2277,7 +2300,16 @@ class Handler(BaseHTTPRequestHandler):
             params = {"id": params["id"]} if "id" in params else {}
         else:
             value = None
-        if name == "submit" and "idempotency-key" in headers and isinstance(value, dict) and \
+        if name == "submit" and isinstance(value, list):
+            # Both would have to be spread over the items, and a dropped key duplicates on retry.
+            if "idempotency-key" in headers:
+                raise HTTPError(400, "invalid", "the Idempotency-Key header names one intent; give "
+                                "each intent of an array its own idempotency_key")
+            extra = sorted(k for k in params if k != "id")
+            if extra:
+                raise HTTPError(400, "invalid", "query fields (%s) fill in one intent; put them in "
+                                "each intent of an array" % ", ".join(extra)[:200])
+        elif name == "submit" and "idempotency-key" in headers and isinstance(value, dict) and \
                 value.get("idempotency_key") is None:
             value["idempotency_key"] = headers["idempotency-key"]
         minimal = name in _MINIMAL_ROUTES and "return=minimal" in headers.get("prefer", "").lower()
@@ -2939,6 +2971,10 @@ def build_parser():
     submit.add_argument("--requires", nargs="*", default=[], metavar="CAP")
     submit.add_argument("--delay", type=duration)
     submit.add_argument("--max-attempts", type=int)
+    submit.add_argument("--lease", type=duration, help="default: INTENTBUS_LEASE, else %g"
+                        % SERVE_DEFAULTS["lease"])
+    submit.add_argument("--backoff", type=duration, help="default: INTENTBUS_BACKOFF_BASE, else %g"
+                        % SERVE_DEFAULTS["backoff_base"])
     submit.add_argument("--namespace", default="default")
     token = with_db(sub.add_parser("token", help="scoped API tokens: add, list, revoke"))
     token_sub = token.add_subparsers(dest="token_command", metavar="ACTION")
@@ -3003,7 +3039,11 @@ def _admin_queue(args):
         store.migrate()
     except (sqlite3.DatabaseError, OSError) as e:   # OSError: no such directory, no permission
         raise SystemExit("intentbus %s: cannot use the database %s: %s" % (args.command, args.db, e))
-    return store, Queue(store)
+    # The intent defaults a server started from the same environment would give (its flags are
+    # not visible from here: --lease and --backoff on submit say it for one intent).
+    return store, Queue(store, **{name: _env_default("--" + name.replace("_", "-"), duration,
+                                                     SERVE_DEFAULTS[name])
+                                  for name in ("lease", "backoff_base", "backoff_max")})
 
 
 # A handler's error text is shown on the admin's terminal: no escape sequences, no line breaks.
@@ -3044,8 +3084,9 @@ def admin(args):
                     "requires": args.requires}
             if args.delay is not None:
                 body["delay"] = args.delay
-            if args.max_attempts is not None:
-                body["max_attempts"] = args.max_attempts
+            for field in ("max_attempts", "lease", "backoff"):
+                if getattr(args, field) is not None:
+                    body[field] = getattr(args, field)
             _created, intents = queue.submit([body], Scope(namespace=args.namespace))
             _print_json(intents[0])
         elif args.command == "token":

@@ -72,10 +72,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def cli(*args, timeout=30, umask=-1):
-    """Run `python3 intentbus.py ARGS` and return the CompletedProcess (bounded)."""
+def cli(*args, timeout=30, umask=-1, env=None):
+    """Run `python3 intentbus.py ARGS` and return the CompletedProcess (bounded); env: variables
+    to add to this process's environment."""
     return subprocess.run([PY, SCRIPT] + list(args), capture_output=True, text=True,
-                          timeout=timeout, umask=umask)
+                          timeout=timeout, umask=umask, env=dict(os.environ, **env) if env else None)
 
 
 def file_bytes(db):
@@ -440,6 +441,16 @@ class QueueRules(RulesCase):
         self.assertEqual(self.q.list(status="open", goal="x")["intents"].__len__(), 3)
         with self.assertRaises(intentbus.Conflict):
             self.q.retry(dead[0]["id"])
+
+    def test_a_redrive_goes_past_chunks_of_intents_its_scope_does_not_see(self):
+        # It read 500 ids at a time and stopped at the first chunk that redrove fewer than 500:
+        # behind 500 older cancelled intents of other goals, a goal-limited admin redrove none.
+        self.q.REDRIVE_CHUNK = 2
+        for goal in ("other", "other", "other", "mine", "other", "mine"):
+            self.q.cancel(self.submit(goal=goal)["id"])
+        ops = intentbus.Scope("ops", "admin", goals=["mine"])
+        self.assertEqual(self.q.retry_matching("cancelled", scope=ops), 2)
+        self.assertEqual(self.q.retry_matching("cancelled"), 4)   # chunk after chunk, to the end
 
     def test_history_keeps_last_twenty(self):
         i = self.submit(max_attempts=100, backoff=0)
@@ -928,6 +939,33 @@ class HTTPApi(ServerCase):
         for n in range(50):
             self.c.submit("g", n)
         self.assertIs(self.c._conn.sock, sock)
+
+    def test_an_array_submit_refuses_what_only_one_intent_can_carry(self):
+        # The Idempotency-Key header and query fields were dropped without a word on an array:
+        # a client retrying an array with the header got a second copy of every intent.
+        json_h = {"Content-Type": "application/json"}
+        body = json.dumps([{"goal": "g"}, {"goal": "g"}]).encode()
+        for path, headers, word in (("/intents", dict(json_h, **{"Idempotency-Key": "batch-1"}),
+                                     b"idempotency_key"),
+                                    ("/intents?priority=5", json_h, b"priority")):
+            for _ in range(2):
+                got, _, data = self.raw("POST", path, body, headers)
+                self.assertEqual(got, 400, data)
+                self.assertIn(word, data)
+        self.assertEqual(self.c.list()["intents"], [])
+        one = json.dumps({"goal": "g"}).encode()   # on one intent both still apply
+        got, _, data = self.raw("POST", "/intents?priority=5", one, dict(json_h, **{"Idempotency-Key": "k"}))
+        self.assertEqual((got, json.loads(data)["priority"], json.loads(data)["idempotency_key"]),
+                         (201, 5, "k"))
+
+    def test_admin_cli_submit_takes_the_lease_and_backoff_the_server_is_configured_with(self):
+        env = {"INTENTBUS_LEASE": "5", "INTENTBUS_BACKOFF_BASE": "1.5"}
+        out = cli("submit", "g", "--db", self.db, env=env)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        out = cli("submit", "g", "--db", self.db, "--lease", "7", "--backoff", "2", env=env)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        got = [(i["lease"], i["backoff"]) for i in self.c.list()["intents"]]
+        self.assertEqual(got, [(5, 1.5), (7, 2)])
 
     def test_admin_cli_changes_are_noticed_by_the_running_server(self):
         got = {}
@@ -1999,6 +2037,42 @@ class TokenCLI(ServerCase):
         self.assertNotEqual(cli("token", "revoke", "no-such-token", "--db", self.db).returncode, 0)
         self.assertEqual(self.c.stats()["counts"]["open"], 2)
 
+    def test_a_revoked_tokens_parked_long_poll_is_not_handed_work(self):
+        # A parked claim was authenticated once, when it arrived: after `token revoke` it was
+        # still handed the next intent, which then sat claimed by a lost phone for a lease.
+        srv = self.srv
+        secret = self.token(srv, "lost-phone", "work")
+        got = []
+
+        def long_poll():
+            c = Client(srv.url, secret, timeout=40)
+            try:
+                got.append(c.claim(worker="lost-phone", wait=30))
+            except IntentBusError as e:
+                got.append(e.status)
+            finally:
+                c.close()
+        t = threading.Thread(target=long_poll)
+        t.start()
+        self.assertTrue(eventually(lambda: [r for r in srv.queue._parked if r.worker == "lost-phone"
+                                            and r.op.state == intentbus._PARKED], 10))
+        revoked = cli("token", "revoke", "lost-phone", "--db", self.db)
+        self.assertEqual(revoked.returncode, 0, revoked.stderr)
+        later = self.client(srv, secret)
+
+        def refused():   # the server has read the revocation
+            try:
+                later.claim(worker="lost-phone")
+                return False
+            except IntentBusError as e:
+                return e.status == 401
+        self.assertTrue(eventually(refused, 5))
+        job = self.c.submit("g", {"card": "secret"})
+        t.join(35)
+        self.assertFalse(t.is_alive())
+        self.assertEqual(got, [[]])   # answered empty: its next claim meets the revocation
+        self.assertEqual(self.c.get(job["id"])["status"], "open")
+
     def test_db_option_may_come_before_the_command(self):
         p = cli("--db", self.db, "token", "list")
         self.assertEqual(p.returncode, 0, p.stderr)
@@ -2060,6 +2134,45 @@ class Tenants(ServerCase):
         self.assertEqual(self.a_adm.submit("shared", 1)["namespace"], "A")
         self.assertEqual(self.a_sub.submit_many([{"goal": "shared"}])[0]["namespace"], "A")
         self.assertBUntouched()
+
+    def test_an_idempotency_key_never_hands_over_another_submitters_intent(self):
+        # Keys are unique in a namespace. A second submit token repeating the first one's key
+        # used to get that intent back whole (payload, result), or its id in the 409 message.
+        other = self.client(self.srv, self.token(self.srv, "a-sub-2", "submit", "A"))
+        mine = self.a_sub.submit("shared", {"card": "A's"}, idempotency_key="a-key")
+        for payload in ({"card": "A's"}, {"card": "other"}):
+            e = self.refused(lambda: other.submit("shared", payload, idempotency_key="a-key"), 409)
+            self.assertEqual(e.code, "idempotency_conflict")
+            self.assertNotIn(mine["id"], e.message)
+        status, again = self.a_sub.request("POST", "/intents", {
+            "goal": "shared", "payload": {"card": "A's"}, "idempotency_key": "a-key"})
+        self.assertEqual((status, again["id"]), (200, mine["id"]))   # its owner still gets it back
+        e = self.refused(lambda: self.a_sub.submit("shared", "changed", idempotency_key="a-key"), 409)
+        self.assertIn(mine["id"], e.message)
+        listed = [i["id"] for i in self.a_adm.list(goal="shared")["intents"]]
+        self.assertEqual(listed, sorted(self.a_ids | {mine["id"]}, key=int))   # no copy made
+
+    def test_an_admin_limited_to_goals_lists_and_counts_only_them(self):
+        # The goal limit was applied after the page was read: a first page of other goals came
+        # back empty with no cursor, hiding the token's own intents; /stats counted every goal.
+        ops = self.client(self.srv, self.token(self.srv, "a-ops", "admin", "A", goals=["mine"]))
+        for n in range(3):
+            self.a_sub.submit("shared", n)
+        mine = [self.a_sub.submit("mine", n)["id"] for n in range(3)]
+        paged, after = [], None
+        for _ in range(10):
+            page = ops.list(limit=2, after=after)
+            paged += [i["id"] for i in page["intents"]]
+            after = page["next"]
+            if not after:
+                break
+        self.assertEqual(paged, mine)
+        stats = ops.stats()
+        self.assertEqual(set(stats["goals"]), {"mine"})
+        self.assertEqual(stats["counts"]["open"], 3)
+        self.refused(lambda: ops.cancel(self.a_open["id"]), 404)
+        self.assertEqual(ops.cancel(mine[0])["status"], "cancelled")
+        self.assertEqual(ops.retry_all("cancelled"), 1)
 
     def test_get(self):
         nowhere = self.refused(lambda: self.a_adm.get("999999"), 404)
