@@ -1517,6 +1517,45 @@ class WorkerProcesses(WorkerCase):
         v = self.c.get(i["id"])
         self.assertEqual((v["status"], v["result"]), ("fulfilled", '{"x": 1e999}'))
 
+    def test_a_daemon_the_handler_starts_does_not_hold_up_its_result(self):
+        # The daemon (setsid: outside the handler's process group) keeps the handler's stdout and
+        # stderr open. The worker waited 5 s for each to close, with no heartbeat running, so a
+        # short lease ran out and a job whose handler succeeded every time was never fulfilled.
+        pidfile = os.path.join(self.dir, "daemon.pid")
+        daemon = "import os, time; os.setsid(); open(%r, 'w').write(str(os.getpid())); time.sleep(30)" % pidfile
+        hdir = self.handler("spawns", "%s -c \"%s\" &\nwhile [ ! -s %s ]; do sleep 0.05; done\n"
+                            "echo '\"started\"'" % (PY, daemon, pidfile))
+
+        def stop_daemon():
+            try:
+                os.kill(int(open(pidfile).read()), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+        self.addCleanup(stop_daemon)
+        i = self.c.submit("spawns", lease=4, max_attempts=1)
+        p = self.start_worker("--handlers", hdir, "--once")
+        self.assertEqual(p.wait(30), 0, self.stderr_so_far(p))
+        self.assertTrue(os.path.exists(pidfile))   # the daemon did start, and outlives the handler
+        v = self.c.get(i["id"])
+        self.assertEqual((v["status"], v["result"]), ("fulfilled", "started"))
+
+    def test_one_stop_signal_delivered_twice_still_lets_the_job_finish(self):
+        # GNU timeout signals the worker and then its whole group; a closed terminal's SIGHUP
+        # comes from the kernel and again from the shell. The worker took the second as "again:
+        # quit now", killed the handler and gave the job back instead of letting it finish.
+        started = os.path.join(self.dir, "started")
+        hdir = self.handler("short", "touch %s; sleep 1; echo '\"done\"'" % started)
+        i = self.c.submit("short")
+        p = self.start_worker("--handlers", hdir, "--grace", "20")
+        self.assertTrue(eventually(lambda: os.path.exists(started), 15))
+        os.kill(p.pid, signal.SIGTERM)
+        time.sleep(0.1)   # two deliveries, not one signal pending twice
+        os.kill(p.pid, signal.SIGTERM)
+        self.assertEqual(p.wait(30), 0)
+        v = self.c.get(i["id"])
+        self.assertEqual((v["status"], v["result"]), ("fulfilled", "done"))
+        self.assertNotIn("quitting now", p.stderr.read().decode())
+
     def test_sighup_stops_the_worker_like_sigterm(self):
         # A closed Termux session or a dropped ssh login sends SIGHUP: the worker must give its
         # job back, not vanish and leave it claimed (and its handler running) until the lease ends.
@@ -1691,6 +1730,35 @@ class WorkerBigPayloads(WorkerCase):
 
 
 class LibraryMode(WorkerCase):
+    def test_a_result_is_resent_only_while_it_can_still_arrive_in_time(self):
+        # While the server is away, the worker re-sends a result until the lease ends. Its last
+        # try used to leave exactly at the end, reaching the server just too late, and a refusal
+        # saying "expired" was logged as "an earlier try probably got through".
+        logged = []
+        w = worker.Worker(self.url, None, wait=0, log=logged.append)
+
+        class Away:
+            def __init__(self, then=None):
+                self.tries, self.then = [], then
+
+            def fulfill(self, *args, **kwargs):
+                self.tries.append(time.monotonic())
+                if self.then and len(self.tries) > 1:
+                    raise self.then
+                raise Unavailable("connection refused")
+        job = worker.Job({"id": "1", "token": "t", "lease": 1.0}, None, time.monotonic())
+        away = Away()
+        self.assertIsNone(w._deliver(job, away, "fulfill", result=1))
+        self.assertGreater(len(away.tries), 1)
+        self.assertLess(max(away.tries), job.expires)
+        self.assertIn("gave up on fulfill of 1", logged[-1])
+        late = LeaseLost("the lease on intent 1 expired at 5.000", 409, "lease_lost")
+        job = worker.Job({"id": "1", "token": "t", "lease": 5.0}, None, time.monotonic())
+        self.assertIsNone(w._deliver(job, Away(then=late), "fulfill", result=1))
+        self.assertIn("lease lost on 1", logged[-1])
+        self.assertNotIn("got through", logged[-1])
+        w.claim_client.close()
+
     def test_python_handlers(self):
         w = worker.Worker(self.url, None, caps=["x"], wait=0, concurrency=3, log=None)
         seen = {}
@@ -2304,6 +2372,16 @@ class SignedRequests(ServerCase):
 
     def count(self):
         return len(self.c.list(limit=1000)["intents"])
+
+    def test_signed_through_a_proxy_that_serves_the_bus_under_a_path(self):
+        # Caddy's handle_path or nginx's "proxy_pass http://127.0.0.1:8080/;" hand the server
+        # /intents for /bus/intents. The client signed /bus/intents, so every request got 401.
+        c = Client(self.url + "/bus/", self.secret, sign_as="signer")
+        self.addCleanup(c.close)
+        send = c._roundtrip
+        c._roundtrip = lambda method, target, *rest: send(method, target[len("/bus"):], *rest)  # the proxy
+        self.assertEqual(c.submit("g", 1)["status"], "open")
+        self.assertEqual(len(c.list(status="open")["intents"]), 1)   # a query is signed too
 
     def test_plain_bearer_is_refused(self):
         plain = self.client(self.srv, self.secret)

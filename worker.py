@@ -51,6 +51,7 @@ import os
 import random
 import re
 import secrets
+import select
 import shlex
 import signal
 import socket
@@ -402,8 +403,8 @@ class Client:
             hdrs = dict(hdrs)
             if headers:
                 hdrs.update(headers)
-            if self._sign_key is not None:
-                hdrs["Authorization"] = self._signature(method, target, data)
+            if self._sign_key is not None:   # the path as the server sees it: a proxy strips a prefix
+                hdrs["Authorization"] = self._signature(method, target[len(self._prefix):], data)
         status, reply, raw = self._roundtrip(method, target, data, hdrs,
                                              self.timeout if timeout is None else timeout)
         obj = None
@@ -744,6 +745,7 @@ class Worker:
         self._commands = {}
         self.claim_client = self._client()   # the long poll; heartbeats and acks use others
         self.stopping = threading.Event()   # set by stop(): no new claims
+        self._stop_signalled = float("-inf")   # when the first stop signal came (monotonic)
         self._cv = threading.Condition()
         self._free = 0
         self._jobs = {}
@@ -893,9 +895,15 @@ class Worker:
 
     def _on_signal(self, signum, frame):
         name = signal.Signals(signum).name
+        now = time.monotonic()
         if self.stopping.is_set():
+            if signum != signal.SIGINT and now - self._stop_signalled < 1.0:
+                # One stop sent twice, not a second request: GNU timeout signals the worker and
+                # then its group, and a closed terminal's SIGHUP comes from the kernel and the shell.
+                return
             self.log("%s again: quitting now" % name)
             self._force_quit()
+        self._stop_signalled = now
         with self._cv:
             running = len(self._jobs)
         self.log("%s: no new claims; waiting up to %gs for %d running job(s) (again to quit now)"
@@ -1253,9 +1261,13 @@ class Worker:
         self._supervise(job, client, kill)
         waiter.join()
         _kill_group(proc, signal.SIGKILL, after_exit=True)   # whatever it left running
-        feeder.join(5.0)
-        out.join(5.0)
-        err.join(5.0)
+        # One short deadline for all three: a daemon the handler started (setsid) may hold the
+        # pipes open for ever, and no heartbeat runs any more to keep the lease.
+        drained = time.monotonic() + 1.0
+        for thread in (feeder, out, err):
+            thread.join(max(0.0, drained - time.monotonic()))
+        out.abandon()
+        err.abandon()
         code = proc.returncode
         box = {}
         if code == 0:
@@ -1302,17 +1314,20 @@ class Worker:
                 self.log("released %s" % job.id)
                 return answer
             except (LeaseLost, NotFound) as e:
-                if tries > 1:
+                if tries > 1 and "expired" not in e.message:
                     self.log("%s %s: %s (an earlier try probably got through)" % (kind, job.id, e))
                 else:
                     self.log("lease lost on %s; its %s was refused: %s" % (job.id, kind, e.message))
                 return None
             except Unavailable as e:
-                left = job.expires - time.monotonic()
-                if left <= 0.05:
-                    self.log("gave up on %s of %s: the lease ran out (%s)" % (kind, job.id, e))
+                # The last try must reach the server before the lease ends, not just leave here.
+                margin = min(1.0, job.lease / 10.0)
+                left = job.expires - margin - time.monotonic()
+                if left <= 0:
+                    self.log("gave up on %s of %s: the lease ends in under %.1fs (%s)"
+                             % (kind, job.id, margin, e))
                     return None
-                delay = min(backoff.next(e.retry_after), left)
+                delay = min(backoff.next(e.retry_after), max(0.05, left / 2.0))
                 self.log("cannot %s %s (%s); reconnecting in %.1fs" % (kind, job.id, e, delay))
                 time.sleep(delay)
             except IntentBusError as e:
@@ -1332,13 +1347,20 @@ class _Capture:
         self.chunks = []
         self.kept = 0
         self.total = 0
+        self._abandoned = threading.Event()
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
 
     def _read(self):
         fd = self.stream.fileno()
+        poller = select.poll() if hasattr(select, "poll") else None   # not on Windows
+        if poller is not None:
+            poller.register(fd, select.POLLIN)
         try:
             while True:
+                while poller is not None and not poller.poll(200):   # now and then: given up?
+                    if self._abandoned.is_set():
+                        return
                 block = os.read(fd, 65536)
                 if not block:
                     break
@@ -1354,6 +1376,8 @@ class _Capture:
                     if self.kept > 4 * self.limit:
                         joined = b"".join(self.chunks)[-self.limit:]
                         self.chunks, self.kept = [joined], len(joined)
+                if self._abandoned.is_set():   # a daemon that keeps writing: not the handler's output
+                    break
         except OSError:
             pass
         finally:
@@ -1364,6 +1388,11 @@ class _Capture:
 
     def join(self, timeout):
         self.thread.join(timeout)
+
+    def abandon(self):
+        """Stop waiting for the end of a pipe that a child outside the handler's process group
+        (a daemon it started) holds open: what the handler wrote before it exited is read."""
+        self._abandoned.set()
 
     def data(self):
         joined = b"".join(list(self.chunks))
