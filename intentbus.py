@@ -20,6 +20,7 @@ import argparse
 import base64
 import collections
 import datetime
+import email.utils
 import hashlib
 import hmac
 import io
@@ -2168,6 +2169,20 @@ _BOOT = secrets.token_hex(4)
 def _new_request_id():
     """Unique per server run; ids need not be secret, so no system randomness per request."""
     return "%s-%x" % (_BOOT, next(_REQUEST_IDS))
+
+
+_DATE = (0, "")
+
+
+def _http_date():
+    """The Date header (HTTP requires it of a server with a clock), formatted once a second.
+    A worker whose signatures are refused shows from it how far off its own clock is."""
+    global _DATE
+    second = int(time.time())
+    if _DATE[0] != second:
+        _DATE = (second, email.utils.formatdate(second, usegmt=True))
+    return _DATE[1]
+
 MAX_HEADER_LINE = 8192
 MAX_HEADERS = 64
 MAX_HEADER_BYTES = 32768
@@ -2433,6 +2448,7 @@ class Handler(BaseHTTPRequestHandler):
         body = b"" if value is None else (
             value.text if isinstance(value, ClaimAnswer) else dumps(value)).encode("utf-8")
         lines = ["HTTP/1.1 %d %s" % (status, STATUS_TEXT.get(status, "Unknown")),
+                 "Date: " + _http_date(),
                  "Content-Length: %d" % len(body),
                  "X-Request-ID: %s" % (self.request_id or _new_request_id()),
                  "X-Content-Type-Options: nosniff",

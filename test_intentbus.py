@@ -10,6 +10,7 @@ leases with bounded polling loops.
 """
 
 import contextlib
+import email.utils
 import hashlib
 import http.client
 import http.server
@@ -2382,6 +2383,32 @@ class SignedRequests(ServerCase):
         c._roundtrip = lambda method, target, *rest: send(method, target[len("/bus"):], *rest)  # the proxy
         self.assertEqual(c.submit("g", 1)["status"], "open")
         self.assertEqual(len(c.list(status="open")["intents"]), 1)   # a query is signed too
+
+    def test_a_refused_signature_says_how_far_off_the_workers_clock_is(self):
+        # A Pi without network time signs with a clock hours off: the 401 only said "more than
+        # 300 s off". Answers now carry Date (HTTP requires it), from which the worker tells how
+        # far off it is; it does not sign with the server's time (a forged Date could be used
+        # to make it sign requests for later replay).
+        status, headers, _ = self.raw("GET", "/health")
+        served = email.utils.parsedate_to_datetime(headers["date"]).timestamp()
+        self.assertLess(abs(served - time.time()), 5)
+
+        class Behind:   # worker.py's view of time, an hour slow
+            def __getattr__(self, name):
+                return getattr(time, name)
+
+            def time(self):
+                return time.time() - 3600
+        signer = self.client(self.srv, self.secret, sign_as="signer")
+        self.assertEqual(signer.submit("g")["status"], "open")
+        saved, worker.time = worker.time, Behind()
+        try:
+            e = self.refused(lambda: signer.submit("g"), 401, "more than 300 s off",
+                             "s behind the server's")
+        finally:
+            worker.time = saved
+        self.assertRegex(e.message, r"clock is 3[56]\d\d s behind")
+        self.assertEqual(self.count(), 1)
 
     def test_plain_bearer_is_refused(self):
         plain = self.client(self.srv, self.secret)

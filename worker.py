@@ -39,6 +39,7 @@ and `Worker` runs Python functions:
 """
 
 import argparse
+import email.utils
 import errno
 import functools
 import hashlib
@@ -169,6 +170,20 @@ class _DeadlineReader(io.RawIOBase):
     def close(self):
         self._raw.close()
         super().close()
+
+
+def _clock_hint(date):
+    """What a refused signature may mean, from the answer's Date: this machine's clock is off (a
+    Pi without network time). Only said, never acted on: a Date header can be forged on plain
+    HTTP, and signing with its time would let an eavesdropper replay requests later."""
+    try:
+        skew = time.time() - email.utils.parsedate_to_datetime(date).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return ""
+    if abs(skew) <= 240:
+        return ""
+    return " (this machine's clock is %d s %s the server's: signatures allow 300 s; set it, e.g. " \
+           "with NTP)" % (abs(skew), "ahead of" if skew > 0 else "behind")
 
 
 class _Response(http.client.HTTPResponse):
@@ -426,6 +441,8 @@ class Client:
         if not check:
             return status, obj
         code, message = _error_of(obj, status)
+        if status == 401 and self._sign_key is not None:
+            message += _clock_hint(reply.getheader("Date"))
         if status == 404:
             raise NotFound(message, status, code)
         if status == 409 and code == "lease_lost":
