@@ -3055,6 +3055,12 @@ def serve(args):
 
 
 def _admin_queue(args):
+    # Only a command that puts something in may start a new file: any other, given a mistyped
+    # --db, would show an empty queue (or redrive nothing) and leave an empty database behind.
+    if not (args.command == "submit" or getattr(args, "token_command", None) == "add") and \
+            args.db != ":memory:" and not os.path.exists(args.db):
+        raise SystemExit("intentbus %s: there is no database %s (check --db or INTENTBUS_DB; "
+                         "the server creates it when it first starts)" % (args.command, args.db))
     try:
         store = Storage(args.db)
         store.migrate()

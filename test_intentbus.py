@@ -2145,6 +2145,20 @@ class TokenCLI(ServerCase):
         self.assertEqual(got, [[]])   # answered empty: its next claim meets the revocation
         self.assertEqual(self.c.get(job["id"])["status"], "open")
 
+    def test_a_mistyped_db_is_not_made_into_an_empty_queue(self):
+        # `intentbus.py stats --db /var/lib/intenbus.db` showed an empty queue, `retry --all-dead`
+        # redrove nothing, and each left an empty database file behind.
+        typo = os.path.join(self.dir, "typo.db")
+        for args in (["stats"], ["list"], ["show", "1"], ["retry", "--all-dead"], ["cancel", "1"],
+                     ["token", "list"], ["token", "revoke", "x"], ["backup", typo + ".copy"]):
+            p = cli(*args, "--db", typo)
+            self.assertNotEqual(p.returncode, 0, args)
+            self.assertIn("there is no database", p.stderr)
+            self.assertFalse(os.path.exists(typo), args)
+        fresh = os.path.join(self.dir, "fresh.db")   # putting something in starts a new file
+        self.assertEqual(cli("token", "add", "first", "--role", "work", "--db", fresh).returncode, 0)
+        self.assertEqual(cli("submit", "g", "--db", typo).returncode, 0)
+
     def test_db_option_may_come_before_the_command(self):
         p = cli("--db", self.db, "token", "list")
         self.assertEqual(p.returncode, 0, p.stderr)
