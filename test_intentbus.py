@@ -3375,11 +3375,11 @@ class DataSafety(BusCase):
 # Security: TLS
 # =====================================================================================
 
-def make_cert(directory, name):
+def make_cert(directory, name, names="IP:127.0.0.1,DNS:localhost"):
     cert, key = os.path.join(directory, name + ".pem"), os.path.join(directory, name + ".key")
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
                     "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                    "-addext", "subjectAltName=" + names],
                    check=True, capture_output=True, timeout=60)
     return cert, key
 
@@ -3454,6 +3454,22 @@ class TLS(unittest.TestCase):
             with self.assertRaises(Unavailable):
                 plain.submit("tls", "must not arrive either")
         self.assertEqual(self.count(), before)
+
+    def test_a_certificate_for_another_name_is_said_so(self):
+        # A trusted certificate that names only "localhost", reached as 127.0.0.1, was refused
+        # with "use --ca-file", which the user had already given.
+        cert, key = make_cert(self.dir, "by-name", names="DNS:localhost")
+        srv = intentbus.start_server(db=os.path.join(self.dir, "by-name.db"), port=0, tls_cert=cert,
+                                     tls_key=key)
+        self.addCleanup(srv.stop)
+        with Client(srv.url, ca_file=cert) as c, self.assertRaises(IntentBusError) as cm:
+            c.health()
+        self.assertEqual(cm.exception.code, "tls")
+        self.assertIn("does not name 127.0.0.1", cm.exception.message)
+        self.assertNotIn("use --ca-file", cm.exception.message)
+        with Client(srv.url, ca_file=self.other_cert) as c, self.assertRaises(IntentBusError) as cm:
+            c.health()   # a --ca-file that did not sign it
+        self.assertIn("not signed by the --ca-file", cm.exception.message)
 
     def test_hsts_on_every_answer(self):
         context = ssl.create_default_context(cafile=self.cert)

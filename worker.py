@@ -345,6 +345,7 @@ class Client:
         self._port = parts.port or (443 if self._https else 80)
         self._prefix = parts.path.rstrip("/")
         self._ssl = ssl.create_default_context(cafile=ca_file) if self._https else None
+        self._ca_file = ca_file
         self._conn = None
         self._aborted = False
         self._sign_key = None
@@ -456,6 +457,14 @@ class Client:
         sig = sign_request(self._sign_key, method, path, query, stamp, nonce, data)
         return "IntentBus-HMAC name=%s, ts=%s, nonce=%s, sig=%s" % (self._sign_as, stamp, nonce, sig)
 
+    def _tls_hint(self, error):
+        if getattr(error, "verify_code", None) in (62, 64):   # X509_V_ERR_HOSTNAME/IP_ADDRESS_MISMATCH
+            return ("the certificate does not name %s: put it in the certificate's "
+                    "subjectAltName, or use a name the certificate has in the URL" % self._host)
+        if self._ca_file:
+            return "not signed by the --ca-file certificate %s" % self._ca_file
+        return "use --ca-file for a self-signed certificate"
+
     def _new_conn(self, timeout):
         if self._https:
             return _HTTPSConnection(self._host, self._port, timeout=timeout, context=self._ssl)
@@ -482,9 +491,8 @@ class Client:
                 raise self._network_error(e, timeout)
             except ssl.SSLCertVerificationError as e:
                 self.close()
-                raise IntentBusError("TLS certificate of %s not trusted: %s (use --ca-file for a "
-                                     "self-signed certificate)" % (self.url, e.verify_message),
-                                     None, "tls")
+                raise IntentBusError("TLS certificate of %s not trusted: %s (%s)" % (
+                    self.url, e.verify_message, self._tls_hint(e)), None, "tls")
             except (OSError, http.client.HTTPException, ValueError) as e:
                 self.close()
                 raise self._network_error(e, timeout)
