@@ -2186,6 +2186,7 @@ def _http_date():
         _DATE = (second, email.utils.formatdate(second, usegmt=True))
     return _DATE[1]
 
+
 MAX_HEADER_LINE = 8192
 MAX_HEADERS = 64
 MAX_HEADER_BYTES = 32768

@@ -1383,7 +1383,8 @@ class _Capture:
             poller.register(fd, select.POLLIN)
         try:
             while True:
-                while poller is not None and not poller.poll(200):   # now and then: given up?
+                # Now and then (not often: a phone's long job should let it sleep): given up?
+                while poller is not None and not poller.poll(2000):
                     if self._abandoned.is_set():
                         return
                 block = os.read(fd, 65536)
