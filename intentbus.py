@@ -21,6 +21,7 @@ import base64
 import collections
 import datetime
 import email.utils
+import errno
 import hashlib
 import hmac
 import io
@@ -37,6 +38,7 @@ import socketserver
 import sqlite3
 import ssl
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -397,18 +399,48 @@ class Storage:
 
     def backup(self, target_path):
         """A consistent copy of the live database, with SQLite's online backup API. Never
-        overwrites: FileExistsError if target_path exists (even as a dangling symlink)."""
-        os.close(os.open(target_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        target = sqlite3.connect(target_path)
-        source = self._reader()
+        overwrites: FileExistsError if target_path exists (even as a dangling symlink).
+
+        The copy is written to a temporary file beside target_path and linked into place only
+        once it is complete and synced: a backup killed midway (cron's timeout, OOM, a reboot)
+        left a file at target_path that was no database at all (or an empty one with its
+        -journal), where a restore would find it."""
+        if os.path.lexists(target_path):
+            raise FileExistsError(errno.EEXIST, "exists", target_path)
+        directory = os.path.dirname(os.path.abspath(target_path))
+        fd, partial = tempfile.mkstemp(prefix=".%s." % os.path.basename(target_path),
+                                       suffix=".partial", dir=directory)   # mode 0600
+        os.close(fd)
         try:
-            # One step, under one read transaction: SQLite starts a stepped backup over whenever
-            # another connection writes between two steps, so on a busy server it never ended.
-            # In WAL mode the read blocks no writer.
-            source.backup(target, pages=-1)
+            target = sqlite3.connect(partial)
+            source = self._reader()
+            try:
+                # One step, under one read transaction: SQLite starts a stepped backup over
+                # whenever another connection writes between two steps, so on a busy server it
+                # never ended. In WAL mode the read blocks no writer.
+                source.backup(target, pages=-1)
+            finally:
+                self._give_back(source)
+                target.close()
+            try:
+                os.link(partial, target_path)   # never replaces: FileExistsError if it appeared
+            except FileExistsError:
+                raise
+            except OSError:   # no hard links (a FAT stick, Android's shared storage): a rename,
+                if os.path.lexists(target_path):   # which would replace, after one more look
+                    raise FileExistsError(errno.EEXIST, "exists", target_path)
+                os.rename(partial, target_path)
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
         finally:
-            self._give_back(source)
-            target.close()
+            for leftover in (partial, partial + "-journal"):
+                try:
+                    os.unlink(leftover)
+                except FileNotFoundError:
+                    pass
 
     # ----- the writer ----------------------------------------------------------------
 
@@ -424,7 +456,13 @@ class Storage:
         self._thread.start()
 
     def close(self):
-        """Finish every queued write, then checkpoint and close the file cleanly."""
+        """Finish every queued write, then checkpoint and close the file cleanly. Only the server
+        (the writer) checkpoints: a TRUNCATE checkpoint holds the write lock while it waits for
+        every reader, so one run by an admin command as it ends (even `stats`) stalled the
+        running server's writes for as long as a backup or another reader stayed open (up to the
+        30 s busy timeout, and twice that with two commands). An admin command's changes are
+        checkpointed by the server, or by SQLite when the last connection closes."""
+        had_writer = self._thread is not None
         if self._thread is not None:
             with self._cv:
                 self._stopping = True
@@ -435,10 +473,11 @@ class Storage:
             readers, self._readers = self._readers, []
         for conn in readers:
             conn.close()
-        try:
-            self._wconn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error:
-            pass
+        if had_writer:
+            try:
+                self._wconn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass
         self._wconn.close()
 
     def write(self, fn):
@@ -3094,6 +3133,8 @@ def admin(args):
         elif args.command == "show":
             _print_json(queue.get(args.id))
         elif args.command == "retry":
+            if args.id and args.all_dead or args.goal and not args.all_dead:   # one would be ignored
+                raise SystemExit("intentbus retry: give an ID, or --all-dead [--goal G]")
             if args.all_dead:
                 print("redriven: %d" % queue.retry_matching("dead", args.goal))
             elif args.id:
@@ -3148,6 +3189,8 @@ def admin(args):
             print("backed up %s to %s" % (args.db, args.file))
     except QueueError as e:
         raise SystemExit("intentbus %s: %s" % (args.command, e.message))
+    except StorageError as e:   # a write refused by SQLite: read-only file, disk full, busy
+        raise SystemExit("intentbus %s: could not write to %s: %s" % (args.command, args.db, e))
     except sqlite3.DatabaseError as e:
         raise SystemExit("intentbus %s: database error on %s: %s" % (args.command, args.db, e))
     finally:

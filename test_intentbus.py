@@ -33,6 +33,7 @@ import tempfile
 import threading
 import time
 import unittest
+import unittest.mock
 import urllib.parse
 import warnings
 import xml.etree.ElementTree as ET
@@ -3324,6 +3325,91 @@ class DataSafety(BusCase):
             self.assertEqual(f.read(), b"precious")
         self.assertNotIn("Traceback", p.stderr)   # a message, not a FileExistsError
 
+    def test_an_admin_command_ending_does_not_hold_up_the_servers_writes(self):
+        # An admin command checkpointed (TRUNCATE) as it closed: that holds the write lock while
+        # it waits for every reader, so with a backup or any reader open, even `stats` stalled
+        # the running server's writes for up to 30 s (and twice that with two commands).
+        seed = Storage(self.db)
+        seed.migrate()
+        seed.close()
+        reader = sqlite3.connect(self.db, isolation_level=None)
+        self.addCleanup(reader.close)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM intents").fetchone()   # a snapshot, held open
+        admin = Storage(self.db)
+        admin.migrate()
+        admin.write(lambda: admin.add_route("default", "g", "[]"))   # something to checkpoint
+        closed = threading.Event()
+        thread = threading.Thread(target=lambda: (admin.close(), closed.set()))
+        refused = []
+        writer = sqlite3.connect(self.db, isolation_level=None, timeout=0)
+        self.addCleanup(writer.close)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 10
+            while not closed.is_set() and time.monotonic() < deadline:
+                try:
+                    writer.execute("BEGIN IMMEDIATE")   # what the server's writer does
+                    writer.execute("ROLLBACK")
+                except sqlite3.OperationalError as e:
+                    refused.append(str(e))
+                    break
+                time.sleep(0.005)
+        finally:
+            reader.execute("COMMIT")   # lets a blocked close end
+            thread.join(60)
+        self.assertEqual(refused, [], "a writer was locked out while an admin command closed")
+        self.assertTrue(closed.is_set())
+
+    def test_a_backup_that_does_not_finish_leaves_nothing_at_its_file(self):
+        # A backup killed midway (cron's timeout, OOM) left a file at FILE that was no database
+        # (or an empty one beside its -journal), where a restore would pick it up; and the next
+        # `backup FILE` refused, as FILE existed.
+        srv = self.start()
+        self.client(srv).submit_many([{"goal": "g", "payload": "p" * 2000} for _ in range(100)])
+
+        class DiesMidway(sqlite3.Connection):
+            def backup(conn, target, **kw):
+                def progress(status, remaining, total):
+                    raise KeyboardInterrupt("killed")
+                return sqlite3.Connection.backup(conn, target, pages=5, progress=progress)
+        store = intentbus.Storage(self.db)
+        self.addCleanup(store.close)
+        store._readers = [sqlite3.connect(self.db, isolation_level=None, check_same_thread=False,
+                                          factory=DiesMidway)]
+        out = os.path.join(self.dir, "nightly.db")
+        with self.assertRaises(KeyboardInterrupt):
+            store.backup(out)
+        self.assertFalse(os.path.lexists(out), "an unfinished backup was left at its file")
+        self.assertEqual(sorted(os.listdir(self.dir)), sorted(
+            f for f in os.listdir(self.dir) if f.startswith("bus.db")))   # no leftovers either
+        p = cli("backup", out, "--db", self.db)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(integrity(out), ["ok"])
+        other = os.path.join(self.dir, "on-a-fat-stick.db")   # where hard links are refused
+        plain = intentbus.Storage(self.db)
+        self.addCleanup(plain.close)
+        with unittest.mock.patch.object(os, "link", side_effect=PermissionError(1, "no links")):
+            plain.backup(other)
+        self.assertEqual(integrity(other), ["ok"])
+
+    def test_an_admin_write_that_sqlite_refuses_is_one_line(self):
+        # A read-only file (another user's, a read-only mount) or a full disk: the write raised
+        # StorageError, which admin() did not catch, and printed a traceback.
+        self.assertEqual(cli("submit", "g", "--db", self.db).returncode, 0)
+
+        def refuse(*args, **kw):
+            raise sqlite3.OperationalError("attempt to write a readonly database")
+        stderr = io.StringIO()
+        with unittest.mock.patch.object(Storage, "update_intent", refuse), \
+                contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
+            with self.assertRaises(SystemExit) as cm:
+                intentbus.main(["--db", self.db, "cancel", "1"])
+        message = str(cm.exception.code)
+        self.assertIn("readonly", message)
+        self.assertEqual(len(message.splitlines()), 1, message)
+        self.assertEqual(stderr.getvalue(), "")
+
     def test_admin_commands_answer_bad_paths_and_payloads_in_one_line(self):
         # Found by fuzzing the CLI: each of these printed a Python traceback.
         missing = os.path.join(self.dir, "no-such-dir", "x.db")
@@ -3331,7 +3417,9 @@ class DataSafety(BusCase):
         for args in (("list", "--db", missing), ("backup", missing, "--db", self.db),
                      ("submit", "g", "--payload", '"\\ud800"', "--db", self.db),
                      ("submit", "g", "--payload", deep, "--db", self.db),
-                     ("submit", "g", "--namespace", "a\x1b[31m", "--db", self.db)):
+                     ("submit", "g", "--namespace", "a\x1b[31m", "--db", self.db),
+                     ("retry", "1", "--all-dead", "--db", self.db),   # these ignored the one or
+                     ("retry", "1", "--goal", "g", "--db", self.db)):  # the other, without a word
             p = cli(*args)
             self.assertNotEqual(p.returncode, 0, args[:2])
             self.assertNotIn("Traceback", p.stderr, args[:2])
