@@ -2227,6 +2227,10 @@ def _http_date():
 
 
 MAX_HEADER_LINE = 8192
+HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+\Z")   # an RFC 9110 token, lowercased
+SKIP_BODY_MAX = 65536      # a refused request's body up to this is read and dropped (keep-alive)
+LINGER_MAX = 1 << 20       # bytes read and dropped before closing with a body left unread
+PENDING_SIGNATURE = object()   # authorize() before the body: the signature is checked after it
 MAX_HEADERS = 64
 MAX_HEADER_BYTES = 32768
 
@@ -2248,6 +2252,8 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self._claimed = None
         self._form = None
+        self._unread = 0
+        self._raw_body = b""
         self.request_id = None
         self.server.track(self, True)
         if isinstance(self.connection, ssl.SSLSocket):
@@ -2270,13 +2276,30 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = False
             while not self.close_connection and not self.server.draining:
                 self.handle_one_request()
+            if self._unread:
+                self._linger()
         except (OSError, ValueError):
             pass   # the client went away, or its deadline passed: nothing to answer
 
+    def _linger(self):
+        """Closing with the client's bytes unread makes the kernel send RST, which can destroy
+        the answer before the client reads it (a 413 seen as "connection reset"). As nginx's
+        lingering_close and Go do: stop sending, read and drop a bounded amount, then close."""
+        self.connection.shutdown(socket.SHUT_WR)
+        self.deadline = time.monotonic() + min(2.0, self.server.config.request_timeout)
+        dropped = 0
+        while dropped < LINGER_MAX:
+            data = socket.socket.recv(self.connection, 65536)
+            if not data:
+                break
+            dropped += len(data)
+
     def handle_one_request(self):
         config = self.server.config
+        first = not hasattr(self, "started")
         self.idle = True
-        self.deadline = time.monotonic() + config.idle_timeout
+        if not first:   # a new connection keeps setup()'s --request-timeout for its first byte
+            self.deadline = time.monotonic() + config.idle_timeout
         if not self.rfile.peek(1):   # idle until the first byte; from then on the request clock runs
             self.close_connection = True
             return
@@ -2306,6 +2329,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _serve(self, line):
         self._form = None   # a form body of an earlier, refused request on this connection
+        self.command = None   # not the method of the last request (a HEAD's answer has no body)
         if len(line) > MAX_HEADER_LINE:
             raise HTTPError(414, "too_large", "request line too long", close=True)
         parts = line.decode("latin-1").split()
@@ -2322,25 +2346,38 @@ class Handler(BaseHTTPRequestHandler):
         elif "close" in connection:
             self.close_connection = True
         path, _, query = target.partition("?")
-        body = self._read_body(headers)
-        match = None
-        allowed = []
-        for method, pattern, name, role in _COMPILED_ROUTES:
-            m = pattern.match(path)
-            if m:
-                if method == self.command:
-                    match = (m, name, role)
-                    break
-                allowed.append(method)
-        if match is None:
-            if allowed:
-                raise HTTPError(405, "method_not_allowed", "%s does not take %s" % (path, self.command),
-                                {"Allow": ", ".join(sorted(set(allowed)))})
-            raise HTTPError(404, "not_found", "no such endpoint: %s" % path[:100])
-        m, name, role = match
+        length = self._body_length(headers)
+        self._unread = length
+        # Route and authenticate before the body is read: a caller without a valid token is not
+        # invited (100 Continue) to send, nor held in memory with, up to --max-body bytes.
+        try:
+            match = None
+            allowed = []
+            method_asked = "GET" if self.command == "HEAD" else self.command   # HEAD: a GET, no body
+            for method, pattern, name, role in _COMPILED_ROUTES:
+                m = pattern.match(path)
+                if m:
+                    if method == method_asked:
+                        match = (m, name, role)
+                        break
+                    allowed.append(method)
+            if match is None:
+                if allowed:
+                    allowed += ["HEAD"] if "GET" in allowed else []
+                    raise HTTPError(405, "method_not_allowed", "%s does not take %s" % (path, self.command),
+                                    {"Allow": ", ".join(sorted(set(allowed)))})
+                raise HTTPError(404, "not_found", "no such endpoint: %s" % path[:100])
+            m, name, role = match
+            self.server.check_origin(self, role)
+            scope = self.server.authorize(self, role, path, query, None)
+        except HTTPError:
+            self._skip_body(headers, length)
+            raise
+        body = self._read_body(headers, length)
         self.deadline = None   # the request is in: long polls may take their time
-        scope = self.server.authorize(self, role, path, query, body)
-        if self.command == "GET" and (body or self._form):
+        if scope is PENDING_SIGNATURE:   # the signature covers the body as it came, form or JSON
+            scope = self.server.authorize(self, role, path, query, self._raw_body)
+        if self.command in ("GET", "HEAD") and (body or self._form):
             raise HTTPError(400, "bad_request", "a GET takes no body; send its fields in the query")
         params = self._params(query, headers, body)
         if "id" in params:
@@ -2418,38 +2455,66 @@ class Handler(BaseHTTPRequestHandler):
             if not line:
                 raise HTTPError(400, "bad_request", "headers ended early", close=True)
             name, sep, value = line.decode("latin-1").partition(":")
-            name = name.strip().lower()
-            if not sep or not name or " " in name:
+            name = name.lower()
+            # RFC 9112 5.1/5.2: whitespace before the colon and folded lines MUST be refused:
+            # a proxy that reads them otherwise would see another request (smuggling)
+            if not sep or not HEADER_NAME_RE.match(name):
                 raise HTTPError(400, "bad_request", "malformed header line", close=True)
             value = value.strip()
             if name in headers and name in ("content-length", "transfer-encoding", "authorization"):
                 raise HTTPError(400, "bad_request", "repeated %s header" % name, close=True)
             headers[name] = value
 
-    def _read_body(self, headers):
+    def _body_length(self, headers):
+        """The body's length from the headers, refusing what will not be read. Reads nothing."""
+        self._raw_body = b""
         if "transfer-encoding" in headers:
+            self._unread = 1   # of unknown length: drained a little before the close
             raise HTTPError(411, "length_required", "send a Content-Length; chunked bodies are "
                                                     "not accepted", close=True)
         length = headers.get("content-length")
         if length is None:
-            return b""
+            return 0
         if not (length.isascii() and length.isdigit()) or len(length) > 12:
             raise HTTPError(400, "bad_request", "bad Content-Length", close=True)
         length = int(length)
         if length > self.server.config.max_body:
+            self._unread = length
             raise HTTPError(413, "too_large", "the body is %d bytes; the limit is %d (--max-body)"
                             % (length, self.server.config.max_body), close=True)
         if length == 0:
-            return b""
+            return 0
         content_type = headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if content_type not in ("application/json", "application/x-www-form-urlencoded", "text/plain", ""):
             self.close_connection = True   # the body is left unread
+            self._unread = length
             raise HTTPError(415, "unsupported_media_type", "send JSON (Content-Type: application/json)")
-        if headers.get("expect", "").lower() == "100-continue":
-            self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return length
+
+    def _skip_body(self, headers, length):
+        """A request refused before its body was read: read and drop a small body, so the
+        connection stays usable; close on a large one, or one the client waits to be asked for."""
+        if not length:
+            return
+        if length > SKIP_BODY_MAX or headers.get("expect", "").lower() == "100-continue":
+            self.close_connection = True   # handle() drains a little before closing
+            return
+        if len(self.rfile.read(length)) < length:
+            self.close_connection = True
+        self._unread = 0
+
+    def _read_body(self, headers, length):
+        if not length:
+            self._unread = 0
+            return b""
+        content_type = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if headers.get("expect", "").lower() == "100-continue" and self.request_version != "HTTP/1.0":
+            self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")   # 1.0: MUST ignore it
         body = self.rfile.read(length)
+        self._unread = 0
         if len(body) < length:
             raise HTTPError(400, "bad_request", "the body ended early", close=True)
+        self._raw_body = body
         if content_type == "application/x-www-form-urlencoded" and not body.lstrip()[:1] in (b"{", b"["):
             self._form = body   # curl -d name=value: treated like query parameters
             return b""
@@ -2507,6 +2572,8 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         for name, text in (extra or {}).items():
             lines.append("%s: %s" % (name, text))
+        if getattr(self, "command", None) == "HEAD":
+            body = b""   # RFC 9110 9.3.2: the headers a GET would get, never content
         data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
         claimed, self._claimed = self._claimed, None
         try:
@@ -2516,7 +2583,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.server.queue.release_undelivered(claimed)
             raise
         if self.server.config.access_log or status >= 500:
-            log("%s %s" % (self.command if hasattr(self, "command") else "-", status),
+            log("%s %s" % (getattr(self, "command", None) or "-", status),
                 request_id=self.request_id,
                 ms="%.1f" % ((time.monotonic() - self.started) * 1000))
 
@@ -2621,11 +2688,12 @@ class Server(ThreadingHTTPServer):
                     raise ValueError("no plain-text answer on a TLS connection")
                 request.setblocking(False)
                 body = b'{"error":{"code":"unavailable","message":"too many connections"}}'
-                request.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                             b"X-Request-ID: %s\r\nX-Content-Type-Options: nosniff\r\n"
+                request.send(b"HTTP/1.1 503 Service Unavailable\r\nDate: %s\r\n"
+                             b"Content-Type: application/json\r\nX-Request-ID: %s\r\nX-Content-Type-Options: nosniff\r\n"
                              b"Cache-Control: no-store\r\nRetry-After: 1\r\nConnection: close\r\n"
                              b"Content-Length: %d\r\n\r\n%s"
-                             % (_new_request_id().encode("ascii"), len(body), body))
+                             % (_http_date().encode("ascii"), _new_request_id().encode("ascii"),
+                                len(body), body))
             except (OSError, ValueError):
                 pass
             self.shutdown_request(request)
@@ -2679,6 +2747,26 @@ class Server(ThreadingHTTPServer):
                 return forwarded.split(",")[-1].strip()
         return handler.client_address[0]
 
+    def check_origin(self, handler, role):
+        """The API is not for browsers. A web page in a browser on this machine can POST a form
+        to 127.0.0.1 (no CORS preflight) and, through DNS rebinding, read a tokenless server: a
+        request a browser marks as cross-site is refused, and a server without tokens answers
+        only requests addressed to a loopback name."""
+        if role is None:
+            return
+        headers = handler.headers
+        if "origin" in headers or headers.get("sec-fetch-site", "none") not in ("none", "same-origin"):
+            raise HTTPError(403, "forbidden", "requests from web pages are not accepted")
+        if not self.tokens.enabled:
+            host = headers.get("host", "")
+            if host.startswith("["):
+                host = host[1:].partition("]")[0]
+            elif host.count(":") == 1:
+                host = host.partition(":")[0]
+            if host and host.lower() != "localhost" and not is_loopback(host):
+                raise HTTPError(403, "forbidden", "a server without tokens answers only to a loopback "
+                                                  "Host (DNS rebinding)")
+
     def authorize(self, handler, role, path, query, body):
         """Authenticate the request and check its role. Returns the caller's Scope."""
         if role is None:
@@ -2694,7 +2782,11 @@ class Server(ThreadingHTTPServer):
             secret = headers["x-api-key"].strip()
         scope = None
         if auth[:15].lower() == "intentbus-hmac ":
-            scope = self._verify_signature(handler, auth[15:], path, query, body)
+            if body is None:   # before the body: only a known name, a fresh time and a nonce
+                if self._signature_fields(auth[15:]) is not None:
+                    return PENDING_SIGNATURE
+            else:
+                scope = self._verify_signature(handler, auth[15:], path, query, body)
         elif secret:
             scope = self.tokens.authenticate(secret)
             if scope is not None and scope is not ROOT and \
@@ -2720,8 +2812,9 @@ class Server(ThreadingHTTPServer):
                                 {"Retry-After": str(int(math.ceil(wait)))})
         return scope
 
-    def _verify_signature(self, handler, fields, path, query, body):
-        """HMAC-SHA256 signed request: name, ts, nonce and sig (see README, Security)."""
+    def _signature_fields(self, fields):
+        """The parts of an IntentBus-HMAC header and the token it names, or None if they
+        cannot be a valid signature; a timestamp more than 300 s off is refused here."""
         parts = dict(p.strip().partition("=")[::2] for p in fields.split(","))
         entry = self.tokens.by_name(parts.get("name", ""))
         try:
@@ -2733,9 +2826,17 @@ class Server(ThreadingHTTPServer):
         nonce = parts.get("nonce", "")
         if entry is None or stamp is None or not (8 <= len(nonce) <= 64):
             return None
-        now = time.time()
-        if abs(now - stamp) > 300:
+        if abs(time.time() - stamp) > 300:
             raise HTTPError(401, "unauthorized", "signature timestamp is more than 300 s off")
+        return parts, entry, nonce
+
+    def _verify_signature(self, handler, fields, path, query, body):
+        """HMAC-SHA256 signed request: name, ts, nonce and sig (see README, Security)."""
+        checked = self._signature_fields(fields)
+        if checked is None:
+            return None
+        parts, entry, nonce = checked
+        now = time.time()
         expected = sign_request(entry["hash"], handler.command, path, query, parts["ts"], nonce, body)
         if not hmac.compare_digest(expected.encode(), parts.get("sig", "").encode("utf-8", "replace")):
             return None

@@ -101,9 +101,10 @@ def integrity(path):
         conn.close()
 
 
-def read_response(f):
+def read_response(f, head=False):
     """One HTTP response from a binary file object: (status, headers, body, raw header block),
-    or None at a clean end of stream. Raises ValueError if what came is not HTTP."""
+    or None at a clean end of stream. Raises ValueError if what came is not HTTP. An answer to
+    HEAD (head=True) has no body, whatever its Content-Length says."""
     line = f.readline(65537)
     if not line:
         return None
@@ -120,7 +121,7 @@ def read_response(f):
         name, _, value = h.decode("latin-1").partition(":")
         headers[name.strip().lower()] = value.strip()
     length = int(headers.get("content-length", "0") or 0)
-    body = f.read(length) if length else b""
+    body = f.read(length) if length and not (head and status >= 200) else b""
     return status, headers, body, b"".join(block)
 
 
@@ -129,6 +130,8 @@ def exchange(address, data, shutdown=True, timeout=3.0):
     `timeout` passes with nothing). Returns (responses, error) where error is a string if the
     stream held something that is not HTTP."""
     responses, error = [], None
+    line = data.split(b"\n", 1)[0].decode("latin-1").split()   # as the server reads it
+    is_head = len(line) == 3 and line[0] == "HEAD" and line[2].startswith("HTTP/1.")
     with socket.create_connection(address, timeout=timeout) as s:
         try:
             s.sendall(data)
@@ -139,7 +142,7 @@ def exchange(address, data, shutdown=True, timeout=3.0):
         f = s.makefile("rb")
         try:
             while True:
-                r = read_response(f)
+                r = read_response(f, head=is_head and not any(x[0] >= 200 for x in responses))
                 if r is None:
                     break
                 responses.append(r)
@@ -819,7 +822,7 @@ class HTTPApi(ServerCase):
             self.assertEqual(got, status, (method, path, body))
             self.assertIn("code", json.loads(data)["error"])
             self.assertHardened(got, h, data, "%s %s" % (method, path))
-        self.assertEqual(self.raw("DELETE", "/intents")[1]["allow"], "GET, POST")
+        self.assertEqual(self.raw("DELETE", "/intents")[1]["allow"], "GET, HEAD, POST")
         self.assertEqual(self.c.list()["intents"], [])
 
     def test_null_means_not_given(self):
@@ -926,7 +929,7 @@ class HTTPApi(ServerCase):
         # woken by the next submit: the answer went nowhere, and the intent sat claimed by
         # nobody for a whole lease (60 s here) and lost an attempt.
         gone = socket.create_connection(self.address(), timeout=10)
-        gone.sendall(b"POST /claim HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        gone.sendall(b"POST /claim HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 33\r\n\r\n" + b'{"worker": "gone", "wait": 30.0 }')
         self.assertTrue(eventually(lambda: self.srv.queue._parked, 10))
         gone.close()
@@ -2812,6 +2815,124 @@ class Connections(BusCase):
 # Security: strict JSON
 # =====================================================================================
 
+class HTTPCorners(BusCase):
+    """Protocol corners and security details of the HTTP layer (an audit's findings)."""
+
+    def head_and_next(self, srv, data):
+        """Send raw bytes; return (first answer's header block, the bytes right after it)."""
+        s = self.socket_to(srv)
+        s.sendall(data)
+        got = b""
+        while b"\r\n\r\n" not in got:
+            piece = s.recv(65536)
+            self.assertTrue(piece, got)
+            got += piece
+        head, _, rest = got.partition(b"\r\n\r\n")
+        while len(rest) < 12:
+            piece = s.recv(65536)
+            if not piece:
+                break
+            rest += piece
+        return head, rest
+
+    def test_a_signature_covers_a_form_body(self):
+        # The form body was handed to the signature check as b"": an on-path attacker could add
+        # "payload=...&priority=..." to a signed body-less POST, and an honest signed form got 401.
+        srv = self.start(token=ROOT)
+        secret = self.token(srv, "cron", "submit", signed=True)
+        key = intentbus.token_hash(secret)
+
+        def send(signed_body, sent_body):
+            ts, nonce = str(int(time.time())), os.urandom(12).hex()
+            sig = intentbus.sign_request(key, "POST", "/intents", "goal=deploy", ts, nonce, signed_body)
+            return self.raw("POST", "/intents?goal=deploy", sent_body, srv=srv, headers={
+                "Content-Type": "application/x-www-form-urlencoded",
+                "Authorization": "IntentBus-HMAC name=cron, ts=%s, nonce=%s, sig=%s" % (ts, nonce, sig)})[0]
+        self.assertEqual(send(b"", b"payload=evil&priority=99"), 401)
+        self.assertEqual(send(b"priority=1", b"priority=1"), 201)
+        self.assertEqual([i["priority"] for i in self.client(srv, ROOT).list()["intents"]], [1])
+
+    def test_a_wrong_token_is_refused_before_its_body(self):
+        # The body (up to --max-body) was read, and "100 Continue" asked for, before the token
+        # was checked: unauthenticated clients could hold 10 MB each in the server's memory.
+        srv = self.start(token=ROOT, auth_burst=1000)
+        head, _ = self.head_and_next(srv, b"POST /intents HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer no\r\n"
+                                          b"Content-Length: 5000000\r\nExpect: 100-continue\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 401 "), head)
+        # a small body of a refused request is read and dropped: the connection goes on
+        responses, error = exchange(self.address(srv), b"POST /intents HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer no"
+                                    b"\r\nContent-Length: 12\r\n\r\n{\"goal\":\"a\"}GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIsNone(error)
+        self.assertEqual([r[0] for r in responses], [401, 200])
+        # RFC 9110 10.1.1: an HTTP/1.0 request's 100-continue expectation MUST be ignored
+        srv2 = self.start(db=os.path.join(self.dir, "two.db"))
+        head, _ = self.head_and_next(srv2, b"POST /intents HTTP/1.0\r\nContent-Length: 12\r\n"
+                                           b"Expect: 100-continue\r\n\r\n{\"goal\":\"a\"}")
+        self.assertTrue(head.startswith(b"HTTP/1.1 201 "), head)
+
+    def test_whitespace_before_a_colon_and_folded_headers_are_refused(self):
+        # RFC 9112 5.1 and 5.2: MUST be 400. "Content-Length : 12" was honoured, and a folded
+        # " Content-Length: 12" became a header of its own: a proxy that reads them otherwise
+        # frames the request differently (smuggling).
+        srv = self.start()
+        for block in (b"Content-Length : 12\r\n", b"Content-Length\t: 12\r\n",
+                      b"X-Foo: a\r\n Content-Length: 12\r\n"):
+            responses, error = exchange(self.address(srv), b"POST /intents HTTP/1.1\r\nHost: x\r\n" + block
+                                        + b"\r\n{\"goal\":\"a\"}")
+            self.assertIsNone(error)
+            self.assertEqual([r[0] for r in responses], [400], block)
+        self.assertEqual(self.client(srv).list()["intents"], [])
+
+    def test_head_answers_without_content(self):
+        # HEAD got a 405 with a JSON body; a client reads no body after HEAD (RFC 9110 9.3.2),
+        # so the body was taken as the start of the next answer on the connection.
+        srv = self.start()
+        head, rest = self.head_and_next(srv, b"HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n"
+                                             b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+        self.assertTrue(rest.startswith(b"HTTP/1.1 200 "), rest[:80])
+
+    def test_the_fast_503_carries_a_date(self):
+        srv = self.start(max_connections=1)
+        held = self.client(srv)
+        self.assertTrue(held.health()["ok"])
+        responses, _ = exchange(self.address(srv), b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", shutdown=False)
+        self.assertEqual([r[0] for r in responses], [503])
+        self.assertIn("date", responses[0][1])
+
+    def test_a_tokenless_server_refuses_web_pages(self):
+        # A page in a browser on the machine could POST a form to 127.0.0.1 (no CORS preflight)
+        # and submit work, or read every intent through DNS rebinding (Host: evil.example).
+        srv = self.start()
+        port = self.address(srv)[1]
+        form = b"goal=backup&payload=rm"
+        responses, _ = exchange(self.address(srv), b"POST /intents HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                                b"Origin: https://evil.example\r\nContent-Type: application/x-www-form-urlencoded"
+                                b"\r\nContent-Length: %d\r\n\r\n%s" % (port, len(form), form))
+        self.assertEqual([r[0] for r in responses], [403])
+        for host, status in ((b"evil.example:%d" % port, 403), (b"127.0.0.1:%d" % port, 200),
+                             (b"localhost:%d" % port, 200), (b"[::1]:%d" % port, 200)):
+            responses, _ = exchange(self.address(srv), b"GET /intents HTTP/1.1\r\nHost: %s\r\n\r\n" % host)
+            self.assertEqual([r[0] for r in responses], [status], host)
+        self.assertEqual(self.client(srv).list()["intents"], [])
+
+    def test_a_silent_new_connection_gets_the_request_timeout(self):
+        # setup() set --request-timeout, then the idle deadline (--idle-timeout) replaced it
+        srv = self.start(request_timeout=0.3, idle_timeout=120)
+        self.assertTrue(closed_within(self.socket_to(srv, timeout=30), 20))
+
+    def test_a_client_still_sending_reads_its_413(self):
+        # Closing with the body unread made the kernel send RST: http.client, urllib and
+        # requests saw "Broken pipe" instead of the documented 413.
+        srv = self.start(max_body=1000)
+        outcomes = set()
+        for _ in range(3):
+            status, _, data = self.raw("POST", "/intents", b"[" + b" " * 600000 + b"]", srv=srv, headers=
+                                       {"Content-Type": "application/json"})
+            outcomes.add(status if status else data[:40])
+        self.assertEqual(outcomes, {413})
+
+
 def nested(levels, inner=b"1"):
     """A JSON intent whose nesting is `levels` deep in all (the outer object counts as 1)."""
     return b'{"goal":"g","payload":' + b"[" * (levels - 1) + inner + b"]" * (levels - 1) + b"}"
@@ -2926,7 +3047,8 @@ class SafeErrors(BusCase):
             (b"GARBAGE\r\n\r\n", 400),
             (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
             (b"GET /health HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n", 431),
-            (b"POST /intents HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc", 400),
+            (b"POST /intents HTTP/1.1\r\nAuthorization: Bearer " + ROOT.encode() +
+             b"\r\nContent-Length: 10\r\n\r\nabc", 400),
             (b"POST /intents HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
         ]
         for data, code in raw_cases:
