@@ -2379,7 +2379,8 @@ class Handler(BaseHTTPRequestHandler):
             scope = self.server.authorize(self, role, path, query, self._raw_body)
         if self.command in ("GET", "HEAD") and (body or self._form):
             raise HTTPError(400, "bad_request", "a GET takes no body; send its fields in the query")
-        params = self._params(query, headers, body)
+        # /health and /stats take no fields: a monitor's cache-busting query is not read at all
+        params = self._params("" if name in ("health", "stats") else query, headers, body)
         if "id" in params:
             raise HTTPError(400, "invalid", "unknown field 'id' in the query (an id goes in the path)")
         params.update(m.groupdict())
@@ -2558,11 +2559,12 @@ class Handler(BaseHTTPRequestHandler):
         body = b"" if value is None else (
             value.text if isinstance(value, ClaimAnswer) else dumps(value)).encode("utf-8")
         lines = ["HTTP/1.1 %d %s" % (status, STATUS_TEXT.get(status, "Unknown")),
-                 "Date: " + _http_date(),
-                 "Content-Length: %d" % len(body),
-                 "X-Request-ID: %s" % (self.request_id or _new_request_id()),
-                 "X-Content-Type-Options: nosniff",
-                 "Cache-Control: no-store"]
+                 "Date: " + _http_date()]
+        if status != 204:   # RFC 9110 8.6: a 204 carries no Content-Length
+            lines.append("Content-Length: %d" % len(body))
+        lines += ["X-Request-ID: %s" % (self.request_id or _new_request_id()),
+                  "X-Content-Type-Options: nosniff",
+                  "Cache-Control: no-store"]
         if value is not None:
             lines.append("Content-Type: application/json")
         if self.server.tls:
@@ -2658,7 +2660,8 @@ class Server(ThreadingHTTPServer):
         self.rate = RateLimiter(config.rate, config.burst or max(1, int(config.rate * 2))) \
             if config.rate else None
         self.auth_failures = RateLimiter(config.auth_rate, config.auth_burst)
-        self.nonces = {}
+        self.nonces = collections.OrderedDict()   # (token name, nonce) -> when, oldest first
+        self._nonce_lock = threading.Lock()
         ThreadingHTTPServer.__init__(self, (config.host, config.port), Handler)
         if config.tls_cert:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -2840,9 +2843,11 @@ class Server(ThreadingHTTPServer):
         expected = sign_request(entry["hash"], handler.command, path, query, parts["ts"], nonce, body)
         if not hmac.compare_digest(expected.encode(), parts.get("sig", "").encode("utf-8", "replace")):
             return None
-        with self._conn_lock:
-            for old in [n for n, t in self.nonces.items() if t < now - 600]:
-                del self.nonces[old]
+        with self._nonce_lock:
+            # Oldest first: forgetting the expired ones is a look at the front, not a scan of ten
+            # minutes' worth (6.5 ms a request at 250 signed requests a second).
+            while self.nonces and next(iter(self.nonces.values())) < now - 600:
+                self.nonces.popitem(last=False)
             if (entry["name"], nonce) in self.nonces:
                 raise HTTPError(401, "unauthorized", "replayed request (nonce already used)")
             self.nonces[(entry["name"], nonce)] = now

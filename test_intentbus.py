@@ -946,6 +946,24 @@ class HTTPApi(ServerCase):
             self.c.submit("g", n)
         self.assertIs(self.c._conn.sock, sock)
 
+    def test_an_empty_claim_is_a_204_without_content_length(self):
+        # RFC 9110 8.6: a server must not send Content-Length in a 204; the connection goes on.
+        responses, error = exchange(self.address(), b"POST /claim HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                    b"Content-Length: 2\r\n\r\n{}GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        self.assertIsNone(error)
+        self.assertEqual([r[0] for r in responses], [204, 200])
+        self.assertNotIn("content-length", responses[0][1])
+        self.assertEqual(self.c.claim("w"), [])   # and worker.py's client reads it on keep-alive
+        self.assertEqual(self.c.health()["ok"], True)
+
+    def test_health_and_stats_ignore_any_query(self):
+        # The README says they ignore a query string (monitors add cache-busting ones), but a
+        # repeated or odd field was still parsed, and refused with 400.
+        for query in ("?_=1", "?a=1&a=2", "?wait=x", "?%ff=%00"):
+            for path in ("/health", "/stats"):
+                got, _, data = self.raw("GET", path + query)
+                self.assertEqual(got, 200, (path + query, data))
+
     def test_an_array_submit_refuses_what_only_one_intent_can_carry(self):
         # The Idempotency-Key header and query fields were dropped without a word on an array:
         # a client retrying an array with the header got a second copy of every intent.
