@@ -2662,6 +2662,7 @@ class Server(ThreadingHTTPServer):
         self.auth_failures = RateLimiter(config.auth_rate, config.auth_burst)
         self.nonces = collections.OrderedDict()   # (token name, nonce) -> when, oldest first
         self._nonce_lock = threading.Lock()
+        self._loopback_hosts = set()   # Host headers already found to name this machine
         ThreadingHTTPServer.__init__(self, (config.host, config.port), Handler)
         if config.tls_cert:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -2762,6 +2763,8 @@ class Server(ThreadingHTTPServer):
             raise HTTPError(403, "forbidden", "requests from web pages are not accepted")
         if not self.tokens.enabled:
             host = headers.get("host", "")
+            if host in self._loopback_hosts:   # seen before: the same few on every request
+                return
             if host.startswith("["):
                 host = host[1:].partition("]")[0]
             elif host.count(":") == 1:
@@ -2769,6 +2772,8 @@ class Server(ThreadingHTTPServer):
             if host and host.lower() != "localhost" and not is_loopback(host):
                 raise HTTPError(403, "forbidden", "a server without tokens answers only to a loopback "
                                                   "Host (DNS rebinding)")
+            if len(self._loopback_hosts) < 64:
+                self._loopback_hosts.add(headers.get("host", ""))
 
     def authorize(self, handler, role, path, query, body):
         """Authenticate the request and check its role. Returns the caller's Scope."""
