@@ -1119,6 +1119,8 @@ class Queue:
         self._eligible = {}          # claim filter -> [Route]
         self._parked = []            # long-polling claims waiting for work, oldest first
         self._ready = {}             # route id -> Route that got work in this transaction
+        self._may_have_work = None   # ids of routes a claim must look at (None: every route)
+        self._may_have_work_since = 0.0
         self._open_counts = None     # namespace -> unfinished count (only with max_open)
         self._watch_lock = threading.Lock()
         self._watchers = {}          # intent id -> [Event]: GET ?wait long polls
@@ -1133,6 +1135,7 @@ class Queue:
         self._routes = None
         self._eligible = {}
         self._open_counts = None
+        self._may_have_work = None
         for request in list(self._parked):
             self.store.requeue(request.op)
         self._parked = []
@@ -1176,6 +1179,8 @@ class Queue:
 
     def _became_ready(self, route):
         """Work appeared on a route; parked claims are woken before this transaction commits."""
+        if self._may_have_work is not None:
+            self._may_have_work.add(route.id)
         if self._parked:
             self._ready[route.id] = route
 
@@ -1361,9 +1366,20 @@ class Queue:
     def _claim_now(self, request):
         now = self.clock()
         routes = self._eligible_routes(request)
+        # Routes are never deleted, and goals come and go (report-2026-11-29): a claim looks only
+        # at routes that may have work, instead of one index probe per route ever seen. A route
+        # found empty is skipped until something makes work ready on it (_became_ready).
+        maybe = self._may_have_work
+        if maybe is None:
+            maybe = self._may_have_work = set(self._all_routes())
+            self._may_have_work_since = now
         candidates = []
         for route in routes:
-            candidates.extend(self.store.claimable(route.id, request.max))
+            if route.id in maybe:
+                found = self.store.claimable(route.id, request.max)
+                if not found:
+                    maybe.discard(route.id)
+                candidates.extend(found)
         if len(routes) > 1:
             candidates.sort(key=lambda c: (-c[1], c[0]))
         candidates = candidates[:request.max]
@@ -1737,6 +1753,8 @@ class Queue:
             for route in {r for _i, r in due}:
                 if route in routes:
                     self._became_ready(routes[route])
+            if now - self._may_have_work_since > 60:   # a net under _became_ready: look at all again
+                self._may_have_work = None
             return self.store.next_deadline()
         return self.store.write(run)
 

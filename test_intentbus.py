@@ -448,6 +448,69 @@ class QueueRules(RulesCase):
         with self.assertRaises(intentbus.Conflict):
             self.q.retry(dead[0]["id"])
 
+    def count_probes(self):
+        """How many per-route index probes the claims made (calls of Storage.claimable)."""
+        probes = []
+        claimable = self.store.claimable
+        self.store.claimable = lambda route, limit: probes.append(route) or claimable(route, limit)
+        return probes
+
+    def test_a_claim_looks_only_at_routes_that_may_have_work(self):
+        # Routes (namespace x goal x requires) are never deleted: after 300 goals had come and
+        # gone, each claim of a worker taking any goal made 300 index probes, on the writer.
+        for n in range(300):
+            i = self.submit(goal="g%d" % n)
+            self.q.fulfill(i["id"], self.claim()[0]["token"], 1)
+        probes = self.count_probes()
+        self.assertEqual(self.claim(), [])
+        self.assertEqual(self.claim(), [])
+        self.assertLessEqual(len(probes), 300)   # the first may look at each route once more
+        del probes[:]
+        self.assertEqual(self.claim(), [])
+        self.assertEqual(probes, [])
+        i = self.submit(goal="g7")
+        self.assertEqual([c["id"] for c in self.claim()], [i["id"]])
+        self.assertEqual(len(probes), 1)
+
+    def test_every_way_work_comes_back_is_seen_by_a_claim_that_found_none(self):
+        # A route found empty is skipped until work is ready on it again: each way that makes
+        # an intent claimable must say so, or its intent would sit open and never be claimed.
+        def empty():
+            self.assertEqual(self.claim(), [])
+
+        def taken(intent):   # claimed now, and finished, so that it does not come back later
+            c = self.claim()
+            self.assertEqual([j["id"] for j in c], [intent["id"]])
+            self.q.fulfill(intent["id"], c[0]["token"], 1)
+        i = self.submit(goal="r")
+        c = self.claim()[0]
+        empty()
+        self.q.release(i["id"], c["token"])
+        taken(i)
+        i = self.submit(goal="f", backoff=0)
+        c = self.claim()[0]
+        empty()
+        self.q.fail(i["id"], c["token"], "again")   # backoff 0: open at once
+        taken(i)
+        i = self.submit(goal="e", backoff=0, lease=5)
+        self.claim()
+        empty()
+        self.clock.advance(6)
+        self.q.tick()   # the lease expired
+        taken(i)
+        i = self.submit(goal="d", delay=5)
+        empty()
+        self.clock.advance(6)
+        self.q.tick()   # the delay is over
+        taken(i)
+        for goal, redrive in (("x", lambda i: self.q.retry(i["id"])),
+                              ("y", lambda i: self.q.retry_matching("dead", "y"))):
+            i = self.submit(goal=goal, max_attempts=1)
+            self.q.fail(i["id"], self.claim()[0]["token"], "no", retry=False)
+            empty()
+            redrive(i)
+            taken(i)
+
     def test_a_redrive_goes_past_chunks_of_intents_its_scope_does_not_see(self):
         # It read 500 ids at a time and stopped at the first chunk that redrove fewer than 500:
         # behind 500 older cancelled intents of other goals, a goal-limited admin redrove none.
