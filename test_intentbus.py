@@ -1503,6 +1503,16 @@ class WorkerCase(ServerCase):
             self.fail("intent %s never reached %s: %s" % (intent_id, wanted, self.c.get(intent_id)))
         return v
 
+    def job_started(self, goal, then, *worker_args):
+        """Submit an intent of `goal` whose handler marks that it started and then runs `then`,
+        start a worker with `worker_args`, and return (intent, worker process) once it started."""
+        started = os.path.join(self.dir, "started-" + goal)
+        hdir = self.handler(goal, "touch %s; %s" % (started, then))
+        i = self.c.submit(goal)
+        p = self.start_worker("--handlers", hdir, *worker_args)
+        self.assertTrue(eventually(lambda: os.path.exists(started), 15))
+        return i, p
+
     def stderr_so_far(self, p):
         """What a worker process wrote to stderr so far (without waiting for it to end)."""
         buf = getattr(p, "_peeked", b"")
@@ -1632,11 +1642,7 @@ class WorkerProcesses(WorkerCase):
         # GNU timeout signals the worker and then its whole group; a closed terminal's SIGHUP
         # comes from the kernel and again from the shell. The worker took the second as "again:
         # quit now", killed the handler and gave the job back instead of letting it finish.
-        started = os.path.join(self.dir, "started")
-        hdir = self.handler("short", "touch %s; sleep 1; echo '\"done\"'" % started)
-        i = self.c.submit("short")
-        p = self.start_worker("--handlers", hdir, "--grace", "20")
-        self.assertTrue(eventually(lambda: os.path.exists(started), 15))
+        i, p = self.job_started("short", "sleep 1; echo '\"done\"'", "--grace", "20")
         os.kill(p.pid, signal.SIGTERM)
         time.sleep(0.1)   # two deliveries, not one signal pending twice
         os.kill(p.pid, signal.SIGTERM)
@@ -1648,11 +1654,7 @@ class WorkerProcesses(WorkerCase):
     def test_sighup_stops_the_worker_like_sigterm(self):
         # A closed Termux session or a dropped ssh login sends SIGHUP: the worker must give its
         # job back, not vanish and leave it claimed (and its handler running) until the lease ends.
-        started = os.path.join(self.dir, "started")
-        hdir = self.handler("stuck", "touch %s; sleep 30" % started)
-        i = self.c.submit("stuck")
-        p = self.start_worker("--handlers", hdir, "--grace", "0.5")
-        self.assertTrue(eventually(lambda: os.path.exists(started), 15))
+        i, p = self.job_started("stuck", "sleep 30", "--grace", "0.5")
         os.kill(p.pid, signal.SIGHUP)
         self.assertEqual(p.wait(20), 0)
         v = self.c.get(i["id"])
