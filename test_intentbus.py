@@ -1969,13 +1969,110 @@ class LibraryMode(WorkerCase):
     def test_a_result_the_server_refuses_is_a_failure_not_done(self):
         # The server refuses a result over --max-result (64 KiB here); the worker then fails the
         # intent for good. It used to log "done" and count it fulfilled (--once exited 0).
-        w = worker.Worker(self.url, None, wait=0, concurrency=1, log=None)
-        w.handler("big")(lambda payload: "x" * 70000)   # --max-result is for stdout, not this
+        w = worker.Worker(self.url, None, wait=0, concurrency=1, log=None, max_result=10 ** 6)
+        w.handler("big")(lambda payload: "x" * 70000)   # over the server's limit, not ours
         i = self.c.submit("big")
         self.assertEqual(w.run(once=True, install_signals=False), 1)
         v = self.c.get(i["id"])
         self.assertEqual(v["status"], "dead")
         self.assertIn("refused the result", v["error"])
+
+    def test_a_python_result_over_max_result_fails_for_good(self):
+        # --max-result held only for a command's stdout: a Python result over it was fulfilled,
+        # and one over the server's body limit (10 MiB) met a broken pipe, was taken for a network
+        # error and re-sent until the lease ran out, attempt after attempt.
+        w = worker.Worker(self.url, None, wait=0, concurrency=1, log=None, max_result=100)
+        w.handler("big")(lambda payload: "\u00e9" * 60)   # 122 bytes as the server counts them
+        i = self.c.submit("big", max_attempts=3)
+        self.assertEqual(w.run(once=True, install_signals=False), 1)
+        v = self.c.get(i["id"])
+        self.assertEqual((v["status"], v["attempts"]), ("dead", 1))
+        self.assertIn("122 bytes as JSON; the limit is 100 (--max-result)", v["error"])
+
+    def test_a_second_parameter_with_a_default_keeps_it(self):
+        # resize(payload, quality=85) was called with quality=<Job ...>; a handler taking no
+        # argument was accepted, then failed every intent with a TypeError.
+        w = worker.Worker(self.url, None, wait=0, concurrency=2, log=None)
+        w.handler("resize")(lambda payload, quality=85: [payload, quality])
+        w.handler("info")(lambda payload, job=None: [payload, job.id])
+        with self.assertRaises(TypeError):
+            w.handler("nothing")(lambda: 1)
+        a, b = self.c.submit("resize", "p"), self.c.submit("info", "q")
+        self.assertEqual(w.run(once=True, install_signals=False), 0)
+        self.assertEqual(self.c.get(a["id"])["result"], ["p", 85])
+        self.assertEqual(self.c.get(b["id"])["result"], ["q", b["id"]])
+
+    def test_an_async_handler_is_awaited(self):
+        # The coroutine object was taken for the result: "not JSON", dead at the first attempt,
+        # and the handler's body never ran.
+        w = worker.Worker(self.url, None, wait=0, concurrency=1, log=None)
+
+        async def double(payload):
+            return payload * 2
+        w.handler("double")(double)
+        i = self.c.submit("double", 21)
+        self.assertEqual(w.run(once=True, install_signals=False), 0)
+        self.assertEqual(self.c.get(i["id"])["result"], 42)
+
+    def test_a_stop_before_run_is_not_lost(self):
+        # run() cleared the stop flag as it began: a stop() that came first (an app that starts
+        # the worker's thread and soon shuts down) was forgotten and run() never returned.
+        w = worker.Worker(self.url, None, wait=20, log=None)
+        w.handler("g")(lambda payload: payload)
+        w.stop()
+        t = threading.Thread(target=w.run, kwargs={"install_signals": False}, daemon=True)
+        t.start()
+        t.join(30)
+        self.assertFalse(t.is_alive())
+        self.assertFalse(w.stopping.is_set())   # and the next run() runs
+
+    def test_run_twice_at_once_is_refused(self):
+        # Two run() of one Worker shared its free-slot count and claim client: twice the
+        # concurrency, and each long poll broke the other's.
+        w = worker.Worker(self.url, None, wait=20, log=None)
+        w.handler("g")(lambda payload: payload)
+        t = threading.Thread(target=w.run, kwargs={"install_signals": False})
+        t.start()
+        self.assertTrue(eventually(lambda: any(x["name"] == w.name for x in self.c.stats()["workers"])))
+        second = {}
+
+        def again():
+            try:
+                second["rc"] = w.run(install_signals=False)
+            except RuntimeError as e:
+                second["error"] = e
+        t2 = threading.Thread(target=again)
+        t2.start()
+        t2.join(30)
+        w.stop()
+        t.join(30)
+        t2.join(30)
+        self.assertFalse(t.is_alive() or t2.is_alive())
+        self.assertIn("already running", str(second.get("error")))
+
+    def test_an_exception_leaving_run_releases_its_jobs(self):
+        # With install_signals=False a Ctrl-C is a KeyboardInterrupt out of run(): its jobs ran
+        # on unsupervised, claimed (an attempt spent) and never told to stop.
+        if threading.current_thread() is not threading.main_thread():
+            self.skipTest("needs the main thread")
+        w = worker.Worker(self.url, None, wait=0, log=None)
+        seen = {}
+
+        @w.handler("slow")
+        def slow(payload, job):
+            os.kill(os.getpid(), signal.SIGINT)
+            seen["cancelled"] = job.cancelled.wait(60)
+            return "late"
+        i = self.c.submit("slow")
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            with self.assertRaises(KeyboardInterrupt):
+                w.run(install_signals=False)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        v = self.c.get(i["id"])
+        self.assertEqual((v["status"], v["attempts"]), ("open", 0))
+        self.assertTrue(eventually(lambda: seen.get("cancelled")))
 
     def test_stop_from_another_thread_ends_a_long_poll(self):
         w = worker.Worker(self.url, None, wait=20, log=None)

@@ -779,6 +779,7 @@ class Worker:
         self.completed = 0
         self.exit_code = 0
         self._no_handlers_logged = False
+        self._running = False
 
     def __repr__(self):
         return "<Worker %s %s>" % (self.name, _safe_url(self.url))
@@ -795,16 +796,23 @@ class Worker:
         The return value (JSON-able) fulfills the intent; an exception fails it (retried while
         attempts remain); PermanentError fails it for good. A Python function cannot be killed:
         on a timeout, a lost lease or shutdown the worker sets job.cancelled, stops waiting for
-        it and reports (or releases) the intent; a long handler should check job.cancelled."""
+        it and reports (or releases) the intent; a long handler should check job.cancelled.is_set()
+        (an Event: its truth is always True)."""
         _check_goal(goal)
 
         def register(fn):
             try:
-                params = [p for p in inspect.signature(fn).parameters.values()
-                          if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-                takes_job = len(params) >= 2
-            except (TypeError, ValueError):
-                takes_job = False
+                every = list(inspect.signature(fn).parameters.values())
+            except (TypeError, ValueError):   # a builtin without a signature: given the payload
+                every = None
+            takes_job = False
+            if every is not None:
+                params = [p for p in every if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+                if not params and not any(p.kind == p.VAR_POSITIONAL for p in every):
+                    raise TypeError("handler %r for goal %r takes no payload argument" % (fn, goal))
+                # (payload, job); not resize(payload, quality=85), whose default stays its own
+                takes_job = len(params) >= 2 and (params[1].default is params[1].empty
+                                                  or params[1].name == "job")
             self._python[goal] = (fn, takes_job)
             return fn
         return register
@@ -864,13 +872,24 @@ class Worker:
         self.concurrency = int(self.concurrency)
         if not 1 <= self.concurrency <= 1000:
             raise ValueError("concurrency must be 1 to 1000")
-        self._free = self.concurrency
-        self._queue = []
-        self.failures = self.completed = self.exit_code = 0
-        self.stopping.clear()
         if not self.current_handlers():
             raise ValueError("no handlers: add executables to %s, use --run GOAL=COMMAND, or "
                              "@worker.handler(goal)" % (self.handlers_dir or "a handlers directory"))
+        with self._cv:   # one run at a time: they would share the slots' count and the claim client
+            if self._running:
+                raise RuntimeError("this Worker is already running")
+            self._running = True
+        try:
+            return self._run(once, install_signals)
+        finally:
+            self.stopping.clear()   # here, not at the start: a stop() before run() must count
+            with self._cv:
+                self._running = False
+
+    def _run(self, once, install_signals):
+        self._free = self.concurrency
+        self._queue = []
+        self.failures = self.completed = self.exit_code = 0
         previous = {}
         if install_signals and threading.current_thread() is threading.main_thread():
             # SIGHUP: the terminal went away (a closed Termux session, a dropped ssh login). An
@@ -896,6 +915,16 @@ class Worker:
                 pass                    # --once: let the batch finish (a signal still counts)
             if self.stopping.is_set():
                 self._shutdown()
+        except BaseException:
+            # Leaving on an exception (a KeyboardInterrupt with install_signals=False): the jobs
+            # must not run on unsupervised, claimed until their leases run out. Give them back.
+            self.stop()
+            with self._cv:
+                jobs = list(self._jobs.values())
+            for job in jobs:
+                job.request_kill("shutdown")
+                job.cancelled.set()
+            raise
         finally:
             if claimer.is_alive():
                 self.stop()
@@ -1209,6 +1238,9 @@ class Worker:
             try:
                 try:
                     value = fn(job.payload, job) if takes_job else fn(job.payload)
+                    if inspect.isawaitable(value):   # an async def handler: run it to its end
+                        import asyncio
+                        value = asyncio.run(_awaited(value))
                 except PermanentError as e:
                     box["error"] = (_str_of(e) or "PermanentError", False)
                     return
@@ -1219,6 +1251,16 @@ class Worker:
                     _encode(value)
                 except Exception as e:   # TypeError, ValueError, RecursionError: not sendable
                     box["error"] = ("the handler's result is not JSON: %s" % e, False)
+                    return
+                try:
+                    size = len(_encode_utf8(value).encode("utf-8", "surrogatepass"))
+                except Exception:   # noqa: what the server will refuse anyway
+                    size = 0
+                # As for a command's stdout. Unchecked, a result over the server's body limit
+                # met a broken pipe, taken for a network error and re-sent for the whole lease.
+                if size > self.max_result:
+                    box["error"] = ("the handler's result is %d bytes as JSON; the limit is %d "
+                                    "(--max-result)" % (size, self.max_result), False)
                     return
                 box["result"] = value
             finally:
@@ -1459,6 +1501,10 @@ def _result_of(raw):
         return value
     except (ValueError, RecursionError):   # RecursionError: nested deeper than Python can parse
         return text[:-1] if text.endswith("\n") else text
+
+
+async def _awaited(awaitable):
+    return await awaitable
 
 
 def _signal_name(number):
