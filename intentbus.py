@@ -23,6 +23,7 @@ import datetime
 import email.utils
 import errno
 import hashlib
+import heapq
 import hmac
 import io
 import ipaddress
@@ -63,8 +64,13 @@ def log(message, **fields):
     """One line on stderr, with a UTC timestamp. Callers never pass secrets."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
     extra = "".join(" %s=%s" % (k, v) for k, v in fields.items() if v is not None)
-    sys.stderr.write("%sZ %s%s\n" % (stamp, message, extra))
-    sys.stderr.flush()
+    try:
+        sys.stderr.write("%sZ %s%s\n" % (stamp, message, extra))
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        # stderr on a full disk (ENOSPC), or a pipe whose reader has gone (EPIPE): a line that
+        # cannot be logged must not kill the sweeper or the writer, which log as they go.
+        pass
 
 
 # One encoder for every call: json.dumps with options builds a new one each time.
@@ -779,6 +785,15 @@ class Storage:
             "WHERE status = 'claimed' AND lease_expires_at <= ? "
             "ORDER BY lease_expires_at LIMIT ?" % INTENT_COLUMNS, (now, limit)).fetchall()]
 
+    def reanchor_leases(self, now):
+        """Claims made "in the future" (the wall clock has gone back since): the same lease
+        length, counted from now. Without this they were held until the clock caught up."""
+        return self._wconn.execute(
+            "UPDATE intents SET lease_expires_at = ? + (lease_expires_at - claimed_at), "
+            "claimed_at = ? WHERE id IN (SELECT id FROM intents INDEXED BY intents_lease "
+            "WHERE status = 'claimed' AND lease_expires_at > ?) AND claimed_at > ?",
+            (now, now, now, now)).rowcount
+
     def due_delayed(self, now, limit):
         """Delayed intents whose run_at has come: (id, route) pairs."""
         return self._wconn.execute(
@@ -818,6 +833,9 @@ class Storage:
         return dict(self._wconn.execute(
             "SELECT namespace, count(*) FROM intents WHERE status IN ('open', 'claimed') "
             "GROUP BY namespace").fetchall())
+
+    def prune_workers(self, before):
+        return self._wconn.execute("DELETE FROM workers WHERE last_seen < ?", (before,)).rowcount
 
     def save_worker(self, namespace, name, caps_json, now):
         self._wconn.execute(
@@ -1121,6 +1139,7 @@ class Queue:
         self._ready = {}             # route id -> Route that got work in this transaction
         self._may_have_work = None   # ids of routes a claim must look at (None: every route)
         self._may_have_work_since = 0.0
+        self._last_tick = None       # the clock at the last tick: a later one lower means it went back
         self._open_counts = None     # namespace -> unfinished count (only with max_open)
         self._watch_lock = threading.Lock()
         self._watchers = {}          # intent id -> [Event]: GET ?wait long polls
@@ -1417,7 +1436,7 @@ class Queue:
     def _seen(self, namespace, worker, caps, now):
         """Remember the worker for /stats; saved to the file at most every 10 s per worker."""
         entry = self._workers.get((namespace, worker))
-        if entry is None or entry[0] != caps or now - entry[2] > 10:
+        if entry is None or entry[0] != caps or abs(now - entry[2]) > 10:
             self._workers[(namespace, worker)] = [caps, now, now]
             save = _Op(lambda: self.store.save_worker(namespace, worker, dumps(caps), now))
             if self.store.has_writer:
@@ -1674,8 +1693,12 @@ class Queue:
 
     # ----- reads ---------------------------------------------------------------------
 
-    def get(self, intent_id, wait=None, scope=ROOT):
-        """The whole intent; with wait, long-poll until it is fulfilled, dead or cancelled."""
+    WATCH_CHECK = 1.0   # how often a GET ?wait looks whether its client is still there
+
+    def get(self, intent_id, wait=None, scope=ROOT, alive=None):
+        """The whole intent; with wait, long-poll until it is fulfilled, dead or cancelled.
+        alive, if given, says whether the caller is still there: a poll whose client gave up
+        ends then, instead of holding a thread and a connection slot for the whole wait."""
         intent_id = _intent_id(intent_id)
         wait = _number({"wait": wait}, "wait", 0, 60) or 0
         deadline = time.monotonic() + wait
@@ -1692,7 +1715,11 @@ class Queue:
             if row["status"] in FINISHED or remaining <= 0 or self.closing:
                 self._unwatch(intent_id, event)
                 return intent_view(row)
-            event.wait(remaining)
+            if alive is None:
+                event.wait(remaining)
+            elif not event.wait(min(remaining, self.WATCH_CHECK)) and not alive():
+                self._unwatch(intent_id, event)
+                return intent_view(row)
             self._unwatch(intent_id, event)
 
     def _unwatch(self, intent_id, event):
@@ -1744,6 +1771,11 @@ class Queue:
         """Expire leases and wake delayed intents that are due. Returns the next deadline or None."""
         def run():
             now = self.clock()
+            if self._last_tick is not None and now < self._last_tick - 1.0:
+                moved = self.store.reanchor_leases(now)
+                self._may_have_work_since = now
+                log("wall clock went back", seconds="%.0f" % (self._last_tick - now), leases=moved)
+            self._last_tick = now
             for row in self.store.expired_leases(now, 500):
                 self._attempt_failed(row, now, "lease_expired", "lease expired (worker %s)" % row["worker"])
             routes = self._all_routes()
@@ -1753,7 +1785,7 @@ class Queue:
             for route in {r for _i, r in due}:
                 if route in routes:
                     self._became_ready(routes[route])
-            if now - self._may_have_work_since > 60:   # a net under _became_ready: look at all again
+            if now - self._may_have_work_since > 300:   # a net under _became_ready: look at all again
                 self._may_have_work = None
             return self.store.next_deadline()
         return self.store.write(run)
@@ -1768,6 +1800,14 @@ class Queue:
                 total += n
                 if n < 500:
                     break
+        # Workers: /stats shows those seen in the last 600 s; one entry per name ever seen (a
+        # container's random hostname, name-PID) was kept in memory (about 650 B) and in the file
+        # for good. Kept as long as fulfilled intents, then forgotten.
+        horizon = now - max(self.keep_done, 600)
+        for key, entry in list(self._workers.items()):
+            if entry[1] < horizon:
+                self._workers.pop(key, None)
+        self.store.write(lambda: self.store.prune_workers(horizon))
         return total
 
     def shutdown(self):
@@ -1898,27 +1938,41 @@ class Sweeper:
                 self._next = when
                 self._cv.notify()
 
+    def _step(self, what, fn):
+        try:
+            return fn(), None
+        except Exception as e:   # any failure: log it and go on; a dead sweeper expires nothing
+            log("sweep failed", step=what, error=type(e).__name__)
+            return None, e
+
+    def sweep(self, last_prune):
+        """One round: tick, checkpoint, and when due prune and the housekeeping jobs, each on its
+        own. A tick that cannot be written (the database is full) no longer skips the prune that
+        would free space. Returns (deadline, last_prune)."""
+        deadline, error = self._step("tick", self.queue.tick)
+        self._step("checkpoint", self.queue.store.checkpoint)
+        if isinstance(error, StorageFull) or time.monotonic() - last_prune > self.prune_every:
+            last_prune = time.monotonic()
+            removed, _ = self._step("prune", self.queue.prune)
+            if removed:
+                log("pruned finished intents", count=removed)
+            for job in self.every_minute:
+                self._step(getattr(job, "__name__", "job"), job)
+        return deadline, last_prune
+
     def _loop(self):
         last_prune = 0.0
         while True:
-            try:
-                deadline = self.queue.tick()
-                self.queue.store.checkpoint()
-                if time.monotonic() - last_prune > self.prune_every:
-                    last_prune = time.monotonic()
-                    removed = self.queue.prune()
-                    if removed:
-                        log("pruned finished intents", count=removed)
-                    for job in self.every_minute:
-                        job()
-            except (StorageError, QueueError) as e:
-                log("sweep failed", error=type(e).__name__)
-                deadline = None
+            deadline, last_prune = self.sweep(last_prune)
             now = self.queue.clock()
             with self._cv:
                 self._next = min(now + self.max_sleep, deadline if deadline is not None else now + 60)
+                # Each wait is at most max_sleep of monotonic time: measured on the wall clock, a
+                # step back of a year made it a year's sleep (no expiry, prune or checkpoint).
                 while not self._stop and self.queue.clock() < self._next:
-                    self._cv.wait(max(0.001, self._next - self.queue.clock()))
+                    self._cv.wait(max(0.001, min(self.max_sleep, self._next - self.queue.clock())))
+                    if self._next - self.queue.clock() > self.max_sleep:
+                        self._next = self.queue.clock()   # the clock went back: tick now
                 if self._stop:
                     return
 
@@ -2170,9 +2224,9 @@ class Api:
         return 200, self.queue.list(params.get("status"), params.get("goal"), params.get("limit", 100),
                                     params.get("after"), scope)
 
-    def get(self, scope, params, body):
+    def get(self, scope, params, body, alive=None):
         _only(params, {"id", "wait"}, "the query")
-        return 200, self.queue.get(params["id"], params.get("wait"), scope)
+        return 200, self.queue.get(params["id"], params.get("wait"), scope, alive)
 
     def claim(self, scope, params, body, alive=None):
         claimed = self.queue.claim(body, scope, claim_json, alive)
@@ -2431,8 +2485,9 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if minimal:
                 status, result = getattr(self.server.api, name)(scope, params, value, minimal_view)
-            elif name == "claim":
-                status, result = self.server.api.claim(scope, params, value, self._peer_still_there)
+            elif name in ("claim", "get"):
+                status, result = getattr(self.server.api, name)(scope, params, value,
+                                                                self._peer_still_there)
             else:
                 status, result = getattr(self.server.api, name)(scope, params, value)
         except QueueError as e:
@@ -2678,8 +2733,10 @@ class Server(ThreadingHTTPServer):
         self.rate = RateLimiter(config.rate, config.burst or max(1, int(config.rate * 2))) \
             if config.rate else None
         self.auth_failures = RateLimiter(config.auth_rate, config.auth_burst)
-        self.nonces = collections.OrderedDict()   # (token name, nonce) -> when, oldest first
+        self.nonces = set()       # (token name, nonce) of signatures still inside their window
+        self._nonce_expiry = []   # heap of (when the signature's timestamp leaves the window, key)
         self._nonce_lock = threading.Lock()
+        self.clock = time.time    # the wall clock signatures are checked against
         self._loopback_hosts = set()   # Host headers already found to name this machine
         ThreadingHTTPServer.__init__(self, (config.host, config.port), Handler)
         if config.tls_cert:
@@ -2852,7 +2909,7 @@ class Server(ThreadingHTTPServer):
         nonce = parts.get("nonce", "")
         if entry is None or stamp is None or not (8 <= len(nonce) <= 64):
             return None
-        if abs(time.time() - stamp) > 300:
+        if abs(self.clock() - stamp) > 300:
             raise HTTPError(401, "unauthorized", "signature timestamp is more than 300 s off")
         return parts, entry, nonce
 
@@ -2862,18 +2919,25 @@ class Server(ThreadingHTTPServer):
         if checked is None:
             return None
         parts, entry, nonce = checked
-        now = time.time()
+        now = self.clock()
         expected = sign_request(entry["hash"], handler.command, path, query, parts["ts"], nonce, body)
         if not hmac.compare_digest(expected.encode(), parts.get("sig", "").encode("utf-8", "replace")):
             return None
+        key = (entry["name"], nonce)
         with self._nonce_lock:
-            # Oldest first: forgetting the expired ones is a look at the front, not a scan of ten
-            # minutes' worth (6.5 ms a request at 250 signed requests a second).
-            while self.nonces and next(iter(self.nonces.values())) < now - 600:
-                self.nonces.popitem(last=False)
-            if (entry["name"], nonce) in self.nonces:
+            # A nonce is kept while its timestamp could still pass the 300 s check, i.e. until
+            # ts + 300 (+ a margin), in a heap by that time. Kept in arrival order and forgotten
+            # from the front once older than 600 s by the wall clock, none was forgotten after
+            # the clock stepped back: the front ones were "in the future", and the table grew
+            # at the signed-request rate until the clock caught up (324 B each; a day back at
+            # 10 signed requests/s is 280 MB).
+            expiry = self._nonce_expiry
+            while expiry and expiry[0][0] < now:
+                self.nonces.discard(heapq.heappop(expiry)[1])
+            if key in self.nonces:
                 raise HTTPError(401, "unauthorized", "replayed request (nonce already used)")
-            self.nonces[(entry["name"], nonce)] = now
+            self.nonces.add(key)
+            heapq.heappush(expiry, (float(parts["ts"]) + 600, key))
         return self.tokens.scope_of(entry)
 
     def drain(self, timeout=10.0):

@@ -4501,6 +4501,127 @@ class StressAgainstServer(BusCase):
 # The runner: unittest, with a last line CI can read
 # =====================================================================================
 
+class LongRunning(BusCase):
+    """A server that runs for months: wall-clock steps, a full disk, broken logs, churn."""
+
+    YEAR = 365 * 86400.0
+
+    def test_a_lease_from_before_the_clock_went_back_still_expires(self):
+        # NTP steps a Pi's clock back a year: a claim made just before was held until the clock
+        # caught up (a year), though its worker died a minute later. The sweeper, measuring its
+        # sleep on the wall clock, also slept that year (no expiry, prune or checkpoint).
+        clock = Clock(1.7e9)
+        srv = self.start(clock=clock)
+        c = self.client(srv)
+        intent = c.submit("g", 1)
+        c.claim(worker="dies", lease=30)
+        clock.now -= self.YEAR
+        # the sweeper notices within half a second (of monotonic time) and counts the lease anew
+        self.assertTrue(eventually(lambda: c.get(intent["id"])["lease_expires_at"] <= clock.now + 30))
+        clock.now += 31
+        self.assertEqual(eventually(lambda: c.get(intent["id"])["status"] == "open"), True)
+        self.assertEqual(c.get(intent["id"])["history"][0]["outcome"], "lease_expired")
+
+    def test_a_full_database_still_prunes_when_the_tick_cannot_be_written(self):
+        # A lease expiry writes a longer row; on a full file it fails every half second, and the
+        # prune (which frees the space) came after it in the same try: the file stayed full.
+        clock = Clock()
+        store = intentbus.open_storage(self.db)
+        self.addCleanup(store.close)
+        q = intentbus.Queue(store, keep_done=10, clock=clock)
+        q.submit([{"goal": "g"}])
+        c = q.claim({"worker": "w"})[0]
+        q.fulfill(c["id"], c["token"])
+        clock.advance(11)
+
+        def full():
+            raise intentbus.StorageFull("database or disk is full")
+        q.tick = full
+        sweeper = intentbus.Sweeper(q)
+        with contextlib.redirect_stderr(io.StringIO()):
+            sweeper.sweep(time.monotonic())   # a prune is not due for a minute
+        self.assertEqual(q.list()["intents"], [])
+
+    def test_a_log_line_that_cannot_be_written_kills_no_thread(self):
+        # stderr on a full disk (ENOSPC) or a pipe whose reader has gone (EPIPE): the sweeper's
+        # "sweep failed" or "pruned" line raised, the sweeper thread died, and leases never
+        # expired again while /health kept answering 200.
+        class Broken:
+            def write(self, text):
+                raise BrokenPipeError(32, "Broken pipe")
+            flush = write
+        clock = Clock()
+        srv = self.start(clock=clock)
+        calls = []
+        tick = srv.queue.tick
+
+        def failing_once():
+            calls.append(1)
+            if len(calls) == 1:
+                raise intentbus.StorageError("disk I/O error")
+            return tick()
+        with unittest.mock.patch.object(sys, "stderr", Broken()):
+            srv.queue.tick = failing_once
+            srv.sweeper.wakeup(0)
+            def ticked():
+                clock.advance(1)   # the sweeper sleeps until the clock passes its next deadline
+                return len(calls) >= 3
+            self.assertTrue(eventually(ticked))
+        self.assertTrue(srv.sweeper._thread.is_alive())
+
+    def test_nonces_are_forgotten_after_the_clock_steps_back(self):
+        srv = self.start(token=ROOT)
+        clock = Clock(time.time())
+        srv.httpd.clock = clock
+        secret = self.token(srv, "signer", "admin", signed=True)
+        key = intentbus.token_hash(secret)
+
+        def signed():
+            ts, nonce = str(clock.now), os.urandom(12).hex()
+            sig = intentbus.sign_request(key, "GET", "/stats", "", ts, nonce, b"")
+            status, _, _ = self.raw("GET", "/stats", headers={
+                "Authorization": "IntentBus-HMAC name=signer, ts=%s, nonce=%s, sig=%s" % (ts, nonce, sig)},
+                srv=srv)
+            self.assertEqual(status, 200)
+        for _ in range(3):
+            signed()
+        clock.now -= 86400   # stepped back a day
+        for _ in range(3):
+            signed()
+        clock.now += 700     # their window is over: only the 3 from before the step remain
+        signed()
+        self.assertEqual(len(srv.httpd.nonces), 4)
+
+    def test_workers_seen_long_ago_are_forgotten(self):
+        # One entry per worker name ever seen (a container's random hostname): about 650 B of
+        # memory and a row of the workers table each, for good.
+        clock = Clock()
+        store = intentbus.open_storage(self.db)
+        self.addCleanup(store.close)
+        q = intentbus.Queue(store, keep_done=7 * 86400, clock=clock)
+        for name in ("pod-a", "pod-b", "pod-c"):
+            q.claim({"worker": name})
+        clock.advance(8 * 86400)
+        q.claim({"worker": "pod-d"})
+        q.prune()
+        self.assertEqual(list(q._workers), [("default", "pod-d")])
+        self.assertEqual([w["name"] for w in q.stats()["workers"]], ["pod-d"])
+        self.assertEqual(store._read("SELECT name FROM workers"), [("pod-d",)])
+
+    def test_an_abandoned_get_wait_frees_its_connection(self):
+        # A client that gives up on GET ?wait=60 (its own timeout, a killed script) held a thread
+        # and a connection slot for the whole minute: 256 of them and every worker got 503.
+        srv = self.start()
+        c = self.client(srv)
+        intent = c.submit("g", 1)
+        c.close()
+        s = socket.create_connection(self.address(srv))
+        s.sendall(b"GET /intents/%s?wait=60 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % intent["id"].encode())
+        self.assertTrue(eventually(lambda: srv.queue._watchers))
+        s.close()
+        self.assertTrue(eventually(lambda: srv.httpd._active == 0, timeout=10.0))
+
+
 def main():
     suite = unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])
     if len(sys.argv) > 1:
