@@ -1715,11 +1715,15 @@ class Queue:
             if row["status"] in FINISHED or remaining <= 0 or self.closing:
                 self._unwatch(intent_id, event)
                 return intent_view(row)
-            if alive is None:
-                event.wait(remaining)
-            elif not event.wait(min(remaining, self.WATCH_CHECK)) and not alive():
-                self._unwatch(intent_id, event)
-                return intent_view(row)
+            # With alive, a second at a time (on the same watch, without reading the row again)
+            # to see whether the client is still there.
+            while not event.wait(remaining if alive is None else min(remaining, self.WATCH_CHECK)):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                if alive is not None and not alive():
+                    self._unwatch(intent_id, event)
+                    return intent_view(row)   # nobody reads it
             self._unwatch(intent_id, event)
 
     def _unwatch(self, intent_id, event):
