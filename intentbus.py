@@ -2423,7 +2423,6 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         path, _, query = target.partition("?")
         length = self._body_length(headers)
-        self._unread = length
         # Route and authenticate before the body is read: a caller without a valid token is not
         # invited (100 Continue) to send, nor held in memory with, up to --max-body bytes.
         try:
@@ -2544,8 +2543,10 @@ class Handler(BaseHTTPRequestHandler):
             headers[name] = value
 
     def _body_length(self, headers):
-        """The body's length from the headers, refusing what will not be read. Reads nothing."""
+        """The body's length from the headers, refusing what will not be read. Reads nothing;
+        counts it as unread (drained before a close) and notes its Content-Type."""
         self._raw_body = b""
+        self._unread = 0
         if "transfer-encoding" in headers:
             self._unread = 1   # of unknown length: drained a little before the close
             raise HTTPError(411, "length_required", "send a Content-Length; chunked bodies are "
@@ -2555,17 +2556,16 @@ class Handler(BaseHTTPRequestHandler):
             return 0
         if not (length.isascii() and length.isdigit()) or len(length) > 12:
             raise HTTPError(400, "bad_request", "bad Content-Length", close=True)
-        length = int(length)
+        length = self._unread = int(length)
         if length > self.server.config.max_body:
-            self._unread = length
             raise HTTPError(413, "too_large", "the body is %d bytes; the limit is %d (--max-body)"
                             % (length, self.server.config.max_body), close=True)
         if length == 0:
             return 0
-        content_type = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        self._content_type = content_type = \
+            headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if content_type not in ("application/json", "application/x-www-form-urlencoded", "text/plain", ""):
             self.close_connection = True   # the body is left unread
-            self._unread = length
             raise HTTPError(415, "unsupported_media_type", "send JSON (Content-Type: application/json)")
         return length
 
@@ -2585,7 +2585,6 @@ class Handler(BaseHTTPRequestHandler):
         if not length:
             self._unread = 0
             return b""
-        content_type = headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if headers.get("expect", "").lower() == "100-continue" and self.request_version != "HTTP/1.0":
             self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")   # 1.0: MUST ignore it
         body = self.rfile.read(length)
@@ -2593,7 +2592,8 @@ class Handler(BaseHTTPRequestHandler):
         if len(body) < length:
             raise HTTPError(400, "bad_request", "the body ended early", close=True)
         self._raw_body = body
-        if content_type == "application/x-www-form-urlencoded" and not body.lstrip()[:1] in (b"{", b"["):
+        if self._content_type == "application/x-www-form-urlencoded" and \
+                not body.lstrip()[:1] in (b"{", b"["):
             self._form = body   # curl -d name=value: treated like query parameters
             return b""
         return body
