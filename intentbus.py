@@ -3060,12 +3060,13 @@ def is_loopback(host):
 
 # Settings that would make the server refuse every claim, payload or connection. (setting,
 # lowest, highest); the lease and backoff ranges are those a submitted intent may ask for.
+# --auth-rate 0 would never refill an address's bucket (and divided by zero once it was empty).
 SETTING_RANGES = [
     ("port", 0, 65535), ("lease", MIN_LEASE, MAX_LEASE_TOTAL), ("backoff_base", 0, MAX_BACKOFF),
     ("backoff_max", 0, None), ("max_payload", 1, None), ("max_result", 1, None),
     ("max_body", 1, None), ("keep_done", 0, None), ("keep_dead", 0, None),
     ("idle_timeout", 0.001, None), ("request_timeout", 0.001, None), ("max_connections", 1, None),
-    ("rate", 0, None), ("burst", 0, None), ("auth_rate", 0, None), ("auth_burst", 1, None),
+    ("rate", 0, None), ("burst", 0, None), ("auth_rate", 0.001, None), ("auth_burst", 1, None),
     ("max_open", 0, None), ("max_db_mb", 0, None)]
 
 

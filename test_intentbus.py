@@ -1447,6 +1447,14 @@ class ServerLifecycle(BusCase):
             self.client(srv).submit("g")
             srv.stop()
 
+    def test_a_failed_login_rate_of_zero_is_refused_at_start(self):
+        # Found by the README walkthrough: --auth-rate 0 started, and from an address's eleventh
+        # failed login on, each failed one divided by zero: 500 (which a worker retries as a
+        # server fault) instead of 401 or 429.
+        with self.assertRaises(SystemExit) as e:
+            intentbus.start_server(db=self.db, port=0, token=ROOT, auth_rate=0)
+        self.assertIn("--auth-rate must be at least", str(e.exception))
+
     def test_refuses_a_public_address_without_a_token(self):
         with self.assertRaises(SystemExit) as e:
             intentbus.start_server(db=self.db, host="0.0.0.0", port=0)
