@@ -2722,7 +2722,7 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024   # listen backlog: 5 overflows under 40 connecting workers
 
-    def __init__(self, config, store, queue, tokens):
+    def __init__(self, config, store, queue, tokens, tls=None):
         self.config = config
         self.store = store
         self.queue = queue
@@ -2730,7 +2730,7 @@ class Server(ThreadingHTTPServer):
         self.api = Api(queue, tokens)
         self.draining = False
         self._closed = threading.Event()
-        self.tls = None
+        self.tls = tls   # an ssl.SSLContext (tls_context), or None: plain HTTP
         self._conn_lock = threading.Lock()
         self._handlers = set()
         self._active = 0
@@ -2743,11 +2743,6 @@ class Server(ThreadingHTTPServer):
         self.clock = time.time    # the wall clock signatures are checked against
         self._loopback_hosts = set()   # Host headers already found to name this machine
         ThreadingHTTPServer.__init__(self, (config.host, config.port), Handler)
-        if config.tls_cert:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.minimum_version = ssl.TLSVersion.TLSv1_2
-            context.load_cert_chain(config.tls_cert, config.tls_key)
-            self.tls = context
 
     def server_bind(self):
         # HTTPServer.server_bind looks up the host's FQDN, which can stall on a box without DNS.
@@ -2997,11 +2992,25 @@ def open_storage(path, sync="full", max_db_mb=None):
     return store
 
 
+def tls_context(cert, key):
+    """The HTTPS context of --tls-cert and --tls-key. Loaded before the database is opened or the
+    port taken: a missing or bad file is named as such, not reported as a port not listened on."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except OSError as e:   # ssl.SSLError is one: a file that is not a PEM certificate or key
+        raise SystemExit("intentbus: cannot use --tls-cert %s with --tls-key %s: %s"
+                         % (cert, key, e.strerror or e))
+    return context
+
+
 class Running:
     """A started server: its URL, its parts, and stop()."""
 
     def __init__(self, config, clock=time.time):
         self.config = config
+        tls = tls_context(config.tls_cert, config.tls_key) if config.tls_cert else None
         self.store = open_storage(config.db, config.sync, config.max_db_mb)
         self.queue = Queue(self.store, config.lease, config.backoff_base, config.backoff_max,
                            config.max_payload, config.max_result, config.keep_done, config.keep_dead,
@@ -3009,7 +3018,7 @@ class Running:
         self.tokens = Tokens(self.store, config.token)
         self.store.start_writer()
         self.sweeper = Sweeper(self.queue, every_minute=[self.tokens.flush_last_used])
-        self.httpd = Server(config, self.store, self.queue, self.tokens)
+        self.httpd = Server(config, self.store, self.queue, self.tokens, tls)
         host, port = self.httpd.server_address[:2]
         self.url = "%s://%s:%d" % ("https" if config.tls_cert else "http",
                                    "[%s]" % host if ":" in host else host, port)

@@ -1455,6 +1455,19 @@ class ServerLifecycle(BusCase):
             intentbus.start_server(db=self.db, port=0, token=ROOT, auth_rate=0)
         self.assertIn("--auth-rate must be at least", str(e.exception))
 
+    def test_a_missing_or_bad_certificate_is_named_not_taken_for_the_port(self):
+        # Found by the README walkthrough: a mistyped --tls-cert stopped the server with
+        # "cannot listen on 127.0.0.1:8080: No such file or directory".
+        garbage = os.path.join(self.dir, "garbage.pem")
+        with open(garbage, "w") as f:
+            f.write("not a certificate\n")
+        for path in (os.path.join(self.dir, "missing.pem"), garbage):
+            with self.assertRaises(SystemExit) as e:
+                intentbus.start_server(db=self.db, port=0, tls_cert=path, tls_key=path)
+            self.assertIn("cannot use --tls-cert %s with --tls-key %s" % (path, path), str(e.exception))
+            self.assertNotIn("listen", str(e.exception))
+        self.assertFalse(os.path.exists(self.db))   # refused before the database was opened
+
     def test_refuses_a_public_address_without_a_token(self):
         with self.assertRaises(SystemExit) as e:
             intentbus.start_server(db=self.db, host="0.0.0.0", port=0)
