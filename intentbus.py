@@ -3084,20 +3084,25 @@ def check_settings(config):
     turn the 0 that means "no limit" into None."""
     if config.sync not in ("full", "normal"):
         raise SystemExit("intentbus: --sync must be full or normal, not %r" % (config.sync,))
-    for name, low, high in SETTING_RANGES:
-        value = getattr(config, name)
-        if value is None:
-            continue
-        if not math.isfinite(value):
-            raise SystemExit("intentbus: --%s must be a finite number, not %s" % (
-                name.replace("_", "-"), value))
-        if value < low or (high is not None and value > high):
-            raise SystemExit("intentbus: --%s must be %s, not %s" % (
-                name.replace("_", "-"), "at least %g" % low if high is None else
-                "between %g and %g" % (low, high), value))
+    check_ranges(vars(config), lambda flag: "intentbus: " + flag)
     for name in ("max_open", "max_db_mb"):
         if getattr(config, name) == 0:
             setattr(config, name, None)
+
+
+def check_ranges(values, label):
+    """Refuse the first of `values` (settings by name) outside its SETTING_RANGES range, in one
+    line that begins with label(its flag)."""
+    for name, low, high in SETTING_RANGES:
+        value = values.get(name)
+        if value is None:
+            continue
+        what = label("--" + name.replace("_", "-"))
+        if not math.isfinite(value):
+            raise SystemExit("%s must be a finite number, not %s" % (what, value))
+        if value < low or (high is not None and value > high):
+            raise SystemExit("%s must be %s, not %s" % (what, "at least %g" % low if high is None
+                                                         else "between %g and %g" % (low, high), value))
 
 
 def check_exposure(config):
@@ -3308,16 +3313,18 @@ def _admin_queue(args):
             args.db != ":memory:" and not os.path.exists(args.db):
         raise SystemExit("intentbus %s: there is no database %s (check --db or INTENTBUS_DB; "
                          "the server creates it when it first starts)" % (args.command, args.db))
+    # The intent defaults a server started from the same environment would give (its flags are
+    # not visible from here: --lease and --backoff on submit say it for one intent), refused as
+    # that server would refuse them: INTENTBUS_LEASE=0 gave intents a lease no claim outlives.
+    defaults = {name: _env_default("--" + name.replace("_", "-"), duration, SERVE_DEFAULTS[name])
+                for name in ("lease", "backoff_base", "backoff_max")}
+    check_ranges(defaults, lambda flag: "intentbus %s: %s" % (args.command, _env_name(flag)))
     try:
         store = Storage(args.db)
         store.migrate()
     except (sqlite3.DatabaseError, OSError) as e:   # OSError: no such directory, no permission
         raise SystemExit("intentbus %s: cannot use the database %s: %s" % (args.command, args.db, e))
-    # The intent defaults a server started from the same environment would give (its flags are
-    # not visible from here: --lease and --backoff on submit say it for one intent).
-    return store, Queue(store, **{name: _env_default("--" + name.replace("_", "-"), duration,
-                                                     SERVE_DEFAULTS[name])
-                                  for name in ("lease", "backoff_base", "backoff_max")})
+    return store, Queue(store, **defaults)
 
 
 # A handler's error text is shown on the admin's terminal: no escape sequences, no line breaks.

@@ -1054,6 +1054,18 @@ class HTTPApi(ServerCase):
         got = [(i["lease"], i["backoff"]) for i in self.c.list()["intents"]]
         self.assertEqual(got, [(5, 1.5), (7, 2)])
 
+    def test_admin_cli_submit_refuses_defaults_the_server_would_refuse(self):
+        # Found by the README walkthrough: INTENTBUS_LEASE=0, which stops a server at start,
+        # gave the CLI's intents a lease of 0 (expired as soon as claimed), and
+        # INTENTBUS_BACKOFF_BASE=2d a backoff beyond the day an intent may ask for.
+        for env, words in (({"INTENTBUS_LEASE": "0"}, "INTENTBUS_LEASE must be between 0.1 and 43200"),
+                           ({"INTENTBUS_BACKOFF_BASE": "2d"},
+                            "INTENTBUS_BACKOFF_BASE must be between 0 and 86400")):
+            out = cli("submit", "g", "--db", self.db, env=env)
+            self.assertEqual(out.returncode, 1, out.stdout)
+            self.assertIn("intentbus submit: " + words, out.stderr)
+        self.assertEqual(self.c.list()["intents"], [])
+
     def test_admin_cli_changes_are_noticed_by_the_running_server(self):
         got = {}
 
