@@ -2992,6 +2992,15 @@ def open_storage(path, sync="full", max_db_mb=None):
     return store
 
 
+def _is_sqlite_file(path):
+    """Whether the file starts as every SQLite database does."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return False
+
+
 def tls_context(cert, key):
     """The HTTPS context of --tls-cert and --tls-key. Loaded before the database is opened or the
     port taken: a missing or bad file is named as such, not reported as a port not listened on."""
@@ -3281,6 +3290,10 @@ def serve(args):
     try:
         running = Running(config)
     except StorageCorrupt as e:
+        if not _is_sqlite_file(config.db):   # a mistyped --db (a script, a log) is not damaged
+            raise SystemExit("intentbus: %s is not an SQLite database; check --db or INTENTBUS_DB "
+                             "(if it is the queue's file, its header is damaged: see README, "
+                             "Backups)" % config.db)
         raise SystemExit("intentbus: %s is damaged (%s). Stop here and restore the newest "
                          "backup: cp BACKUP %s (see README, Backups)" % (config.db, e, config.db))
     except sqlite3.OperationalError as e:

@@ -3793,6 +3793,18 @@ class DataSafety(BusCase):
                 self.assertIn("backup", p.stderr.lower())
                 self.assertNotIn("Traceback", p.stderr)
 
+    def test_a_file_that_is_no_database_is_not_called_damaged(self):
+        # Found by the README walkthrough: `serve --db intentbus.py` (a tab completion away)
+        # called the script damaged and said to restore a backup over it: cp BACKUP intentbus.py.
+        script = os.path.join(self.dir, "intentbus.py")
+        shutil.copy(SCRIPT, script)
+        p = cli("serve", "--db", script, "--port", "0", timeout=20)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("is not an SQLite database; check --db", p.stderr)
+        self.assertNotIn("cp BACKUP", p.stderr)
+        with open(SCRIPT, "rb") as a, open(script, "rb") as b:
+            self.assertEqual(a.read(), b.read())   # left as it was
+
 
 # =====================================================================================
 # Security: TLS
