@@ -52,11 +52,12 @@ MIN_SQLITE = (3, 24, 0)
 
 STATUSES = ("open", "claimed", "fulfilled", "dead", "cancelled")
 FINISHED = ("fulfilled", "dead", "cancelled")
-OUTCOMES = ("fulfilled", "failed", "lease_expired", "released", "cancelled")
+OUTCOMES = ("fulfilled", "failed", "lease_expired", "released", "snoozed", "cancelled")
 HISTORY_KEEP = 20
 MAX_LEASE_TOTAL = 12 * 3600.0   # a claim may be extended to at most 12 h in all, as in SQS
 MIN_LEASE = 0.1                 # a lease, as an intent, a claim, an extend or --lease gives it
 MAX_BACKOFF = 86400.0           # an intent's backoff base, or --backoff-base
+MAX_DELAY = 366 * 86400         # a submit's delay, or a release's (a snooze)
 ROLES = ("submit", "work", "admin")
 
 
@@ -1270,7 +1271,7 @@ class Queue:
             "idempotency_key": _name(body, "idempotency_key", KEY_RE,
                                      what="1-256 printable ASCII characters"),
         }
-        delay = _number(body, "delay", 0, 366 * 86400)
+        delay = _number(body, "delay", 0, MAX_DELAY)
         run_at = _number(body, "run_at", 0, 2 ** 40)
         if delay is not None and run_at is not None:
             raise Invalid("give 'delay' or 'run_at', not both")
@@ -1471,12 +1472,14 @@ class Queue:
             raise NotFound("no intent %s" % intent_id)
         return row
 
-    def _end_attempt(self, row, now, outcome, error=None):
-        """The history with this attempt's entry added, keeping the last HISTORY_KEEP."""
+    def _end_attempt(self, row, now, outcome, error=None, delay=None):
+        """The history with this attempt's entry added, keeping the last HISTORY_KEEP. A snooze's
+        entry also carries its delay."""
         # Formatted by hand: the same text dumps() gives for this dict, in a fifth of the time.
-        entry = '{"attempt":%s,"worker":%s,"start":%s,"end":%s,"outcome":%s,"error":%s}' % (
+        entry = '{"attempt":%s,"worker":%s,"start":%s,"end":%s,"outcome":%s,"error":%s%s}' % (
             _json_scalar(row["attempts"]), _json_scalar(row["worker"]), _json_scalar(row["claimed_at"]),
-            _json_scalar(now), _json_scalar(outcome), _json_scalar(error))
+            _json_scalar(now), _json_scalar(outcome), _json_scalar(error),
+            "" if delay is None else ',"delay":%s' % _json_scalar(delay))
         history = row["history"]
         # Each entry starts with '{"attempt":', which cannot occur inside a JSON string (the quotes
         # would be escaped), so counting it counts entries without parsing.
@@ -1596,19 +1599,32 @@ class Queue:
             return intent_view(row)
         return self.store.write(run)
 
-    def release(self, intent_id, token, scope=ROOT):
+    def release(self, intent_id, token, delay=None, scope=ROOT):
+        """Give a claimed intent back, its attempt too; with a delay (a snooze: "the upstream
+        said 429, try in an hour"), claimable again only after it, as a submit's delay."""
+        delay = _number({"delay": delay}, "delay", 0, MAX_DELAY) or 0
+
         def run():
             now = self.clock()
-            return intent_view(self._release_now(self._held(intent_id, token, scope, now), now))
+            return intent_view(self._release_now(self._held(intent_id, token, scope, now), now, delay))
         return self.store.write(run)
 
-    def _release_now(self, row, now):
-        """Back to open at once, and the attempt is given back (a graceful worker shutdown)."""
+    def _release_now(self, row, now, delay=0):
+        """Back to open, at once or after delay, and the attempt is given back (a graceful
+        worker shutdown, a snooze)."""
+        if delay > 0:
+            history = self._end_attempt(row, now, "snoozed", delay=delay)
+        else:
+            history = self._end_attempt(row, now, "released")
         changes = dict(status="open", attempts=row["attempts"] - 1, worker=None, token=None,
-                       lease_expires_at=None, run_at=now, delayed=0,
-                       history=self._end_attempt(row, now, "released"))
+                       lease_expires_at=None, run_at=now + delay, delayed=int(delay > 0),
+                       history=history)
         self.store.update_intent(row["id"], **changes)
-        self._became_ready(self._all_routes()[row["route"]])
+        if delay > 0:   # the sweeper makes it ready when due, and wakes parked claims then
+            if self.wakeup:
+                self.wakeup(now + delay)
+        else:
+            self._became_ready(self._all_routes()[row["route"]])
         row.update(changes)
         return row
 
@@ -2254,8 +2270,8 @@ class Api:
         return 200, self.queue.extend(params["id"], body.get("token"), body.get("lease"), scope)
 
     def release(self, scope, params, body):
-        _only(body, {"token"}, "a release")
-        return 200, self.queue.release(params["id"], body.get("token"), scope)
+        _only(body, {"token", "delay"}, "a release")
+        return 200, self.queue.release(params["id"], body.get("token"), body.get("delay"), scope)
 
     def cancel(self, scope, params, body):
         _only(body, set(), "a cancel")

@@ -429,6 +429,53 @@ class QueueRules(RulesCase):
         self.assertEqual((v["status"], v["attempts"], v["history"][-1]["outcome"]), ("open", 0, "released"))
         self.assertEqual(self.claim()[0]["attempt"], 1)
 
+    def test_a_snooze_gives_the_attempt_back_and_waits_its_delay(self):
+        # A worker told "429, try in an hour" gives the intent back with a delay: no attempt spent
+        # (fail would spend one), and no claim before its time (release alone would hand it out).
+        i = self.submit(max_attempts=1)
+        c = self.claim()[0]
+        self.clock.advance(2)
+        v = self.q.release(i["id"], c["token"], delay=60)
+        self.assertEqual((v["status"], v["attempts"], v["worker"], v["run_at"]),
+                         ("open", 0, None, self.clock.now + 60))
+        self.assertEqual(v["history"], [{"attempt": 1, "worker": "w", "start": self.clock.now - 2,
+                                         "end": self.clock.now, "outcome": "snoozed",
+                                         "error": None, "delay": 60}])
+        with self.assertRaises(intentbus.LeaseLost):   # its token went with it
+            self.q.release(i["id"], c["token"], delay=60)
+        self.clock.advance(59.5)
+        self.q.tick()
+        self.assertEqual(self.claim(), [])
+        self.clock.advance(0.5)
+        self.q.tick()
+        c = self.claim()[0]
+        self.assertEqual((c["id"], c["attempt"]), (i["id"], 1))   # max_attempts=1: none was spent
+        v = self.q.release(i["id"], c["token"], delay=0)   # 0: a plain release, as today
+        self.assertEqual((v["run_at"], v["history"][-1]["outcome"]), (self.clock.now, "released"))
+        self.assertNotIn("delay", v["history"][-1])
+        self.assertEqual(self.claim()[0]["id"], i["id"])
+
+    def test_a_snooze_with_a_bad_delay_changes_nothing(self):
+        i = self.submit()
+        c = self.claim()[0]
+        before = self.q.get(i["id"])
+        for delay in (-1, 366 * 86400 + 1, float("nan"), float("inf"), True, "60", [60]):
+            with self.assertRaises(intentbus.Invalid, msg=repr(delay)) as cm:
+                self.q.release(i["id"], c["token"], delay=delay)
+            self.assertIn("'delay'", cm.exception.message)
+        self.assertEqual(self.q.get(i["id"]), before)
+        self.assertEqual(self.q.release(i["id"], c["token"], delay=366 * 86400)["status"], "open")
+
+    def test_a_snoozed_intent_is_seen_by_a_claim_that_found_none(self):
+        # A route found empty is skipped until work is ready on it: the snooze's end must say so.
+        i = self.submit(goal="s")
+        c = self.claim()[0]
+        self.q.release(i["id"], c["token"], delay=5)
+        self.assertEqual(self.claim(), [])
+        self.clock.advance(5)
+        self.q.tick()
+        self.assertEqual([j["id"] for j in self.claim()], [i["id"]])
+
     def test_cancel_and_redrive(self):
         a = self.submit()
         c = self.claim()[0]
@@ -792,6 +839,43 @@ class HTTPApi(ServerCase):
         self.assertEqual(self.c.release(job3["id"], job3["token"])["attempts"], 0)
         self.assertEqual(self.c.cancel(i["id"])["status"], "cancelled")
         self.assertEqual(self.c.retry(i["id"])["status"], "open")
+
+    def test_a_snooze_waits_its_delay_then_wakes_a_parked_claim(self):
+        late, soon = (self.c.submit("g", name)["id"] for name in ("late", "soon"))
+        jobs = {j["id"]: j for j in self.c.claim("w", max=2)}
+        v = self.c.release(late, jobs[late]["token"], delay=3600)
+        self.assertEqual((v["status"], v["attempts"], v["history"][-1]["outcome"],
+                          v["history"][-1]["delay"]), ("open", 0, "snoozed", 3600))
+        self.assertGreater(v["run_at"], time.time() + 3000)
+        self.refused(lambda: self.c.release(late, jobs[late]["token"], delay=1), 409)   # lease_lost
+        got = {}
+
+        def claimer():
+            got["claim"] = self.client(self.srv).claim("parked", wait=20)
+        t = threading.Thread(target=claimer)
+        t.start()
+        self.assertTrue(eventually(lambda: self.srv.queue._parked, 5))
+        self.c.release(soon, jobs[soon]["token"], delay=0.2)   # due later: the sweeper wakes it
+        t.join(25)
+        self.assertEqual([j["id"] for j in got["claim"]], [soon])
+        self.assertEqual(self.c.get(late)["status"], "open")   # still snoozed: nobody took it
+
+    def test_a_snooze_with_a_bad_delay_is_a_400_and_changes_nothing(self):
+        json_h = {"Content-Type": "application/json"}
+        i = self.c.submit("g")["id"]
+        job = self.c.claim("w")[0]
+        before = self.c.get(i)
+        for delay in (-1, "soon", 366 * 86400 + 1, True, [5]):
+            got, _, data = self.raw("POST", "/intents/%s/release" % i, json.dumps(
+                {"token": job["token"], "delay": delay}).encode(), json_h)
+            self.assertEqual((got, json.loads(data)["error"]["code"]), (400, "invalid"), delay)
+            self.assertIn("'delay'", json.loads(data)["error"]["message"])
+        for query in ("delay=1e999", "delay=-5", "delay=soon"):
+            got, _, data = self.raw("POST", "/intents/%s/release?token=%s&%s" % (i, job["token"], query))
+            self.assertEqual(got, 400, (query, data))
+        self.assertEqual(self.c.get(i), before)
+        got, _, data = self.raw("POST", "/intents/%s/release?token=%s&delay=90" % (i, job["token"]))
+        self.assertEqual((got, json.loads(data)["history"][-1]["delay"]), (200, 90), data)   # curl style
 
     def test_batch_fulfill_per_item(self):
         for n in range(3):
@@ -1882,6 +1966,56 @@ class LibraryMode(WorkerCase):
         self.assertIn("lease lost on 1", logged[-1])
         self.assertNotIn("got through", logged[-1])
         w.claim_client.close()
+
+    def test_a_python_handler_snoozes_without_spending_an_attempt(self):
+        logged = []
+        w = worker.Worker(self.url, None, wait=0, log=logged.append)
+
+        @w.handler("later")
+        def later(payload):
+            raise worker.Snooze(3600)
+
+        @w.handler("nonsense")
+        def nonsense(payload):
+            raise worker.Snooze(-1)   # a bug in the handler: it fails, as any other error
+
+        i = self.c.submit("later", max_attempts=1)["id"]
+        self.assertEqual(w.run(once=True, install_signals=False), 0)   # a snooze is no failure
+        v = self.c.get(i)
+        self.assertEqual((v["status"], v["attempts"], v["history"][-1]["outcome"],
+                          v["history"][-1]["delay"]), ("open", 0, "snoozed", 3600))
+        self.assertIn("snoozed %s for 3600s (attempt given back)" % i, logged)
+        n = self.c.submit("nonsense", max_attempts=1)["id"]
+        self.assertEqual(w.run(once=True, install_signals=False), 1)
+        v = self.c.get(n)
+        self.assertEqual((v["status"], v["attempts"]), ("dead", 1))
+        self.assertIn("ValueError: Snooze takes 0 to 31622400 seconds, not -1", v["error"])
+        for bad in (True, float("nan"), float("inf"), "60", None, 366 * 86400 + 1):
+            self.assertRaises(ValueError, worker.Snooze, bad)
+        self.assertEqual((worker.Snooze(0).seconds, worker.Snooze(2.5).seconds), (0, 2.5))
+
+    def test_a_snooze_an_older_server_refuses_fails_the_intent_instead(self):
+        # A server from before snoozes refuses the delay (400): released at once instead, the
+        # intent would come straight back to a handler that asked for time; left claimed, it
+        # would sit out its lease.
+        def old_release(api, scope, params, body):
+            intentbus._only(body, {"token"}, "a release")
+            return 200, api.queue.release(params["id"], body.get("token"), scope=scope)
+        logged = []
+        w = worker.Worker(self.url, None, wait=0, log=logged.append)
+
+        @w.handler("later")
+        def later(payload):
+            raise worker.Snooze(60)
+
+        i = self.c.submit("later", max_attempts=3, backoff=3600)["id"]
+        with unittest.mock.patch.object(intentbus.Api, "release", old_release):
+            self.assertEqual(w.run(once=True, install_signals=False), 1)
+        v = self.c.get(i)
+        self.assertEqual((v["status"], v["attempts"], v["history"][-1]["outcome"]), ("open", 1, "failed"))
+        self.assertGreater(v["run_at"], time.time() + 1000)   # the backoff
+        self.assertIn("snooze for 60s refused by the server", v["error"])
+        self.assertIn("unknown field 'delay'", v["error"])
 
     def test_python_handlers(self):
         w = worker.Worker(self.url, None, caps=["x"], wait=0, concurrency=3, log=None)
@@ -3439,7 +3573,8 @@ class Fuzz(BusCase):
             (b"/fulfill", b'{"token":"guess","result":{"r":1}}'),
             (b"/fulfill", b'{"intents":[{"id":"1","token":"guess"},{"id":"x","token":""}]}'),
             (b"/fail", b'{"token":"guess","error":"e","retry":false}'), (b"/extend", b'{"token":"guess","lease":5}'),
-            (b"/release", b'{"token":"guess"}'), (b"/cancel", b""), (b"/retry", b""), (b"/stats", b""),
+            (b"/release", b'{"token":"guess"}'), (b"/release", b'{"token":"guess","delay":3600}'),
+            (b"/cancel", b""), (b"/retry", b""), (b"/stats", b""),
             (b"/health", b"")]
 
         def mutate_json(rng, body):

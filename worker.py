@@ -33,7 +33,8 @@ and `Worker` runs Python functions:
 
     @w.handler("thumbnail")
     def thumbnail(payload):          # or (payload, job): job.id, job.attempt, job.cancelled
-        return {"ok": True}          # raising fails the intent (PermanentError: no retry)
+        return {"ok": True}          # raising fails the intent (PermanentError: no retry;
+                                     # Snooze(seconds): given back for that long, no attempt used)
 
     w.run()
 """
@@ -68,12 +69,13 @@ import urllib.parse
 __version__ = "0.1.0"
 
 __all__ = ["IntentBusError", "LeaseLost", "NotFound", "Unavailable", "PermanentError",
-           "Client", "Worker", "Job", "main", "sign_request"]
+           "Snooze", "Client", "Worker", "Job", "main", "sign_request"]
 
 EXIT_RETRY = 75          # handler exit code: retry later (EX_TEMPFAIL); any other non-zero too
 EXIT_NO_RETRY = 100      # handler exit code: do not retry (dead at once)
 MAX_RESULT_BYTES = 60000
 MAX_ERROR_CHARS = 4000
+MAX_DELAY = 366 * 86400  # the longest delay the server takes (a submit's, or a snooze's)
 
 # \Z, not $: "$" also matches before a final newline, which no server name allows
 GOAL_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")    # also a token name (--sign-as)
@@ -119,6 +121,20 @@ class Unavailable(IntentBusError):
 
 class PermanentError(Exception):
     """Raise it from a Python handler to fail the intent without a retry (it goes dead)."""
+
+
+class Snooze(Exception):
+    """Raise Snooze(seconds) from a Python handler to give the intent back for that long without
+    spending an attempt ("the upstream said 429", "on a metered network"): a release with a
+    delay. A bad number raises ValueError here, which fails the intent as any handler error."""
+
+    def __init__(self, seconds):
+        # checked here, where the handler's author sees it, not as a 400 after the job ran
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or \
+                not 0 <= seconds <= MAX_DELAY:   # NaN and infinity fail the comparison too
+            raise ValueError("Snooze takes 0 to %d seconds, not %r" % (MAX_DELAY, seconds))
+        super().__init__(seconds)
+        self.seconds = seconds
 
 
 # =====================================================================================
@@ -591,8 +607,13 @@ class Client:
             body["lease"] = lease
         return self.request("POST", "/intents/%s/extend" % _quote(id), body)[1]
 
-    def release(self, id, token):
-        return self.request("POST", "/intents/%s/release" % _quote(id), {"token": token})[1]
+    def release(self, id, token, delay=None):
+        """Give the intent back with its attempt; with delay (seconds), claimable only after it
+        (a snooze)."""
+        body = {"token": token}
+        if delay is not None:
+            body["delay"] = delay
+        return self.request("POST", "/intents/%s/release" % _quote(id), body)[1]
 
     def cancel(self, id):
         return self.request("POST", "/intents/%s/cancel" % _quote(id))[1]
@@ -715,6 +736,7 @@ class Job:
         self.signalled = False
         self.forced = False
         self.exited = False
+        self.snoozed = False   # given back with a delay, as the handler asked
         self._wake = threading.Event()
 
     def __repr__(self):
@@ -794,7 +816,8 @@ class Worker:
         """Decorator: run fn(payload) (or fn(payload, job)) for intents of this goal.
 
         The return value (JSON-able) fulfills the intent; an exception fails it (retried while
-        attempts remain); PermanentError fails it for good. A Python function cannot be killed:
+        attempts remain); PermanentError fails it for good; Snooze(seconds) gives it back for that
+        long without spending an attempt. A Python function cannot be killed:
         on a timeout, a lost lease or shutdown the worker sets job.cancelled, stops waiting for
         it and reports (or releases) the intent; a long handler should check job.cancelled.is_set()
         (an Event: its truth is always True)."""
@@ -1116,7 +1139,7 @@ class Worker:
                     self._free += 1
                     if ok:
                         self.completed += 1
-                    else:
+                    elif ok is not None:   # None: snoozed
                         self.failures += 1
                     self._cv.notify_all()
         finally:
@@ -1125,7 +1148,8 @@ class Worker:
     # ----- one job -------------------------------------------------------------------------
 
     def _run_job(self, job, client):
-        """Run one claimed intent and report it. Returns True if it was fulfilled."""
+        """Run one claimed intent and report it. Returns True if it was fulfilled, None if it
+        was snoozed (neither done nor failed), False otherwise."""
         if self.stopping.is_set():
             self._deliver(job, client, "release")
             return False
@@ -1151,6 +1175,9 @@ class Worker:
             self.log("releasing %s after %.2fs (shutting down)" % (job.id, took))
             self._deliver(job, client, "release")
             return False
+        if kind == "snooze":
+            self._deliver(job, client, "snooze", delay=value)
+            return None if job.snoozed else False   # snoozed: neither done nor failed (--once)
         if kind == "fulfill":
             answer = self._deliver(job, client, "fulfill", result=value)
             if isinstance(answer, dict) and answer.get("status") == "fulfilled":
@@ -1244,6 +1271,9 @@ class Worker:
                 except PermanentError as e:
                     box["error"] = (_str_of(e) or "PermanentError", False)
                     return
+                except Snooze as e:
+                    box["snooze"] = e.seconds
+                    return
                 except BaseException:
                     box["error"] = (_exception_text(), True)
                     return
@@ -1271,8 +1301,8 @@ class Worker:
         return self._outcome(job, box)
 
     def _outcome(self, job, box):
-        """(kind, value): ("fulfill", result), ("fail", (error, retry)), ("release", None) or
-        ("lease_lost", why)."""
+        """(kind, value): ("fulfill", result), ("fail", (error, retry)), ("release", None),
+        ("snooze", seconds) or ("lease_lost", why)."""
         reason = job.kill_reason
         if reason in ("lease_lost", "lease_expired"):
             return "lease_lost", job.lost_because or "the lease ran out before a heartbeat got through"
@@ -1282,6 +1312,8 @@ class Worker:
             return "release", None
         if "error" in box:
             return "fail", box["error"]
+        if "snooze" in box:
+            return "snooze", box["snooze"]
         if "result" in box:
             return "fulfill", box["result"]
         return "fail", ("the handler ended with neither a result nor an error", True)
@@ -1364,9 +1396,10 @@ class Worker:
             box["error"] = (text, code != EXIT_NO_RETRY)
         return self._outcome(job, box)
 
-    def _deliver(self, job, client, kind, result=None, error=None, retry=True):
-        """fulfill / fail / release, retried on network trouble until the lease would run out.
-        Returns the server's answer, or None if it could not be delivered."""
+    def _deliver(self, job, client, kind, result=None, error=None, retry=True, delay=None):
+        """fulfill / fail / release / snooze (a release with a delay), retried on network
+        trouble until the lease would run out. Returns the server's answer, or None if it could
+        not be delivered."""
         backoff = Backoff()
         tries = 0
         while True:
@@ -1377,6 +1410,11 @@ class Worker:
                 if kind == "fail":   # a lone surrogate (from a handler's exception) is not UTF-8
                     text = error[:8000].encode("utf-8", "replace").decode("utf-8")
                     return client.fail(job.id, job.token, text, retry, minimal=True)
+                if kind == "snooze":
+                    answer = client.release(job.id, job.token, delay)
+                    job.snoozed = True
+                    self.log("snoozed %s for %gs (attempt given back)" % (job.id, delay))
+                    return answer
                 answer = client.release(job.id, job.token)
                 self.log("released %s" % job.id)
                 return answer
@@ -1401,6 +1439,14 @@ class Worker:
                 if kind == "fulfill":   # e.g. 413 result too large: fail it instead, for good
                     kind, error, retry = "fail", "the server refused the result: %s" % e.message, False
                     self.log("server refused the result of %s: %s" % (job.id, e))
+                    continue
+                if kind == "snooze" and e.status == 400:
+                    # A server older than this worker takes no delay on a release. Failed instead,
+                    # the intent waits out its backoff (an attempt spent) rather than coming
+                    # straight back to a handler that asked for time.
+                    kind, error, retry = "fail", "snooze for %gs refused by the server (%s); " \
+                        "failed instead, retried after the backoff" % (delay, e.message), True
+                    self.log("server refused the snooze of %s: %s" % (job.id, e))
                     continue
                 self.log("%s %s refused: %s" % (kind, job.id, e))
                 return None
