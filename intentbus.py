@@ -52,6 +52,7 @@ MIN_SQLITE = (3, 24, 0)
 
 STATUSES = ("open", "claimed", "fulfilled", "dead", "cancelled")
 FINISHED = ("fulfilled", "dead", "cancelled")
+CANCELLABLE = ("open", "claimed")   # by one cancel or by a bulk one
 OUTCOMES = ("fulfilled", "failed", "lease_expired", "released", "snoozed", "cancelled")
 HISTORY_KEEP = 20
 MAX_LEASE_TOTAL = 12 * 3600.0   # a claim may be extended to at most 12 h in all, as in SQS
@@ -1085,6 +1086,13 @@ def _names(body, field, pattern, most, what):
     return sorted(set(value))
 
 
+def _goal_filter(goal):
+    """A list's or a bulk operation's optional goal: a name, or None for any."""
+    if goal is not None and not (isinstance(goal, str) and NAME_RE.match(goal)):
+        raise Invalid("'goal' must be 1-128 characters of A-Z a-z 0-9 _ . : -")
+    return goal
+
+
 def _json_size(value, field, limit):
     try:
         text = dumps(value)
@@ -1115,7 +1123,7 @@ CLAIM_FIELDS = frozenset("worker caps goals max wait lease".split())
 class Queue:
     """The rules of the bus. Every state change runs as one write op on the storage writer."""
 
-    REDRIVE_CHUNK = 500   # intents redriven per transaction by retry_matching
+    BULK_CHUNK = 500   # intents changed per transaction by retry_matching and cancel_matching
 
     def __init__(self, store, lease=60.0, backoff_base=10.0, backoff_max=3600.0,
                  max_payload=8192, max_result=65536, keep_done=7 * 86400.0,
@@ -1647,21 +1655,25 @@ class Queue:
 
     def cancel(self, intent_id, scope=ROOT):
         def run():
-            now = self.clock()
             row = self._row(intent_id, scope)
-            if row["status"] not in ("open", "claimed"):
+            if row["status"] not in CANCELLABLE:
                 raise Conflict("intent %s is %s; only open or claimed intents can be cancelled"
                                % (intent_id, row["status"]))
-            changes = dict(status="cancelled", finished_at=now, token=None, lease_expires_at=None,
-                           worker=None, delayed=0)
-            if row["status"] == "claimed":
-                changes["history"] = self._end_attempt(row, now, "cancelled", "cancelled")
-            self._unfinished(row["namespace"], -1)
-            self.store.update_intent(row["id"], **changes)
+            self._cancel_now(row, self.clock())
             self._finished(row["id"])
-            row.update(changes)
             return intent_view(row)
         return self.store.write(run)
+
+    def _cancel_now(self, row, now):
+        """An open or claimed intent to cancelled; a holder's token stops working."""
+        changes = dict(status="cancelled", finished_at=now, token=None, lease_expires_at=None,
+                       worker=None, delayed=0)
+        if row["status"] == "claimed":
+            changes["history"] = self._end_attempt(row, now, "cancelled", "cancelled")
+        self._unfinished(row["namespace"], -1)
+        self.store.update_intent(row["id"], **changes)
+        row.update(changes)
+        return row
 
     def retry(self, intent_id, scope=ROOT):
         def run():
@@ -1686,24 +1698,47 @@ class Queue:
         status = "dead" if status is None else status
         if status not in ("dead", "cancelled"):
             raise Invalid("'status' must be dead or cancelled")
-        if goal is not None and not (isinstance(goal, str) and NAME_RE.match(goal)):
-            raise Invalid("'goal' must be 1-128 characters of A-Z a-z 0-9 _ . : -")
+        _goal_filter(goal)
+
+        def redrive(rows, now):
+            for row in rows:
+                self._redrive(row, now)
+        return self._in_chunks([status], goal, scope, redrive)
+
+    def cancel_matching(self, status=None, goal=None, all=None, scope=ROOT):
+        """Cancel every open and claimed intent (or only those of `status`) of one goal, or with
+        all=True of every goal the scope sees. Returns the count."""
+        if status is not None and status not in CANCELLABLE:
+            raise Invalid("'status' must be open or claimed")
+        _goal_filter(goal)
+        all = False if all is None else all
+        if not isinstance(all, bool):
+            raise Invalid("'all' must be true or false")
+        if goal is None and not all:   # a bare call must not empty the queue by accident
+            raise Invalid("a bulk cancel needs a 'goal', or 'all': true to cancel in every goal")
+
+        def cancel(rows, now):
+            for row in rows:
+                self._cancel_now(row, now)
+            self._finished(*[row["id"] for row in rows])
+        return self._in_chunks([status] if status else list(CANCELLABLE), goal, scope, cancel)
+
+    def _in_chunks(self, statuses, goal, scope, act):
+        """act(rows, now) on every intent of these statuses (and goal) the scope sees, BULK_CHUNK
+        ids per transaction, so that claims are not held up behind one huge one. Returns the
+        count."""
         total, after = 0, 0
-        while True:   # in chunks, so that claims are not held up behind one huge transaction
+        while True:
             def run():
-                now = self.clock()
-                count = 0
-                ids = self.store.matching_ids([status], goal, scope.namespace, self.REDRIVE_CHUNK,
+                ids = self.store.matching_ids(statuses, goal, scope.namespace, self.BULK_CHUNK,
                                               after, scope.goals)
-                for intent_id in ids:
-                    row = self.store.intent_for_update(intent_id)
-                    if scope.sees(row):
-                        self._redrive(row, now)
-                        count += 1
-                return count, ids
+                rows = self.store.intents_for_update(ids)
+                seen = [rows[i] for i in ids if scope.sees(rows[i])]
+                act(seen, self.clock())
+                return len(seen), ids
             count, ids = self.store.write(run)
             total += count
-            if len(ids) < self.REDRIVE_CHUNK:
+            if len(ids) < self.BULK_CHUNK:
                 return total
             after = ids[-1]
 
@@ -1753,8 +1788,7 @@ class Queue:
     def list(self, status=None, goal=None, limit=100, after=None, scope=ROOT):
         if status is not None and status not in STATUSES:
             raise Invalid("'status' must be one of %s" % ", ".join(STATUSES))
-        if goal is not None and not (isinstance(goal, str) and NAME_RE.match(goal)):
-            raise Invalid("'goal' must be 1-128 characters of A-Z a-z 0-9 _ . : -")
+        _goal_filter(goal)
         limit = _number({"limit": limit}, "limit", 1, 1000, 100, integer=True)
         cursor = 0 if after in (None, "", "0", 0) else _intent_id(after, "after")
         rows = self.store.list_intents(status, goal, scope.namespace,
@@ -2106,13 +2140,15 @@ class HTTPError(Exception):
         self.close = close
 
 
-# (method, path pattern, handler name, role needed). Paths match in order.
+# (method, path pattern, handler name, role needed). Paths match in order: the bulk routes come
+# before /intents/{id}, whose pattern also matches "retry" and "cancel".
 ROUTES = [
     ("GET", r"/health", "health", None),
     ("POST", r"/intents", "submit", "submit"),
     ("GET", r"/intents", "list", "admin"),
     ("POST", r"/intents/fulfill", "fulfill_many", "work"),
     ("POST", r"/intents/retry", "retry_matching", "admin"),
+    ("POST", r"/intents/cancel", "cancel_matching", "admin"),
     ("GET", r"/intents/(?P<id>[^/]+)", "get", "submit"),
     ("POST", r"/intents/(?P<id>[^/]+)/fulfill", "fulfill", "work"),
     ("POST", r"/intents/(?P<id>[^/]+)/fail", "fail", "work"),
@@ -2135,7 +2171,7 @@ _MINIMAL_ROUTES = {"submit", "fulfill", "fail"}
 _LISTS = {"requires", "caps", "goals"}
 _JSONISH = {"payload", "result"}
 _NUMBERS = {"priority", "delay", "run_at", "max_attempts", "lease", "backoff", "max", "wait", "limit"}
-_BOOLS = {"retry"}
+_BOOLS = {"retry", "all"}
 
 
 _QUERY_NUMBER_RE = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?\Z")
@@ -2284,6 +2320,11 @@ class Api:
     def retry_matching(self, scope, params, body):
         _only(body, {"status", "goal"}, "a redrive")
         return 200, {"count": self.queue.retry_matching(body.get("status", "dead"), body.get("goal"), scope)}
+
+    def cancel_matching(self, scope, params, body):
+        _only(body, {"status", "goal", "all"}, "a bulk cancel")
+        return 200, {"count": self.queue.cancel_matching(body.get("status"), body.get("goal"),
+                                                         body.get("all"), scope)}
 
     def stats(self, scope, params, body):
         return 200, self.queue.stats(scope)
@@ -3260,8 +3301,13 @@ def build_parser():
     retry.add_argument("id", nargs="?")
     retry.add_argument("--all-dead", action="store_true", help="redrive every dead intent")
     retry.add_argument("--goal", help="with --all-dead: only this goal")
-    cancel = with_db(sub.add_parser("cancel", help="cancel an open or claimed intent"))
-    cancel.add_argument("id")
+    cancel = with_db(sub.add_parser("cancel", help="cancel an open or claimed intent, or those "
+                                                   "of a goal (--goal) or of every goal (--all)"))
+    cancel.add_argument("id", nargs="?")
+    cancel.add_argument("--goal", help="cancel every open and claimed intent of this goal")
+    cancel.add_argument("--all", action="store_true", help="cancel every open and claimed intent")
+    cancel.add_argument("--status", choices=CANCELLABLE,
+                        help="with --goal or --all: only the open, or only the claimed, ones")
     submit = with_db(sub.add_parser("submit", help="submit an intent"))
     submit.add_argument("goal")
     submit.add_argument("--payload", default="null", help="JSON (default: null)")
@@ -3385,7 +3431,15 @@ def admin(args):
             else:
                 raise SystemExit("intentbus retry: give an ID or --all-dead")
         elif args.command == "cancel":
-            _print_json(queue.cancel(args.id))
+            bulk = args.goal is not None or args.all
+            if args.id and (bulk or args.status) or args.status and not bulk:   # one would be ignored
+                raise SystemExit("intentbus cancel: give an ID, or --goal G / --all [--status S]")
+            if bulk:
+                print("cancelled: %d" % queue.cancel_matching(args.status, args.goal, args.all))
+            elif args.id:
+                _print_json(queue.cancel(args.id))
+            else:
+                raise SystemExit("intentbus cancel: give an ID, --goal G or --all")
         elif args.command == "submit":
             try:
                 payload = json.loads(args.payload)

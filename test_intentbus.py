@@ -561,12 +561,60 @@ class QueueRules(RulesCase):
     def test_a_redrive_goes_past_chunks_of_intents_its_scope_does_not_see(self):
         # It read 500 ids at a time and stopped at the first chunk that redrove fewer than 500:
         # behind 500 older cancelled intents of other goals, a goal-limited admin redrove none.
-        self.q.REDRIVE_CHUNK = 2
+        self.q.BULK_CHUNK = 2
         for goal in ("other", "other", "other", "mine", "other", "mine"):
             self.q.cancel(self.submit(goal=goal)["id"])
         ops = intentbus.Scope("ops", "admin", goals=["mine"])
         self.assertEqual(self.q.retry_matching("cancelled", scope=ops), 2)
         self.assertEqual(self.q.retry_matching("cancelled"), 4)   # chunk after chunk, to the end
+
+    def test_a_bulk_cancel_takes_what_one_cancel_would(self):
+        # Open (delayed too) and claimed intents of the goal, as POST /intents/{id}/cancel takes;
+        # finished ones and other goals are left alone.
+        done = self.submit(goal="a")
+        self.q.fulfill(done["id"], self.claim(goals=["a"])[0]["token"], 1)
+        dead = self.submit(goal="a", max_attempts=1)
+        self.q.fail(dead["id"], self.claim(goals=["a"])[0]["token"], "no", retry=False)
+        held = self.submit(goal="a")
+        job = self.claim(goals=["a"])[0]
+        waiting, late = self.submit(goal="a"), self.submit(goal="a", delay=60)
+        other = self.submit(goal="b")
+        self.assertEqual(self.q.cancel_matching(goal="a"), 3)
+        status = lambda i: self.q.get(i["id"])["status"]   # noqa: E731
+        self.assertEqual([status(i) for i in (done, dead, held, waiting, late, other)],
+                         ["fulfilled", "dead", "cancelled", "cancelled", "cancelled", "open"])
+        with self.assertRaises(intentbus.LeaseLost):   # the holder's token stopped working
+            self.q.fulfill(held["id"], job["token"], 1)
+        self.assertEqual(self.q.get(held["id"])["history"][-1]["outcome"], "cancelled")
+        self.clock.advance(60)
+        self.q.tick()
+        self.assertEqual([c["id"] for c in self.claim(max=5)], [other["id"]])   # not the delayed one
+        self.assertEqual(self.q.cancel_matching(goal="a"), 0)
+        spare = self.submit(goal="b")
+        self.assertEqual(self.q.cancel_matching("open", all=True), 1)   # only open: not the held b
+        self.assertEqual((status(spare), status(other)), ("cancelled", "claimed"))
+        self.assertEqual(self.q.cancel_matching("claimed", "b"), 1)
+
+    def test_a_bulk_cancel_needs_a_goal_or_all_and_bad_filters_change_nothing(self):
+        i = self.submit()
+        for kwargs in ({}, {"status": "open"}, {"all": False}, {"goal": "g", "status": "dead"},
+                       {"all": "yes"}, {"all": 1}, {"goal": 5}, {"goal": "no good"}, {"goal": ""}):
+            with self.assertRaises(intentbus.Invalid, msg=kwargs):
+                self.q.cancel_matching(**kwargs)
+        self.assertEqual(self.q.get(i["id"])["status"], "open")
+        self.assertEqual(self.q.cancel_matching(goal="g", all=True), 1)   # all and a goal: that goal
+
+    def test_a_bulk_cancel_goes_past_chunks_and_keeps_to_its_scope(self):
+        self.q.BULK_CHUNK = 2
+        for goal in ("other", "other", "other", "mine", "other", "mine"):
+            self.submit(goal=goal)
+        ops = intentbus.Scope("ops", "admin", goals=["mine"])
+        self.assertEqual(self.q.cancel_matching(all=True, scope=ops), 2)
+        self.assertEqual(self.q.cancel_matching(goal="other", scope=ops), 0)   # not its goal
+        elsewhere = intentbus.Scope("t", "admin", namespace="elsewhere")
+        self.assertEqual(self.q.cancel_matching(all=True, scope=elsewhere), 0)
+        self.assertEqual(self.q.stats()["counts"]["open"], 4)
+        self.assertEqual(self.q.cancel_matching(all=True), 4)   # chunk after chunk, to the end
 
     def test_history_keeps_last_twenty(self):
         i = self.submit(max_attempts=100, backoff=0)
@@ -876,6 +924,40 @@ class HTTPApi(ServerCase):
         self.assertEqual(self.c.get(i), before)
         got, _, data = self.raw("POST", "/intents/%s/release?token=%s&delay=90" % (i, job["token"]))
         self.assertEqual((got, json.loads(data)["history"][-1]["delay"]), (200, 90), data)   # curl style
+
+    def test_bulk_cancel_over_http(self):
+        json_h = {"Content-Type": "application/json"}
+        ids = [self.c.submit("g", n)["id"] for n in range(3)]
+        kept = self.c.submit("h")["id"]
+        job = self.c.claim("w", goals=["g"])[0]
+        self.assertEqual(job["id"], ids[0])
+        got = {}
+
+        def waiter():
+            got["get"] = self.client(self.srv).get(ids[2], wait=20)
+        t = threading.Thread(target=waiter)
+        t.start()
+        self.assertTrue(eventually(lambda: self.srv.queue._watchers, 5))
+        for path, body in (("/intents/cancel", None), ("/intents/cancel?all=false", None),
+                           ("/intents/cancel?all=maybe", None), ("/intents/cancel?status=open", None),
+                           ("/intents/cancel?goal=g&status=dead", None),
+                           ("/intents/cancel", b'{"goal": "g", "ids": ["1"]}'),
+                           ("/intents/cancel", b'{"all": "true"}')):
+            status, _, data = self.raw("POST", path, body, json_h if body else {})
+            self.assertEqual((status, json.loads(data)["error"]["code"]), (400, "invalid"), (path, body))
+        self.assertIn("needs a 'goal'", self.refused(lambda: self.c.cancel_all(), 400).message)
+        self.assertEqual(self.c.list(status="cancelled")["intents"], [])
+        self.assertEqual(self.c.cancel_all("g", status="open"), 2)
+        t.join(25)
+        self.assertEqual(got["get"]["status"], "cancelled")   # a GET ?wait is answered
+        self.assertEqual(self.c.get(job["id"])["status"], "claimed")
+        self.assertEqual(self.c.cancel_all("g"), 1)
+        self.refused(lambda: self.c.fulfill(job["id"], job["token"]), 409)
+        status, _, data = self.raw("POST", "/intents/cancel?all=true")   # curl style
+        self.assertEqual((status, json.loads(data)), (200, {"count": 1}))
+        self.assertEqual(self.c.get(kept)["status"], "cancelled")
+        self.assertEqual(self.raw("GET", "/intents/cancel")[0], 404)   # no intent "cancel"
+        self.assertEqual(self.raw("POST", "/intents/cancel/cancel")[0], 404)
 
     def test_batch_fulfill_per_item(self):
         for n in range(3):
@@ -2280,7 +2362,8 @@ class Roles(ServerCase):
                      lambda: sub.fulfill_many([{"id": job["id"], "token": job["token"]}])):
             self.refused(call, 403, "work")
         for call in (lambda: sub.list(), lambda: sub.stats(), lambda: sub.cancel(mine["id"]),
-                     lambda: sub.retry(mine["id"]), lambda: sub.retry_all("dead")):
+                     lambda: sub.retry(mine["id"]), lambda: sub.retry_all("dead"),
+                     lambda: sub.cancel_all(all=True)):
             self.refused(call, 403, "admin")
         self.assertEqual(self.c.get(mine["id"])["status"], "open")
         self.assertEqual(self.c.get(job["id"])["status"], "claimed")
@@ -2289,7 +2372,8 @@ class Roles(ServerCase):
         work = self.client(self.srv, self.token(self.srv, "phone", "work"))
         self.refused(lambda: work.submit("g"), 403, "submit")
         self.refused(lambda: work.submit_many([{"goal": "g"}]), 403, "submit")
-        for call in (work.list, work.stats, lambda: work.retry_all("dead")):
+        for call in (work.list, work.stats, lambda: work.retry_all("dead"),
+                     lambda: work.cancel_all("g")):
             self.refused(call, 403, "admin")
         ids = [self.c.submit("g", n, priority=10 - n)["id"] for n in range(4)]
         for call in (lambda: work.cancel(ids[3]), lambda: work.retry(ids[3])):
@@ -2366,7 +2450,8 @@ class Roles(ServerCase):
                 "extend": lambda: c.extend(job["id"], job["token"]),
                 "release": lambda: c.release(job["id"], job["token"]),
                 "cancel": lambda: c.cancel(job["id"]), "retry": lambda: c.retry(job["id"]),
-                "retry_all": lambda: c.retry_all("dead")}
+                "retry_all": lambda: c.retry_all("dead"),
+                "cancel_all": lambda: c.cancel_all(all=True)}
             for name, call in calls.items():
                 with self.subTest(token=token, endpoint=name):
                     e = self.refused(call, 401)
@@ -2496,6 +2581,21 @@ class TokenCLI(ServerCase):
         self.assertEqual(got, [[]])   # answered empty: its next claim meets the revocation
         self.assertEqual(self.c.get(job["id"])["status"], "open")
 
+    def test_cancel_of_a_goal_or_of_all_from_the_command_line(self):
+        ids = [self.c.submit("g", n)["id"] for n in range(2)]
+        other = self.c.submit("h")["id"]
+        for args in ((), ("--status", "open"), (ids[0], "--goal", "g"), ("--goal", "no good")):
+            p = cli("cancel", *args, "--db", self.db)   # a bare cancel must not empty the queue
+            self.assertNotEqual(p.returncode, 0, args)
+            self.assertEqual(len(p.stderr.strip().splitlines()), 1, (args, p.stderr))
+        self.assertEqual(self.c.list(status="cancelled")["intents"], [])
+        p = cli("cancel", "--goal", "g", "--db", self.db)
+        self.assertEqual((p.returncode, p.stdout), (0, "cancelled: 2\n"), p.stderr)
+        self.assertEqual(self.c.get(other)["status"], "open")   # the running server sees it
+        p = cli("cancel", "--all", "--status", "open", "--db", self.db)
+        self.assertEqual((p.returncode, p.stdout), (0, "cancelled: 1\n"), p.stderr)
+        self.assertEqual(self.c.get(other)["status"], "cancelled")
+
     def test_a_mistyped_db_is_not_made_into_an_empty_queue(self):
         # `intentbus.py stats --db /var/lib/intenbus.db` showed an empty queue, `retry --all-dead`
         # redrove nothing, and each left an empty database file behind.
@@ -2610,6 +2710,9 @@ class Tenants(ServerCase):
         self.refused(lambda: ops.cancel(self.a_open["id"]), 404)
         self.assertEqual(ops.cancel(mine[0])["status"], "cancelled")
         self.assertEqual(ops.retry_all("cancelled"), 1)
+        self.assertEqual(ops.cancel_all("shared"), 0)   # not its goal
+        self.assertEqual(ops.cancel_all(all=True), 3)   # every goal it has: "mine"
+        self.assertEqual(self.a_adm.list(status="open", goal="shared")["intents"].__len__(), 4)
 
     def test_get(self):
         nowhere = self.refused(lambda: self.a_adm.get("999999"), 404)
@@ -2698,6 +2801,14 @@ class Tenants(ServerCase):
         self.assertBUntouched()
         self.assertEqual(self.glob.retry_all("dead"), 1)   # B's, seen by the global admin
         self.assertEqual(self.c.get(self.b_dead["id"])["status"], "open")
+
+    def test_cancel_all(self):
+        self.assertEqual(self.a_adm.cancel_all(all=True), 1)   # A's open one; not B's
+        self.assertEqual(self.a_adm.cancel_all("b-secret-goal"), 0)
+        self.assertEqual(self.c.get(self.a_open["id"])["status"], "cancelled")
+        self.assertBUntouched()
+        self.assertEqual(self.glob.cancel_all("shared"), 2)   # B's open and claimed ones
+        self.refused(lambda: self.b_work.extend(self.b_job["id"], self.b_job["token"]), 409)
 
     def test_stats(self):
         stats = self.a_adm.stats()
@@ -2991,6 +3102,14 @@ class Quotas(BusCase):
             c.submit_many([{"goal": "g"}, {"goal": "g"}])
         self.assertEqual(c.stats()["counts"]["open"], 2)
         self.assertEqual(len(c.submit_many([{"goal": "g"}])), 1)
+
+    def test_a_bulk_cancel_frees_the_quota(self):
+        srv = self.start(max_open=2)
+        c = self.client(srv)
+        c.submit_many([{"goal": "g"}, {"goal": "g"}])
+        self.refused(lambda: c.submit("g"), 429)
+        self.assertEqual(c.cancel_all("g"), 2)
+        self.assertEqual(len(c.submit_many([{"goal": "g"}, {"goal": "g"}])), 2)
 
     def test_quota_is_per_namespace(self):
         srv = self.start(token=ROOT, max_open=2)
@@ -3563,7 +3682,8 @@ class Fuzz(BusCase):
                   (b"GET", b"/intents/%s"), (b"GET", b"/intents/%s?wait=0.1"), (b"POST", b"/intents/%s/fulfill"),
                   (b"POST", b"/intents/%s/fail"), (b"POST", b"/intents/%s/extend"),
                   (b"POST", b"/intents/%s/release"), (b"POST", b"/intents/%s/cancel"),
-                  (b"POST", b"/intents/%s/retry"), (b"POST", b"/claim"), (b"GET", b"/stats")]
+                  (b"POST", b"/intents/%s/retry"), (b"POST", b"/claim"), (b"GET", b"/stats"),
+                  (b"POST", b"/intents/cancel?all=true")]
 
         fitting_bodies = [
             (b"/intents", b'{"goal":"fuzz","payload":{"k":[1,"two",null,true]},"priority":2,"requires":["c1"]}'),

@@ -624,6 +624,12 @@ class Client:
     def retry_all(self, status="dead", goal=None):
         return self.request("POST", "/intents/retry", query={"status": status, "goal": goal})[1]["count"]
 
+    def cancel_all(self, goal=None, *, status=None, all=False):
+        """Cancel every open and claimed intent (only `status` ones, if given) of `goal`, or with
+        all=True of every goal. Returns the count. Neither goal nor all: the server refuses (400)."""
+        return self.request("POST", "/intents/cancel", query={
+            "goal": goal, "status": status, "all": True if all else None})[1]["count"]
+
     def get(self, id, wait=None):
         timeout = max_(self.timeout, wait + 10.0) if wait else None
         return self.request("GET", "/intents/%s" % _quote(id), query={"wait": wait},
