@@ -203,6 +203,13 @@ MIGRATIONS = [
     """
     ALTER TABLE intents ADD COLUMN claim_lease REAL;
     """,
+    # version 3: what a worker's claims may take, for /stats (a file from before says nothing:
+    # any goal, its own namespace, until the worker's next claim)
+    """
+    ALTER TABLE workers ADD COLUMN goals TEXT;   -- JSON list its claims ask for, or NULL: any goal
+    -- 1: it claims with a token of no namespace (root), so it takes every namespace's work
+    ALTER TABLE workers ADD COLUMN every_namespace INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 INTENT_COLUMNS = (
@@ -839,11 +846,13 @@ class Storage:
     def prune_workers(self, before):
         return self._wconn.execute("DELETE FROM workers WHERE last_seen < ?", (before,)).rowcount
 
-    def save_worker(self, namespace, name, caps_json, now):
+    def save_worker(self, namespace, name, caps_json, goals_json, every_namespace, now):
         self._wconn.execute(
-            "INSERT INTO workers (namespace, name, caps, last_seen) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (namespace, name) DO UPDATE SET caps = excluded.caps, "
-            "last_seen = excluded.last_seen", (namespace, name, caps_json, now))
+            "INSERT INTO workers (namespace, name, caps, goals, every_namespace, last_seen) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (namespace, name) DO UPDATE SET "
+            "caps = excluded.caps, goals = excluded.goals, every_namespace = excluded.every_namespace, "
+            "last_seen = excluded.last_seen", (namespace, name, caps_json, goals_json,
+                                               int(every_namespace), now))
 
     # ----- intents: reads (own connections, any thread) --------------------------------
 
@@ -877,10 +886,14 @@ class Storage:
         return dict(self._read(sql + " AND namespace = ? GROUP BY worker", (namespace,)))
 
     def workers_since(self, since, namespace=None):
-        sql = "SELECT namespace, name, caps, last_seen FROM workers WHERE last_seen >= ?"
+        """Workers seen since a time: (namespace, name, caps, goals, every_namespace, last_seen)
+        rows; with a namespace, its own and those that take every namespace's work."""
+        sql = ("SELECT namespace, name, caps, goals, every_namespace, last_seen FROM workers "
+               "WHERE last_seen >= ?")
         if namespace is None:
             return self._read(sql + " ORDER BY name", (since,))
-        return self._read(sql + " AND namespace = ? ORDER BY name", (since, namespace))
+        return self._read(sql + " AND (namespace = ? OR every_namespace = 1) ORDER BY name",
+                          (since, namespace))
 
     # ----- API tokens ----------------------------------------------------------------
 
@@ -1027,6 +1040,30 @@ class Route:
         self.requires = frozenset(requires)
 
 
+WORKERS_RECENT = 600.0   # /stats lists the workers seen this recently
+
+
+class SeenWorker:
+    """A worker as /stats knows it: what its last claim may take, and when it was seen."""
+    __slots__ = ("namespace", "name", "caps", "goals", "every_namespace", "last_seen")
+
+    def __init__(self, namespace, name, caps_json, goals_json, every_namespace, last_seen):
+        self.namespace = namespace
+        self.name = name
+        self.caps = json.loads(caps_json)
+        self.goals = None if goals_json is None else json.loads(goals_json)
+        self.every_namespace = bool(every_namespace)
+        self.last_seen = last_seen
+
+    def view(self, scope, holding):
+        # A token limited to some goals is not shown the other goals the worker asks for.
+        goals = self.goals
+        if goals is not None and scope.goals is not None:
+            goals = sorted(scope.goals.intersection(goals))
+        return {"name": self.name, "namespace": self.namespace, "caps": self.caps, "goals": goals,
+                "last_seen": self.last_seen, "holding": holding}
+
+
 class ClaimRequest:
     __slots__ = ("worker", "caps", "goals", "max", "lease", "deadline", "namespace", "op", "alive",
                  "revocable")
@@ -1152,7 +1189,7 @@ class Queue:
         self._open_counts = None     # namespace -> unfinished count (only with max_open)
         self._watch_lock = threading.Lock()
         self._watchers = {}          # intent id -> [Event]: GET ?wait long polls
-        self._workers = {}           # (namespace, name) -> [caps, last_seen, last_saved]
+        self._workers = {}           # (namespace, name) -> [(caps, goals, every), last_seen, last_saved]
         store.on_external_change.append(self._external_change)
         store.on_rollback.append(self._forget_caches)
         store.before_commit.append(self._wake_waiters)
@@ -1378,7 +1415,7 @@ class Queue:
         now = self.clock()
         request = ClaimRequest(worker, caps, goals, max_count, lease, now + wait, scope.namespace, alive,
                                revocable=scope is not ROOT)
-        self._seen(scope.namespace or "default", worker, caps, now)
+        self._seen(scope.namespace, worker, caps, goals or None, now)
         if not self.store.has_writer:   # admin commands and storage tests: no long polling
             request.deadline = now
             return [(view or claim_view)(c) for c in self.store.write(lambda: self._claim_now(request))]
@@ -1442,12 +1479,19 @@ class Queue:
             self._eligible[key] = routes
         return routes
 
-    def _seen(self, namespace, worker, caps, now):
-        """Remember the worker for /stats; saved to the file at most every 10 s per worker."""
+    def _seen(self, namespace, worker, caps, goals, now):
+        """Remember the worker for /stats, with what its claims may take: goals None is any goal,
+        namespace None a token of no namespace (listed under default), whose claims take every
+        namespace's work. Saved at once when that changes, else at most every 10 s per worker."""
+        every = namespace is None
+        namespace = namespace or "default"
+        takes = (caps, goals, every)
         entry = self._workers.get((namespace, worker))
-        if entry is None or entry[0] != caps or abs(now - entry[2]) > 10:
-            self._workers[(namespace, worker)] = [caps, now, now]
-            save = _Op(lambda: self.store.save_worker(namespace, worker, dumps(caps), now))
+        if entry is None or entry[0] != takes or abs(now - entry[2]) > 10:
+            self._workers[(namespace, worker)] = [takes, now, now]
+            save = _Op(lambda: self.store.save_worker(namespace, worker, dumps(caps),
+                                                      None if goals is None else dumps(goals),
+                                                      every, now))
             if self.store.has_writer:
                 self.store.enqueue(save)   # nobody waits for it
             else:
@@ -1808,16 +1852,22 @@ class Queue:
             goals.setdefault(goal, dict.fromkeys(STATUSES, 0))[status] = n
         oldest = self.store.oldest_ready_run_at(scope.namespace, scope.goals)
         holding = self.store.holdings(scope.namespace)
-        workers = [{"name": name, "namespace": namespace, "caps": json.loads(caps),
-                    "last_seen": last_seen, "holding": holding.get(name, 0)}
-                   for namespace, name, caps, last_seen
-                   in self.store.workers_since(now - 600, scope.namespace)]
-        for w in workers:   # the in-memory time is fresher than the saved one
-            entry = self._workers.get((w["namespace"], w["name"]))
-            if entry:
-                w["last_seen"] = max(w["last_seen"], entry[1])
+        workers = [w.view(scope, holding.get(w.name, 0)) for w in self._recent_workers(scope, now)
+                   if scope.namespace in (None, w.namespace)]
         return {"counts": counts, "goals": goals, "workers": workers,
                 "oldest_claimable_age": None if oldest is None else max(0.0, now - oldest)}
+
+    def _recent_workers(self, scope, now):
+        """The workers seen in the last WORKERS_RECENT seconds that scope may count on: those of
+        its namespace, and those that take every namespace's work."""
+        seen = []
+        for row in self.store.workers_since(now - WORKERS_RECENT, scope.namespace):
+            worker = SeenWorker(*row)
+            entry = self._workers.get((worker.namespace, worker.name))
+            if entry:   # the in-memory time is fresher than the saved one
+                worker.last_seen = max(worker.last_seen, entry[1])
+            seen.append(worker)
+        return seen
 
     # ----- time-driven work: lease expiry, delayed intents, retention ------------------
 
@@ -1854,10 +1904,10 @@ class Queue:
                 total += n
                 if n < 500:
                     break
-        # Workers: /stats shows those seen in the last 600 s; one entry per name ever seen (a
-        # container's random hostname, name-PID) was kept in memory (about 650 B) and in the file
-        # for good. Kept as long as fulfilled intents, then forgotten.
-        horizon = now - max(self.keep_done, 600)
+        # Workers: /stats shows those seen in the last WORKERS_RECENT; one entry per name ever
+        # seen (a container's random hostname, name-PID) was kept in memory (about 650 B) and in
+        # the file for good. Kept as long as fulfilled intents, then forgotten.
+        horizon = now - max(self.keep_done, WORKERS_RECENT)
         for key, entry in list(self._workers.items()):
             if entry[1] < horizon:
                 self._workers.pop(key, None)

@@ -318,6 +318,30 @@ class QueueRules(RulesCase):
         self.assertEqual([c["id"] for c in self.claim(caps=["gpu", "ffmpeg", "x"], goals=["render"])],
                          [gpu["id"]])
 
+    def test_stats_shows_the_goals_each_worker_asks_for(self):
+        # What a worker may take is kept with it: the goals its claim asked for (none: any goal;
+        # a goal-limited token's goals when it names none), and whether its token has no
+        # namespace (the root's), whose claims take every namespace's work.
+        self.claim(worker="pi", caps=["gpio"], goals=["read", "blink"])
+        self.claim(worker="any")
+        self.q.claim({"worker": "a-phone", "caps": ["termux"]}, intentbus.Scope("a-work", "work", "a"))
+        self.q.claim({"worker": "mailer"}, intentbus.Scope("m-work", "work", "default", goals=["mail"]))
+        seen = {w["name"]: w for w in self.q.stats()["workers"]}
+        self.assertEqual({n: (w["namespace"], w["caps"], w["goals"]) for n, w in seen.items()}, {
+            "pi": ("default", ["gpio"], ["blink", "read"]), "any": ("default", [], None),
+            "a-phone": ("a", ["termux"], None), "mailer": ("default", [], ["mail"])})
+        self.assertEqual(self.store._read("SELECT name, every_namespace FROM workers ORDER BY name"),
+                         [("a-phone", 0), ("any", 1), ("mailer", 0), ("pi", 1)])
+        # A namespace's admin lists its own workers; one limited to goals sees only its goals.
+        a = intentbus.Scope("a-adm", "admin", "a")
+        self.assertEqual([w["name"] for w in self.q.stats(a)["workers"]], ["a-phone"])
+        ops = intentbus.Scope("ops", "admin", "default", goals=["blink", "mail"])
+        seen = {w["name"]: w["goals"] for w in self.q.stats(ops)["workers"]}
+        self.assertEqual(seen, {"pi": ["blink"], "any": None, "mailer": ["mail"]})
+        # A worker that now asks for other goals is saved at once, not after 10 s.
+        self.claim(worker="pi", caps=["gpio"], goals=["read"])
+        self.assertEqual(self.store._read("SELECT goals FROM workers WHERE name = 'pi'"), [('["read"]',)])
+
     def test_claim_sets_lease_attempt_and_fresh_token(self):
         i = self.submit(max_attempts=5, backoff=0)
         tokens = set()
@@ -814,6 +838,27 @@ class QueueRules(RulesCase):
         self.assertEqual(q.extend("1", "old-token")["lease_expires_at"], self.clock.now + 20)
         self.assertEqual(q.fulfill("1", "old-token")["status"], "fulfilled")
 
+    def test_a_version_2_file_keeps_its_workers_as_taking_any_goal(self):
+        # Version 3 added what a worker's claims may take. A record from before says nothing:
+        # any goal, its own namespace, until the worker's next claim saves what it asks for.
+        path = os.path.join(self.dir, "v2.db")
+        conn = sqlite3.connect(path)
+        conn.executescript(intentbus.MIGRATIONS[0] + intentbus.MIGRATIONS[1] + "PRAGMA user_version = 2;")
+        conn.execute("INSERT INTO workers (namespace, name, caps, last_seen) VALUES "
+                     "('default', 'pi', '[\"gpio\"]', ?)", (self.clock.now,))
+        conn.commit()
+        conn.close()
+        store = Storage(path)
+        self.addCleanup(store.close)
+        store.migrate()
+        self.assertEqual(store.schema_version(), len(intentbus.MIGRATIONS))
+        q = Queue(store, clock=self.clock)
+        [pi] = q.stats()["workers"]
+        self.assertEqual((pi["name"], pi["caps"], pi["goals"]), ("pi", ["gpio"], None))
+        q.claim({"worker": "pi", "caps": ["gpio"], "goals": ["blink"]}, intentbus.Scope("pi", "work", "default"))
+        self.assertEqual(q.stats()["workers"][0]["goals"], ["blink"])
+        self.assertEqual(store._read("SELECT goals, every_namespace FROM workers"), [('["blink"]', 0)])
+
     def test_too_old_sqlite_is_named_at_start(self):
         saved = intentbus.sqlite3.sqlite_version_info
         try:
@@ -1027,7 +1072,7 @@ class HTTPApi(ServerCase):
         self.assertEqual((s["counts"]["open"], s["counts"]["claimed"]), (1, 1))
         self.assertEqual(s["goals"]["a"]["claimed"], 1)
         w = [w for w in s["workers"] if w["name"] == "phone-1"]
-        self.assertEqual((w[0]["caps"], w[0]["holding"]), (["termux"], 1))
+        self.assertEqual((w[0]["caps"], w[0]["goals"], w[0]["holding"]), (["termux"], ["a"], 1))
         self.assertIsNotNone(s["oldest_claimable_age"])
 
     def test_bad_input_gets_json_errors_and_changes_nothing(self):
