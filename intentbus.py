@@ -879,11 +879,12 @@ class Storage:
                               [], namespace=namespace, goals=goals)
         return self._read_one(sql, args)[0]
 
-    def holdings(self, namespace=None):
-        sql = "SELECT worker, count(*) FROM intents INDEXED BY intents_lease WHERE status = 'claimed'"
-        if namespace is None:
-            return dict(self._read(sql + " GROUP BY worker"))
-        return dict(self._read(sql + " AND namespace = ? GROUP BY worker", (namespace,)))
+    def holdings(self, namespace=None, goals=None):
+        """{(namespace, worker): claimed intents}: a name may be a worker in several namespaces."""
+        sql, args = _filtered("SELECT namespace, worker, count(*) FROM intents INDEXED BY "
+                              "intents_lease WHERE status = 'claimed'", [],
+                              namespace=namespace, goals=goals)
+        return {(ns, w): n for ns, w, n in self._read(sql + " GROUP BY namespace, worker", args)}
 
     def workers_since(self, since, namespace=None):
         """Workers seen since a time: (namespace, name, caps, goals, every_namespace, last_seen)
@@ -1055,13 +1056,20 @@ class SeenWorker:
         self.every_namespace = bool(every_namespace)
         self.last_seen = last_seen
 
-    def view(self, scope, holding):
+    def view(self, scope, holdings):
+        """What /stats shows; holdings as Storage.holdings gives them, in scope."""
         # A token limited to some goals is not shown the other goals the worker asks for.
         goals = self.goals
         if goals is not None and scope.goals is not None:
             goals = sorted(scope.goals.intersection(goals))
         return {"name": self.name, "namespace": self.namespace, "caps": self.caps, "goals": goals,
-                "last_seen": self.last_seen, "holding": holding}
+                "last_seen": self.last_seen, "holding": self.holding(holdings)}
+
+    def holding(self, holdings):
+        if self.every_namespace:   # an intent names its worker, not the token: a worker of the
+            # same name in another namespace is counted here too
+            return sum(n for (_ns, name), n in holdings.items() if name == self.name)
+        return holdings.get((self.namespace, self.name), 0)
 
 
 class ClaimRequest:
@@ -1851,8 +1859,8 @@ class Queue:
             counts[status] = counts.get(status, 0) + n
             goals.setdefault(goal, dict.fromkeys(STATUSES, 0))[status] = n
         oldest = self.store.oldest_ready_run_at(scope.namespace, scope.goals)
-        holding = self.store.holdings(scope.namespace)
-        workers = [w.view(scope, holding.get(w.name, 0)) for w in self._recent_workers(scope, now)
+        holdings = self.store.holdings(scope.namespace, scope.goals)
+        workers = [w.view(scope, holdings) for w in self._recent_workers(scope, now)
                    if scope.namespace in (None, w.namespace)]
         return {"counts": counts, "goals": goals, "workers": workers,
                 "oldest_claimable_age": None if oldest is None else max(0.0, now - oldest)}

@@ -2869,6 +2869,25 @@ class Tenants(ServerCase):
             self.assertEqual({w["name"] for w in c.stats()["workers"]}, {"a-phone", "b-phone"})
 
 
+    def test_holding_is_counted_in_each_workers_own_namespace_and_goals(self):
+        # Audit: holdings were grouped by worker name only, so a "phone" holding 2 intents in A
+        # and idle in B showed holding 2 under both; and a goal-limited admin counted every goal.
+        ops = self.client(self.srv, self.token(self.srv, "a-ops", "admin", "A", goals=["mine"]))
+        self.a_sub.submit("shared", 1)
+        self.a_sub.submit("mine", 2)
+        self.assertEqual(len(self.a_work.claim(worker="phone", max=3)), 3)
+        self.assertEqual(self.b_work.claim(worker="phone", goals=["nothing-here"]), [])
+        self.assertEqual(len(self.glob.claim(worker="roamer", goals=["b-secret-goal"])), 1)
+
+        def holding(c):
+            return {(w["namespace"], w["name"]): w["holding"] for w in c.stats()["workers"]}
+        for c in (self.c, self.glob):   # roamer's token has no namespace: it holds B's intent
+            self.assertEqual(holding(c), {("A", "a-phone"): 0, ("A", "phone"): 3, ("B", "b-phone"): 1,
+                                          ("B", "phone"): 0, ("default", "roamer"): 1})
+        self.assertEqual(holding(self.a_adm), {("A", "a-phone"): 0, ("A", "phone"): 3})
+        self.assertEqual(holding(self.b_adm), {("B", "b-phone"): 1, ("B", "phone"): 0})
+        self.assertEqual(holding(ops), {("A", "a-phone"): 0, ("A", "phone"): 1})
+
 # =====================================================================================
 # Security: signed requests
 # =====================================================================================
