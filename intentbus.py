@@ -874,10 +874,14 @@ class Storage:
                               namespace=namespace, goals=goals)
         return self._read(sql + " GROUP BY goal, status", args)
 
-    def oldest_ready_run_at(self, namespace=None, goals=None):
-        sql, args = _filtered("SELECT min(run_at) FROM intents WHERE status = 'open' AND delayed = 0",
-                              [], namespace=namespace, goals=goals)
-        return self._read_one(sql, args)[0]
+    def ready_by_route(self, namespace=None, goals=None):
+        """Ready open intents per route: (namespace, goal, requires, count, min run_at) rows."""
+        sql, args = _filtered("SELECT route, count(*) AS n, min(run_at) AS oldest FROM intents "
+                              "INDEXED BY intents_claim WHERE status = 'open' AND delayed = 0", [],
+                              namespace=namespace, goals=goals)
+        return self._read("SELECT routes.namespace, routes.goal, routes.requires, ready.n, ready.oldest "
+                          "FROM (%s GROUP BY route) AS ready JOIN routes ON routes.id = ready.route"
+                          % sql, args)
 
     def holdings(self, namespace=None, goals=None):
         """{(namespace, worker): claimed intents}: a name may be a worker in several namespaces."""
@@ -887,10 +891,13 @@ class Storage:
         return {(ns, w): n for ns, w, n in self._read(sql + " GROUP BY namespace, worker", args)}
 
     def workers_since(self, since, namespace=None):
-        """Workers seen since a time: (namespace, name, caps, goals, every_namespace, last_seen)
-        rows; with a namespace, its own and those that take every namespace's work."""
+        """Workers seen since a time or holding an intent now: (namespace, name, caps, goals,
+        every_namespace, last_seen) rows; with a namespace, its own and those that take every
+        namespace's work."""
+        holders = "SELECT %s FROM intents INDEXED BY intents_lease WHERE status = 'claimed'"
         sql = ("SELECT namespace, name, caps, goals, every_namespace, last_seen FROM workers "
-               "WHERE last_seen >= ?")
+               "WHERE (last_seen >= ? OR (namespace, name) IN (%s) OR (every_namespace = 1 AND "
+               "name IN (%s)))" % (holders % "namespace, worker", holders % "worker"))
         if namespace is None:
             return self._read(sql + " ORDER BY name", (since,))
         return self._read(sql + " AND (namespace = ? OR every_namespace = 1) ORDER BY name",
@@ -1041,7 +1048,10 @@ class Route:
         self.requires = frozenset(requires)
 
 
-WORKERS_RECENT = 600.0   # /stats lists the workers seen this recently
+# /stats lists the workers seen (claiming, or long polling) this recently, or holding an intent
+# now, and counts ready work that none of them can take as stranded. A worker busy with a long
+# job holds it; one that is gone stops holding when its lease ends.
+WORKERS_RECENT = 600.0
 
 
 class SeenWorker:
@@ -1064,6 +1074,11 @@ class SeenWorker:
             goals = sorted(scope.goals.intersection(goals))
         return {"name": self.name, "namespace": self.namespace, "caps": self.caps, "goals": goals,
                 "last_seen": self.last_seen, "holding": self.holding(holdings)}
+
+    def takes(self, namespace, goal, requires):
+        """Whether its claims may take a route's work (ClaimRequest.accepts, from the record)."""
+        return ((self.every_namespace or namespace == self.namespace)
+                and (self.goals is None or goal in self.goals) and requires.issubset(self.caps))
 
     def holding(self, holdings):
         if self.every_namespace:   # an intent names its worker, not the token: a worker of the
@@ -1858,16 +1873,36 @@ class Queue:
         for goal, status, n in self.store.count_by_goal_and_status(scope.namespace, scope.goals):
             counts[status] = counts.get(status, 0) + n
             goals.setdefault(goal, dict.fromkeys(STATUSES, 0))[status] = n
-        oldest = self.store.oldest_ready_run_at(scope.namespace, scope.goals)
         holdings = self.store.holdings(scope.namespace, scope.goals)
-        workers = [w.view(scope, holdings) for w in self._recent_workers(scope, now)
-                   if scope.namespace in (None, w.namespace)]
-        return {"counts": counts, "goals": goals, "workers": workers,
-                "oldest_claimable_age": None if oldest is None else max(0.0, now - oldest)}
+        seen = self._recent_workers(scope, now)
+        workers = [w.view(scope, holdings) for w in seen if scope.namespace in (None, w.namespace)]
+        stats = {"counts": counts, "goals": goals, "workers": workers}
+        stats.update(self._stranded(scope, seen, now))
+        return stats
+
+    def _stranded(self, scope, seen, now):
+        """The ready work that none of the workers seen can take (a goal nobody asks for, a
+        capability nobody has), per route, oldest first; and the oldest ready intent's age, of
+        all of them and of those a worker can take, so that stranded work does not hide a slow
+        queue behind an age that only grows."""
+        stranded, oldest, takeable = [], None, None
+        for namespace, goal, requires, count, run_at in self.store.ready_by_route(
+                scope.namespace, scope.goals):
+            oldest = run_at if oldest is None else min(oldest, run_at)
+            needs = json.loads(requires)
+            if any(w.takes(namespace, goal, frozenset(needs)) for w in seen):
+                takeable = run_at if takeable is None else min(takeable, run_at)
+            else:
+                stranded.append((run_at, namespace, goal, needs, count))
+        stranded.sort()
+        return {"oldest_claimable_age": _age(now, oldest), "oldest_takeable_age": _age(now, takeable),
+                "stranded": [{"namespace": namespace, "goal": goal, "requires": needs, "count": count,
+                              "oldest_age": _age(now, run_at)}
+                             for run_at, namespace, goal, needs, count in stranded]}
 
     def _recent_workers(self, scope, now):
-        """The workers seen in the last WORKERS_RECENT seconds that scope may count on: those of
-        its namespace, and those that take every namespace's work."""
+        """The workers seen in the last WORKERS_RECENT seconds or holding an intent, that scope
+        may count on: those of its namespace, and those that take every namespace's work."""
         seen = []
         for row in self.store.workers_since(now - WORKERS_RECENT, scope.namespace):
             worker = SeenWorker(*row)
@@ -1938,6 +1973,11 @@ class Queue:
             events = [e for es in self._watchers.values() for e in es]
         for event in events:
             event.set()
+
+
+def _age(now, then):
+    """Seconds since then (never below zero: the wall clock may have stepped back), or None."""
+    return None if then is None else max(0.0, now - then)
 
 
 _ID_RE = re.compile(r"[0-9]{1,19}\Z")
@@ -3347,7 +3387,8 @@ def build_parser():
                                help="%s (default: %s; %s)" % (text, "none" if default is None else
                                                               default, _env_name(flag)))
 
-    with_db(sub.add_parser("stats", help="counts by status and goal, workers seen"))
+    with_db(sub.add_parser("stats", help="counts by status and goal, workers seen, stranded work "
+                                         "(as GET /stats)"))
     lister = with_db(sub.add_parser("list", help="list intents (e.g. the dead-letter queue)"))
     lister.add_argument("--status", choices=STATUSES)
     lister.add_argument("--goal")

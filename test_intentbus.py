@@ -342,6 +342,82 @@ class QueueRules(RulesCase):
         self.claim(worker="pi", caps=["gpio"], goals=["read"])
         self.assertEqual(self.store._read("SELECT goals FROM workers WHERE name = 'pi'"), [('["read"]',)])
 
+    def test_stranded_is_the_ready_work_no_recent_worker_can_take(self):
+        # An intent no worker can take (a goal nobody asks for, a capability nobody has) sat open
+        # with nothing to show for it but an oldest_claimable_age that grew for good.
+        Scope = intentbus.Scope
+        b_sub, b_adm = Scope("b-sub", "submit", "b"), Scope("b-adm", "admin", "b")
+        start = self.clock.now
+        for body, scope in ((dict(worker="phone", caps=["termux"], goals=["thumbnail", "mail"]),
+                             Scope("w", "work", "default")),
+                            (dict(worker="b-box", caps=["ffmpeg"]), Scope("b-w", "work", "b")),
+                            (dict(worker="roamer", goals=["report"]), intentbus.ROOT)):
+            self.assertEqual(self.q.claim(body, scope), [])   # nothing yet: only seen
+        self.submit(goal="thumbnail", requires=["ffmpeg"])    # phone lacks ffmpeg
+        self.clock.advance(1)
+        self.submit(goal="thumbnial")                         # a typo nobody asks for
+        self.clock.advance(1)
+        self.submit(goal="thumbnial")
+        self.clock.advance(1)
+        self.submit(goal="mail")                              # phone's
+        self.submit(goal="report")                            # roamer's, in every namespace
+        self.submit(goal="nobody", delay=60)                  # not ready: not counted
+        for body in ({"goal": "render", "requires": ["gpu"]}, {"goal": "any", "requires": ["ffmpeg"]},
+                     {"goal": "report"}):
+            self.q.submit([body], b_sub)
+        self.clock.advance(10)
+
+        def entry(namespace, goal, requires, count, age):
+            return {"namespace": namespace, "goal": goal, "requires": requires, "count": count,
+                    "oldest_age": age}
+        stats = self.q.stats()
+        self.assertEqual(stats["stranded"], [entry("default", "thumbnail", ["ffmpeg"], 1, 13.0),
+                                             entry("default", "thumbnial", [], 2, 12.0),
+                                             entry("b", "render", ["gpu"], 1, 10.0)])
+        self.assertEqual((stats["oldest_claimable_age"], stats["oldest_takeable_age"]), (13.0, 10.0))
+        # A namespace's admin sees its own (roamer takes its report, though not listed to it);
+        # one limited to goals, only those.
+        stats = self.q.stats(b_adm)
+        self.assertEqual(stats["stranded"], [entry("b", "render", ["gpu"], 1, 10.0)])
+        self.assertEqual([w["name"] for w in stats["workers"]], ["b-box"])
+        ops = Scope("ops", "admin", "default", goals=["mail", "thumbnial"])
+        stats = self.q.stats(ops)
+        self.assertEqual(stats["stranded"], [entry("default", "thumbnial", [], 2, 12.0)])
+        self.assertEqual((stats["oldest_claimable_age"], stats["oldest_takeable_age"]), (12.0, 10.0))
+        # Workers not seen for 10 minutes count no more: everything ready is stranded.
+        self.clock.now = start + intentbus.WORKERS_RECENT + 0.5
+        self.q.tick()   # the delayed one is ready now too
+        stats = self.q.stats()
+        self.assertEqual(stats["workers"], [])
+        self.assertEqual(sum(e["count"] for e in stats["stranded"]), 9)
+        self.assertEqual(stats["oldest_takeable_age"], None)
+        self.assertEqual(stats["oldest_claimable_age"], intentbus.WORKERS_RECENT + 0.5)
+        # Nothing ready: nothing stranded, no ages.
+        for intent in self.q.list(status="open")["intents"]:
+            self.q.cancel(intent["id"])
+        stats = self.q.stats()
+        self.assertEqual((stats["stranded"], stats["oldest_claimable_age"], stats["oldest_takeable_age"]),
+                         ([], None, None))
+
+    def test_a_worker_busy_with_a_long_job_still_takes_its_goal(self):
+        # A worker does not claim while its one job runs: one gone 10 minutes is still there
+        # while it holds an intent (its lease ends if it is gone), so its next job is not stranded.
+        b_sub = intentbus.Scope("b-sub", "submit", "b")
+        self.submit(goal="encode", lease=3600)
+        self.q.submit([{"goal": "scan", "lease": 3600}], b_sub)
+        jobs = self.q.claim({"worker": "slow", "goals": ["encode"]}, intentbus.Scope("w", "work", "default"))
+        jobs += self.claim(worker="roamer", goals=["scan"])   # the root's: every namespace
+        self.clock.advance(intentbus.WORKERS_RECENT + 60)
+        self.submit(goal="encode")
+        self.q.submit([{"goal": "scan"}], b_sub)
+        stats = self.q.stats()
+        self.assertEqual(([w["name"] for w in stats["workers"]], stats["stranded"]), (["roamer", "slow"], []))
+        self.assertEqual(stats["oldest_takeable_age"], 0.0)
+        for job in jobs:
+            self.q.fulfill(job["id"], job["token"])
+        stats = self.q.stats()
+        self.assertEqual((stats["workers"], sorted(e["goal"] for e in stats["stranded"])), ([], ["encode", "scan"]))
+
     def test_claim_sets_lease_attempt_and_fresh_token(self):
         i = self.submit(max_attempts=5, backoff=0)
         tokens = set()
@@ -1074,6 +1150,10 @@ class HTTPApi(ServerCase):
         w = [w for w in s["workers"] if w["name"] == "phone-1"]
         self.assertEqual((w[0]["caps"], w[0]["goals"], w[0]["holding"]), (["termux"], ["a"], 1))
         self.assertIsNotNone(s["oldest_claimable_age"])
+        # "b" is asked for by no worker: stranded, and not in the age of takeable work
+        self.assertEqual([(e["goal"], e["count"]) for e in s["stranded"]], [("b", 1)])
+        self.assertEqual(s["stranded"][0]["oldest_age"], s["oldest_claimable_age"])
+        self.assertIsNone(s["oldest_takeable_age"])
 
     def test_bad_input_gets_json_errors_and_changes_nothing(self):
         json_h = {"Content-Type": "application/json"}
@@ -2887,6 +2967,34 @@ class Tenants(ServerCase):
         self.assertEqual(holding(self.a_adm), {("A", "a-phone"): 0, ("A", "phone"): 3})
         self.assertEqual(holding(self.b_adm), {("B", "b-phone"): 1, ("B", "phone"): 0})
         self.assertEqual(holding(ops), {("A", "a-phone"): 0, ("A", "phone"): 1})
+
+    def test_stranded_work_is_shown_to_the_scopes_that_see_it(self):
+        # B's secret goal is asked for by no worker of B (b-phone asks only for "shared").
+        b_shared = self.client(self.srv, self.token(self.srv, "b-ops", "admin", "B", goals=["shared"]))
+
+        def stranded(c):
+            entries = c.stats()["stranded"]
+            for e in entries:
+                self.assertIsInstance(e.pop("oldest_age"), float)
+            return entries
+        expected = [{"namespace": "B", "goal": "b-secret-goal", "requires": [], "count": 1}]
+        for c in (self.c, self.glob, self.b_adm):
+            self.assertEqual(stranded(c), expected)
+        for c in (self.a_adm, b_shared):
+            self.assertEqual(stranded(c), [])
+        for c in (self.a_adm, b_shared):   # a-phone takes any goal, b-phone B's "shared"
+            stats = c.stats()
+            self.assertEqual(stats["oldest_takeable_age"], stats["oldest_claimable_age"])
+        stats = self.b_adm.stats()   # the secret one came last: B's oldest is takeable too
+        self.assertLessEqual(stats["stranded"][0]["oldest_age"], stats["oldest_takeable_age"])
+        # The admin command reads the same from the file.
+        out = cli("stats", "--db", self.db)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual([e["goal"] for e in json.loads(out.stdout)["stranded"]], ["b-secret-goal"])
+        # b-phone now asks for it too: what it does not take at once is no longer stranded.
+        self.assertEqual(len(self.b_work.claim(worker="b-phone", goals=["shared", "b-secret-goal"])), 1)
+        self.b_sub.submit("b-secret-goal", "again")
+        self.assertEqual(stranded(self.glob), [])
 
 # =====================================================================================
 # Security: signed requests
