@@ -59,7 +59,7 @@ MAX_LEASE_TOTAL = 12 * 3600.0   # a claim may be extended to at most 12 h in all
 MIN_LEASE = 0.1                 # a lease, as an intent, a claim, an extend or --lease gives it
 MAX_BACKOFF = 86400.0           # an intent's backoff base, or --backoff-base
 MAX_DELAY = 366 * 86400         # a submit's delay, or a release's (a snooze)
-ROLES = ("submit", "work", "admin")
+ROLES = ("submit", "work", "monitor", "admin")
 
 
 def log(message, **fields):
@@ -192,7 +192,7 @@ MIGRATIONS = [
         name              TEXT PRIMARY KEY,
         hash              TEXT NOT NULL UNIQUE,   -- sha256 of the secret; the secret is never stored
         role              TEXT NOT NULL,
-        namespace         TEXT,                   -- NULL: every namespace (admin only)
+        namespace         TEXT,                   -- NULL: every namespace (admin, monitor)
         goals             TEXT,                   -- JSON list, or NULL for any goal
         require_signature INTEGER NOT NULL DEFAULT 0,
         created_at        REAL NOT NULL,
@@ -2197,6 +2197,11 @@ class Tokens:
             self.store.write(lambda: self.store.touch_tokens(used))
 
 
+# Roles whose token may have no namespace, and then sees every one: those that read and manage
+# the queue (a monitor is an admin that only reads), not those that put work in or take it.
+EVERY_NAMESPACE_ROLES = ("monitor", "admin")
+
+
 def add_token(store, name, role, namespace=None, goals=None, require_signature=False, clock=time.time):
     """Create a scoped token. Returns the secret, which is shown once and never stored."""
     if not NAME_RE.match(name or ""):
@@ -2205,8 +2210,8 @@ def add_token(store, name, role, namespace=None, goals=None, require_signature=F
         raise Invalid("role must be one of %s" % ", ".join(ROLES))
     if namespace is not None and not NAME_RE.match(namespace):
         raise Invalid("namespace must be 1-128 characters of A-Z a-z 0-9 _ . : -")
-    if role != "admin" and namespace is None:
-        namespace = "default"
+    if role not in EVERY_NAMESPACE_ROLES and namespace is None:
+        namespace = "default"   # a submit or work token acts in one namespace: its own
     goals = sorted(set(goals)) if goals else None
     for goal in goals or ():
         if not NAME_RE.match(goal):
@@ -2238,16 +2243,17 @@ class HTTPError(Exception):
         self.close = close
 
 
-# (method, path pattern, handler name, role needed). Paths match in order: the bulk routes come
-# before /intents/{id}, whose pattern also matches "retry" and "cancel".
+# (method, path pattern, handler name, access: a key of ROLE_RANK, or None for no token). Paths
+# match in order: the bulk routes come before /intents/{id}, whose pattern also matches "retry"
+# and "cancel". A monitor reads: it may take every GET, and nothing that changes the queue.
 ROUTES = [
     ("GET", r"/health", "health", None),
     ("POST", r"/intents", "submit", "submit"),
-    ("GET", r"/intents", "list", "admin"),
+    ("GET", r"/intents", "list", "monitor"),
     ("POST", r"/intents/fulfill", "fulfill_many", "work"),
     ("POST", r"/intents/retry", "retry_matching", "admin"),
     ("POST", r"/intents/cancel", "cancel_matching", "admin"),
-    ("GET", r"/intents/(?P<id>[^/]+)", "get", "submit"),
+    ("GET", r"/intents/(?P<id>[^/]+)", "get", "read"),
     ("POST", r"/intents/(?P<id>[^/]+)/fulfill", "fulfill", "work"),
     ("POST", r"/intents/(?P<id>[^/]+)/fail", "fail", "work"),
     ("POST", r"/intents/(?P<id>[^/]+)/extend", "extend", "work"),
@@ -2255,10 +2261,21 @@ ROUTES = [
     ("POST", r"/intents/(?P<id>[^/]+)/cancel", "cancel", "admin"),
     ("POST", r"/intents/(?P<id>[^/]+)/retry", "retry", "admin"),
     ("POST", r"/claim", "claim", "work"),
-    ("GET", r"/stats", "stats", "admin"),
+    ("GET", r"/stats", "stats", "monitor"),
 ]
 _COMPILED_ROUTES = [(m, re.compile(p + r"\Z"), h, r) for m, p, h, r in ROUTES]
-ROLE_RANK = {"submit": {"submit", "admin"}, "work": {"work", "admin"}, "admin": {"admin"}}
+# The token roles each access takes. "read" is one intent: a submit token's own (Scope.own_only),
+# or any of the scope of a monitor or an admin.
+ROLE_RANK = {"submit": {"submit", "admin"}, "work": {"work", "admin"},
+             "monitor": {"monitor", "admin"}, "read": {"submit", "monitor", "admin"},
+             "admin": {"admin"}}
+
+
+def _roles_text(roles):
+    """The roles in ROLES order, as a 403 names them: "submit, monitor or admin"."""
+    names = [r for r in ROLES if r in roles]
+    return names[0] if len(names) == 1 else "%s or %s" % (", ".join(names[:-1]), names[-1])
+
 
 # Routes that honour "Prefer: return=minimal" (RFC 7240): a worker or a batch producer that only
 # needs ids and outcomes saves encoding, bytes on the wire (a phone's data plan) and decoding.
@@ -3041,7 +3058,7 @@ class Server(ThreadingHTTPServer):
                             {"WWW-Authenticate": "Bearer"})
         if scope.role not in ROLE_RANK[role]:
             raise HTTPError(403, "forbidden", "this endpoint needs the %s role; the token has %s"
-                            % (role, scope.role))
+                            % (_roles_text(ROLE_RANK[role]), scope.role))
         if self.rate is not None:
             wait = self.rate.take(scope.name)
             if wait:
@@ -3425,7 +3442,8 @@ def build_parser():
     add = with_db(token_sub.add_parser("add", help="create a token and print it once"))
     add.add_argument("name")
     add.add_argument("--role", required=True, choices=ROLES)
-    add.add_argument("--namespace", help="tenant (default: 'default'; admin: every namespace)")
+    add.add_argument("--namespace",
+                     help="tenant (default: 'default'; admin and monitor: every namespace)")
     add.add_argument("--goals", help="comma-separated goals the token is limited to")
     add.add_argument("--require-signature", action="store_true",
                      help="the token must sign each request (HMAC-SHA256) instead of sending itself")

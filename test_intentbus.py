@@ -935,6 +935,22 @@ class QueueRules(RulesCase):
         self.assertEqual(q.stats()["workers"][0]["goals"], ["blink"])
         self.assertEqual(store._read("SELECT goals, every_namespace FROM workers"), [('["blink"]', 0)])
 
+    def test_a_version_1_files_tokens_table_takes_a_monitor(self):
+        # The role column was never CHECK-constrained, so a new role needs no migration; this
+        # keeps it so (a constraint added later must let "monitor" through).
+        path = os.path.join(self.dir, "v1.db")
+        conn = sqlite3.connect(path)
+        conn.executescript(intentbus.MIGRATIONS[0] + "PRAGMA user_version = 1;")
+        conn.close()
+        store = Storage(path)
+        self.addCleanup(store.close)
+        store.migrate()
+        intentbus.add_token(store, "dash", "monitor", goals=["g"])
+        [entry] = store.load_tokens()
+        scope = intentbus.Tokens(store).scope_of(entry)
+        self.assertEqual((scope.role, scope.namespace, scope.goals, scope.own_only),
+                         ("monitor", None, frozenset(["g"]), False))
+
     def test_too_old_sqlite_is_named_at_start(self):
         saved = intentbus.sqlite3.sqlite_version_info
         try:
@@ -2561,6 +2577,62 @@ class Roles(ServerCase):
                 d = c.claim(goals=[goal])[0]
                 self.assertTrue(c.fulfill_many([{"id": d["id"], "token": d["token"]}])[0]["ok"])
 
+    def test_a_monitor_reads_every_GET_route_and_nothing_else(self):
+        # Walks ROUTES, so that a route added later is checked too: a monitor may call each GET
+        # (and HEAD), sees what the root sees, and is refused (403, nothing changed) elsewhere.
+        # A GET that a monitor must not read would have to be named here on purpose.
+        secret = self.token(self.srv, "dash", "monitor")
+        mon = self.client(self.srv, secret)
+        done = self.c.submit("f", {"card": "c1"})
+        job = self.c.claim("w", goals=["f"])[0]
+        self.c.fulfill(job["id"], job["token"], {"thumb": "a.jpg"})
+        held = self.c.submit("h", {"n": 2})
+        job = self.c.claim("w", goals=["h"])[0]
+        dead = self.c.submit("d", max_attempts=1)
+        gone = self.c.claim("w", goals=["d"])[0]
+        self.c.fail(gone["id"], gone["token"], "boom")
+        opened = self.c.submit("g", {"n": 4}, delay=3600)
+        ids = [done["id"], held["id"], dead["id"], opened["id"]]
+        token = job["token"]
+        bodies = {"submit": {"goal": "g"}, "claim": {"worker": "dash", "max": 10},
+                  "fulfill": {"token": token, "result": "x"}, "fail": {"token": token, "retry": False},
+                  "extend": {"token": token, "lease": 600}, "release": {"token": token},
+                  "fulfill_many": {"intents": [{"id": held["id"], "token": token}]},
+                  "retry_matching": {"status": "dead"}, "cancel_matching": {"all": True}}
+        path_ids = {"get": done["id"], "retry": dead["id"]}   # else the held one
+
+        def state():
+            stats = self.c.stats()
+            return ([self.c.get(i) for i in ids], self.c.list(limit=1000), stats["counts"],
+                    [w["name"] for w in stats["workers"]])
+        before = state()
+        self.assertGreater(len(intentbus.ROUTES), 10)
+        for method, pattern, name, access in intentbus.ROUTES:
+            path = pattern.replace("(?P<id>[^/]+)", path_ids.get(name, held["id"]))
+            self.assertRegex(path, r"\A[a-z0-9/]+\Z", "a route pattern this test cannot fill in")
+            allowed = access is None or "monitor" in intentbus.ROLE_RANK[access]
+            with self.subTest(method=method, path=path):
+                self.assertEqual(allowed, method == "GET")
+                status, answer = mon.request(method, path, bodies.get(name, {}) if method == "POST"
+                                             else None, check=False)
+                if allowed:
+                    self.assertEqual(status, 200, answer)
+                    status, _, data = self.raw("HEAD", path, headers={"Authorization": "Bearer " + secret})
+                    self.assertEqual((status, data), (200, b""))
+                else:
+                    self.assertEqual((status, answer["error"]["code"]), (403, "forbidden"))
+                    self.assertIn("the token has monitor", answer["error"]["message"])
+        self.assertEqual(state(), before)
+        self.assertEqual(self.c.extend(held["id"], token)["status"], "claimed")   # still its holder's
+        # What it reads is what the root reads: payloads and results included.
+        for intent_id in ids:
+            self.assertEqual(mon.get(intent_id), self.c.get(intent_id))
+        self.assertEqual(mon.get(done["id"])["result"], {"thumb": "a.jpg"})
+        self.assertEqual(mon.get(dead["id"], wait=30)["status"], "dead")   # finished: at once
+        self.assertEqual(mon.list(status="dead"), self.c.list(status="dead"))
+        self.assertEqual(mon.stats()["counts"], self.c.stats()["counts"])
+        self.assertTrue(mon.health()["ok"])
+
     def test_wrong_or_missing_token_is_401_everywhere(self):
         self.c.submit("g", 1)
         job = self.c.claim()[0]
@@ -2669,6 +2741,28 @@ class TokenCLI(ServerCase):
         self.assertEqual(self.client(srv, api).submit("thumb", 2)["status"], "open")
         self.assertNotEqual(cli("token", "revoke", "no-such-token", "--db", self.db).returncode, 0)
         self.assertEqual(self.c.stats()["counts"]["open"], 2)
+
+    def test_a_monitor_token_from_the_command_line(self):
+        added = cli("token", "add", "grafana", "--role", "monitor", "--namespace", "home",
+                    "--goals", "thumb", "--db", self.db)
+        self.assertEqual(added.returncode, 0, added.stderr)
+        self.assertEqual(cli("token", "add", "kuma", "--role", "monitor", "--db", self.db).returncode, 0)
+        listing = cli("token", "list", "--db", self.db).stdout.splitlines()
+        self.assertRegex([l for l in listing if l.startswith("grafana")][0], r" monitor ns=home +goals=thumb ")
+        self.assertIn(" monitor ns=* ", [l for l in listing if l.startswith("kuma")][0])   # as an admin's
+        home = self.client(self.srv, self.token(self.srv, "home-cron", "submit", "home"))
+        mine = home.submit("thumb", {"file": "a.mp4"})
+        home.submit("mail", "m")
+        self.c.submit("thumb", "default's")
+        grafana = self.client(self.srv, added.stdout.strip())
+        self.assertTrue(eventually(lambda: grafana.request("GET", "/stats", check=False)[0] == 200, 5),
+                        "the CLI token never reached the running server")
+        self.assertEqual(grafana.stats()["goals"], {"thumb": {"open": 1, "claimed": 0, "fulfilled": 0,
+                                                              "dead": 0, "cancelled": 0}})
+        self.assertEqual([i["payload"] for i in grafana.list()["intents"]], [{"file": "a.mp4"}])
+        self.refused(lambda: grafana.cancel(mine["id"]), 403, "admin")
+        self.refused(lambda: grafana.submit("thumb"), 403, "submit")
+        self.assertEqual(self.c.stats()["counts"]["open"], 3)
 
     def test_a_revoked_tokens_parked_long_poll_is_not_handed_work(self):
         # A parked claim was authenticated once, when it arrived: after `token revoke` it was
@@ -2948,6 +3042,43 @@ class Tenants(ServerCase):
             self.assertEqual(counts, {"open": 3, "claimed": 1, "fulfilled": 0, "dead": 2, "cancelled": 1})
             self.assertEqual({w["name"] for w in c.stats()["workers"]}, {"a-phone", "b-phone"})
 
+
+    def test_a_monitor_sees_what_an_admin_of_the_same_scope_sees(self):
+        # A monitor is an admin that only reads: the same namespace and goal limits, the same
+        # answers (payloads, results, errors, workers), the same 404 for what it may not see.
+        ids = sorted(self.a_ids | self.b_ids, key=int)
+        everything = {i: self.c.get(i) for i in ids}
+
+        def reads(c):
+            lists = [c.list(status=status, limit=1000)
+                     for status in (None, "open", "claimed", "dead", "cancelled")]
+            lists.append(c.list(goal="shared", limit=2))
+            gets = {}
+            for intent_id in ids + ["999999"]:
+                for wait in (None, 0.01):   # ?wait on an open one: a hundredth of a second
+                    gets[intent_id, wait] = c.request("GET", "/intents/" + intent_id,
+                                                      query={"wait": wait}, check=False)
+            stats = c.stats()
+            for entry in [stats] + stats["stranded"]:   # ages move between two calls
+                for key in ("oldest_claimable_age", "oldest_takeable_age", "oldest_age"):
+                    entry.pop(key, None)
+            return lists, gets, stats
+        for namespace, goals in ((None, None), ("A", None), ("B", None), ("B", ["shared"]),
+                                 (None, ["b-secret-goal"])):
+            with self.subTest(namespace=namespace, goals=goals):
+                name = "%s-%s" % (namespace or "all", ".".join(goals or ["any"]))
+                adm = self.client(self.srv, self.token(self.srv, "adm-" + name, "admin", namespace, goals))
+                mon = self.client(self.srv, self.token(self.srv, "mon-" + name, "monitor", namespace, goals))
+                seen = reads(mon)
+                self.assertEqual(seen, reads(adm))
+                expected = {i for i, intent in everything.items()
+                            if namespace in (None, intent["namespace"])
+                            and (goals is None or intent["goal"] in goals)}
+                self.assertTrue(expected)
+                self.assertEqual({i for (i, _w), (status, _a) in seen[1].items() if status == 200}, expected)
+                self.assertEqual({i["id"] for i in seen[0][0]["intents"]}, expected)
+                self.refused(lambda: mon.cancel_all(all=True), 403, "admin")
+        self.assertBUntouched()
 
     def test_holding_is_counted_in_each_workers_own_namespace_and_goals(self):
         # Audit: holdings were grouped by worker name only, so a "phone" holding 2 intents in A
