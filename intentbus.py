@@ -192,7 +192,7 @@ MIGRATIONS = [
         name              TEXT PRIMARY KEY,
         hash              TEXT NOT NULL UNIQUE,   -- sha256 of the secret; the secret is never stored
         role              TEXT NOT NULL,
-        namespace         TEXT,                   -- NULL: every namespace (admin, monitor)
+        namespace         TEXT,                   -- NULL: every namespace (admin only)
         goals             TEXT,                   -- JSON list, or NULL for any goal
         require_signature INTEGER NOT NULL DEFAULT 0,
         created_at        REAL NOT NULL,
