@@ -3358,6 +3358,9 @@ SERVE_FLAGS = [
 ]
 
 
+SECRET_FLAGS = ("--token",)   # their value (from INTENTBUS_TOKEN) is never printed by --help
+
+
 def _env_name(flag):
     return "INTENTBUS_" + flag.lstrip("-").upper().replace("-", "_")
 
@@ -3399,10 +3402,12 @@ def build_parser():
             serve.add_argument(flag, action="store_true", default=default,
                                help="%s (%s)" % (text, _env_name(flag)))
         else:
+            shown = "none" if default is None else default
+            if flag in SECRET_FLAGS and default is not None:
+                shown = "set, not shown"   # --help goes to terminals, pastes and bug reports
             serve.add_argument(flag, type=kind, default=default,
                                choices=("full", "normal") if flag == "--sync" else None,
-                               help="%s (default: %s; %s)" % (text, "none" if default is None else
-                                                              default, _env_name(flag)))
+                               help="%s (default: %s; %s)" % (text, shown, _env_name(flag)))
 
     with_db(sub.add_parser("stats", help="counts by status and goal, workers seen, stranded work "
                                          "(as GET /stats)"))

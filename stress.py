@@ -1667,7 +1667,8 @@ def parse_args(argv=None):
     g.add_argument("--producer-procs", type=int, help="producer processes (default: 1, 2 above 4 producers)")
     g = p.add_argument_group("target")
     g.add_argument("--url", help="a running server to load instead of starting one")
-    g.add_argument("--token", default=os.environ.get("INTENTBUS_TOKEN"),
+    # Not default=os.environ[...]: ArgumentDefaultsHelpFormatter would print the secret in --help.
+    g.add_argument("--token", default=argparse.SUPPRESS,
                    help="bearer token (default $INTENTBUS_TOKEN); also given to a server it starts")
     g.add_argument("--sync", choices=("full", "normal"), default="full",
                    help="--sync for the server it starts")
@@ -1712,6 +1713,8 @@ def parse_args(argv=None):
     g.add_argument("--svg", metavar="FILE", help="write a timeline chart to FILE")
     g.add_argument("--keep-db", action="store_true", help="keep the temporary database directory")
     args = p.parse_args(argv)
+    if not hasattr(args, "token"):
+        args.token = os.environ.get("INTENTBUS_TOKEN") or None
     preset = PRESETS[args.preset]
     args.workers = args.workers if args.workers is not None else preset["workers"]
     args.jobs = args.jobs if args.jobs is not None else preset["jobs"]

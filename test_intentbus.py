@@ -1792,6 +1792,20 @@ class ServerLifecycle(BusCase):
             intentbus.start_server(db=self.db, host="0.0.0.0", port=0)
         self.assertIn("token", str(e.exception))
 
+    def test_help_never_prints_the_token_from_the_environment(self):
+        # Found by an audit: `serve --help` showed INTENTBUS_TOKEN's value as --token's default,
+        # and so did `stress.py --help` (ArgumentDefaultsHelpFormatter).
+        secret = "env-secret-4711"
+        for script, args in ((SCRIPT, ["serve", "--help"]), (os.path.join(HERE, "stress.py"), ["--help"])):
+            p = subprocess.run([PY, script] + args, capture_output=True, text=True, timeout=30,
+                               env=dict(os.environ, INTENTBUS_TOKEN=secret))
+            self.assertEqual(p.returncode, 0, p.stderr)
+            self.assertIn("INTENTBUS_TOKEN", p.stdout)
+            self.assertNotIn(secret, p.stdout + p.stderr)
+        with unittest.mock.patch.dict(os.environ, {"INTENTBUS_TOKEN": secret}):
+            self.assertEqual(intentbus.parse_args(["serve"]).token, secret)   # still used
+            self.assertEqual(stress.parse_args([]).token, secret)
+
 
 # =====================================================================================
 # worker.py processes, and Worker in this process, against a real server
