@@ -62,12 +62,19 @@ MAX_DELAY = 366 * 86400         # a submit's delay, or a release's (a snooze)
 ROLES = ("submit", "work", "monitor", "admin")
 
 
+# Control characters (line breaks, ESC, C1) in text shown on a terminal or written to a log: a
+# client's request line reaches the access log, a handler's error the admin's `list`.
+_CONTROLS = dict.fromkeys([c for c in range(0x20) if c != 0x09] + list(range(0x7f, 0xa0)) +
+                          [0x2028, 0x2029], "?")
+
+
 def log(message, **fields):
     """One line on stderr, with a UTC timestamp. Callers never pass secrets."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
     extra = "".join(" %s=%s" % (k, v) for k, v in fields.items() if v is not None)
+    text = ("%s%s" % (message, extra)).translate(_CONTROLS)   # one line, no terminal escapes
     try:
-        sys.stderr.write("%sZ %s%s\n" % (stamp, message, extra))
+        sys.stderr.write("%sZ %s\n" % (stamp, text))
         sys.stderr.flush()
     except (OSError, ValueError):
         # stderr on a full disk (ENOSPC), or a pipe whose reader has gone (EPIPE): a line that
@@ -3522,10 +3529,6 @@ def _admin_queue(args):
     except (sqlite3.DatabaseError, OSError) as e:   # OSError: no such directory, no permission
         raise SystemExit("intentbus %s: cannot use the database %s: %s" % (args.command, args.db, e))
     return store, Queue(store, **defaults)
-
-
-# A handler's error text is shown on the admin's terminal: no escape sequences, no line breaks.
-_CONTROLS = dict.fromkeys([c for c in range(0x20) if c != 0x09] + list(range(0x7f, 0xa0)), "?")
 
 
 def admin(args):

@@ -3889,6 +3889,27 @@ class SafeErrors(BusCase):
         self.assertNotIn(ROOT, text)
         self.assertNotIn("Traceback", text)
 
+    def test_a_clients_request_line_cannot_put_escapes_or_line_breaks_in_the_log(self):
+        # Found by an audit: with --access-log, a method such as "\x1b[31mGET" (or a C1 CSI byte)
+        # reached the log as it came, so any client could write terminal escape sequences there.
+        captured = io.StringIO()
+        with contextlib.redirect_stderr(captured):
+            srv = intentbus.start_server(db=self.db, port=0, access_log=True)
+            try:
+                for method in (b"\x1b[31mGET", b"G\x9bET", b"P\x85OST", b"X\xe2\x80\xa8Y"):
+                    responses, error = exchange(self.address(srv), method + b" /health HTTP/1.1\r\n"
+                                                b"Host: 127.0.0.1\r\n\r\n")
+                    self.assertIsNone(error)
+                    self.assertEqual(len(responses), 1)
+            finally:
+                srv.stop()
+        lines = captured.getvalue().split("\n")
+        self.assertEqual(lines.pop(), "")
+        self.assertEqual(len(lines), 4)
+        for line in lines:
+            self.assertRegex(line, r"\A\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z "
+                                   r"[^\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]+\Z")
+
 
 # =====================================================================================
 # Security: disk full
