@@ -1920,6 +1920,21 @@ class WorkerProcesses(WorkerCase):
         v = self.state(never["id"], ("dead",))
         self.assertEqual((v["attempts"], v["error"]), (1, "bad input"))
 
+    def test_a_handler_that_prints_the_token_does_not_put_it_in_the_log_or_the_error(self):
+        # Found by an audit: a failing handler's stderr (`curl -v` prints the Authorization
+        # header) went as it was into the worker's log and the intent's error, where the
+        # intent's submitter can read it.
+        hdir = self.handler("leaky", 'echo "> Authorization: Bearer %s" >&2; exit 100' % ROOT)
+        i = self.c.submit("leaky")
+        p = self.start_worker("--handlers", hdir, "--once")
+        self.assertEqual(p.wait(15), 1)
+        err = p.stderr.read().decode()
+        self.assertIn("failed %s" % i["id"], err)
+        self.assertNotIn(ROOT, err)
+        v = self.state(i["id"], ("dead",))
+        self.assertEqual(v["error"], "> Authorization: Bearer [token]")
+        self.assertNotIn(ROOT, json.dumps(v))
+
     def test_timeout_kills_the_whole_process_group(self):
         marker = os.path.join(self.dir, "grandchild-survived")
         hdir = self.handler("slow", "(sleep 2; touch %s) & sleep 30" % marker)

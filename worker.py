@@ -1191,6 +1191,7 @@ class Worker:
                 return True
             return False   # not delivered, or the server refused the result (failed it instead)
         error, retry = value
+        error = self._redacted(error)
         answer = self._deliver(job, client, "fail", error=error, retry=retry)
         if answer:
             state = answer.get("status") if isinstance(answer, dict) else None
@@ -1198,6 +1199,16 @@ class Worker:
                 job.id, took, "dead" if state == "dead" else "will retry" if retry else "no retry",
                 _one_line(error)))
         return False
+
+    def _redacted(self, text):
+        """A handler's error without this worker's token. `curl -v` prints the Authorization
+        header to stderr, and the error goes to our log and to the server, where the intent's
+        submitter may read it. (A token under 8 characters is left alone: replacing one or two
+        letters everywhere would garble every error.)"""
+        token = self._token
+        if token and len(token) >= 8 and token in text:
+            text = text.replace(token, "[token]")
+        return text
 
     def _supervise(self, job, client, kill):
         """Heartbeats, the timeout and kill requests, until the job exits (or must be abandoned)."""
@@ -1395,7 +1406,7 @@ class Worker:
                     self.stopping.wait(0.5):   # the same signal may be on its way to us too
                 job.kill_reason = job.kill_reason or "shutdown"   # stopped with us (systemd, a
                 job.signalled = True                              # terminal): give it back
-            text = err.text()[-MAX_ERROR_CHARS:].strip()
+            text = self._redacted(err.text())[-MAX_ERROR_CHARS:].strip()   # before the cut
             if not text:
                 text = ("handler killed by %s" % _signal_name(-code)) if code < 0 else \
                     "handler exited with status %d" % code
