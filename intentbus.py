@@ -3376,8 +3376,13 @@ def _env_default(flag, kind, default):
     raw = os.environ.get(_env_name(flag))
     if raw is None or raw == "":
         return default
-    if kind is bool:
-        return raw.lower() in ("1", "true", "yes", "on")
+    if kind is bool:   # a typo must not quietly mean "off" (or "on")
+        value = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False,
+                 "no": False, "off": False}.get(raw.strip().lower())
+        if value is None:
+            raise SystemExit("intentbus: %s=%r is not valid: use 1 or 0 (true/false, yes/no, on/off)"
+                             % (_env_name(flag), raw))
+        return value
     try:
         return kind(raw)
     except (ValueError, argparse.ArgumentTypeError):

@@ -1787,6 +1787,31 @@ class ServerLifecycle(BusCase):
             self.assertNotIn("listen", str(e.exception))
         self.assertFalse(os.path.exists(self.db))   # refused before the database was opened
 
+    def test_yes_no_variables_refuse_what_they_do_not_understand(self):
+        # Found by an audit: INTENTBUS_ONCE=off (or False) made worker.py run --once, and
+        # INTENTBUS_ACCESS_LOG=ture quietly meant "no access log".
+        for raw, want in (("off", False), ("False", False), ("0", False), ("no", False),
+                          ("ON", True), ("true", True), ("1", True), ("yes", True)):
+            with unittest.mock.patch.dict(os.environ, {"INTENTBUS_ONCE": raw, "INTENTBUS_ACCESS_LOG": raw,
+                                                       "INTENTBUS_TRUST_PROXY": raw}):
+                self.assertIs(worker.build_parser().parse_args([]).once, want, raw)
+                args = intentbus.parse_args(["serve"])
+                self.assertEqual((args.access_log, args.trust_proxy), (want, want), raw)
+        for raw in ("ture", "2", "of"):
+            with unittest.mock.patch.dict(os.environ, {"INTENTBUS_ONCE": raw}), \
+                    contextlib.redirect_stderr(io.StringIO()) as err, self.assertRaises(SystemExit) as e:
+                worker.build_parser()
+            self.assertEqual(e.exception.code, 2)
+            self.assertEqual(err.getvalue().count("\n"), 1)
+            self.assertIn("INTENTBUS_ONCE=%r is not valid" % raw, err.getvalue())
+            with unittest.mock.patch.dict(os.environ, {"INTENTBUS_ACCESS_LOG": raw}), \
+                    self.assertRaises(SystemExit):
+                intentbus.parse_args(["serve"])   # refused before it could start
+            p = cli("serve", "--db", self.db, "--port", "0", env={"INTENTBUS_ACCESS_LOG": raw})
+            self.assertEqual(p.returncode, 1)
+            self.assertEqual(p.stderr.count("\n"), 1, p.stderr)
+            self.assertIn("INTENTBUS_ACCESS_LOG=%r is not valid" % raw, p.stderr)
+
     def test_refuses_a_public_address_without_a_token(self):
         with self.assertRaises(SystemExit) as e:
             intentbus.start_server(db=self.db, host="0.0.0.0", port=0)

@@ -1664,6 +1664,17 @@ def _env(name, default=None):
     return default if value is None or value == "" else value
 
 
+def _env_flag(name):
+    """A yes/no variable; a typo must not quietly mean "on" (INTENTBUS_ONCE=off did)."""
+    raw = _env(name, "0")
+    value = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False,
+             "no": False, "off": False}.get(raw.strip().lower())
+    if value is None:
+        raise _bad_argument("worker: %s=%r is not valid: use 1 or 0 (true/false, yes/no, on/off)"
+                            % (name, raw))
+    return value
+
+
 def _positive(text):
     try:
         value = float(text)
@@ -1753,7 +1764,7 @@ examples:
            "the intent without retry (env INTENTBUS_MAX_RESULT; default %d, under the server's "
            "default 65536)"
            % MAX_RESULT_BYTES)
-    a("--once", action="store_true", default=_env("INTENTBUS_ONCE", "") not in ("", "0", "false", "no"),
+    a("--once", action="store_true", default=_env_flag("INTENTBUS_ONCE"),
       help="claim at most one batch, run it and exit: 0 if all were fulfilled, 1 if one failed "
            "(for cron; env INTENTBUS_ONCE=1)")
     a("--version", action="version", version="intentbus worker " + __version__)
