@@ -3272,25 +3272,30 @@ def check_settings(config):
     turn the 0 that means "no limit" into None."""
     if config.sync not in ("full", "normal"):
         raise SystemExit("intentbus: --sync must be full or normal, not %r" % (config.sync,))
-    check_ranges(vars(config), lambda flag: "intentbus: " + flag)
+    check_ranges(vars(config), "intentbus: ")
     for name in ("max_open", "max_db_mb"):
         if getattr(config, name) == 0:
             setattr(config, name, None)
 
 
-def check_ranges(values, label):
+def check_ranges(values, prefix, env_only=False):
     """Refuse the first of `values` (settings by name) outside its SETTING_RANGES range, in one
-    line that begins with label(its flag)."""
+    line: prefix, then the flag and its variable (env_only: the variable alone, for commands
+    that read only the environment). A value from the environment is no less wrong for not
+    being on the command line."""
     for name, low, high in SETTING_RANGES:
         value = values.get(name)
         if value is None:
             continue
-        what = label("--" + name.replace("_", "-"))
+        flag = "--" + name.replace("_", "-")
+        what = _env_name(flag) if env_only else flag
+        also = "" if env_only else " (also read from %s)" % _env_name(flag)
         if not math.isfinite(value):
-            raise SystemExit("%s must be a finite number, not %s" % (what, value))
+            raise SystemExit("%s%s must be a finite number, not %s%s" % (prefix, what, value, also))
         if value < low or (high is not None and value > high):
-            raise SystemExit("%s must be %s, not %s" % (what, "at least %g" % low if high is None
-                                                         else "between %g and %g" % (low, high), value))
+            raise SystemExit("%s%s must be %s, not %s%s" % (
+                prefix, what, "at least %g" % low if high is None else
+                "between %g and %g" % (low, high), value, also))
 
 
 def check_exposure(config):
@@ -3522,12 +3527,14 @@ def _admin_queue(args):
             args.db != ":memory:" and not os.path.exists(args.db):
         raise SystemExit("intentbus %s: there is no database %s (check --db or INTENTBUS_DB; "
                          "the server creates it when it first starts)" % (args.command, args.db))
-    # The intent defaults a server started from the same environment would give (its flags are
-    # not visible from here: --lease and --backoff on submit say it for one intent), refused as
-    # that server would refuse them: INTENTBUS_LEASE=0 gave intents a lease no claim outlives.
-    defaults = {name: _env_default("--" + name.replace("_", "-"), duration, SERVE_DEFAULTS[name])
-                for name in ("lease", "backoff_base", "backoff_max")}
-    check_ranges(defaults, lambda flag: "intentbus %s: %s" % (args.command, _env_name(flag)))
+    # The intent defaults and payload limit a server started from the same environment would
+    # give (its flags are not visible from here: --lease and --backoff on submit say it for one
+    # intent), refused as that server would refuse them: INTENTBUS_LEASE=0 gave intents a lease
+    # no claim outlives.
+    defaults = {name: _env_default("--" + name.replace("_", "-"), kind, SERVE_DEFAULTS[name])
+                for name, kind in (("lease", duration), ("backoff_base", duration),
+                                   ("backoff_max", duration), ("max_payload", int))}
+    check_ranges(defaults, "intentbus %s: " % args.command, env_only=True)
     try:
         store = Storage(args.db)
         store.migrate()

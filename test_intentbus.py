@@ -1361,17 +1361,22 @@ class HTTPApi(ServerCase):
         got = [(i["lease"], i["backoff"]) for i in self.c.list()["intents"]]
         self.assertEqual(got, [(5, 1.5), (7, 2)])
 
-    def test_admin_cli_submit_refuses_defaults_the_server_would_refuse(self):
-        # Found by the README walkthrough: INTENTBUS_LEASE=0, which stops a server at start,
-        # gave the CLI's intents a lease of 0 (expired as soon as claimed), and
-        # INTENTBUS_BACKOFF_BASE=2d a backoff beyond the day an intent may ask for.
+    def test_admin_cli_checks_and_honours_the_servers_variables(self):
+        # Found by two audits: with INTENTBUS_LEASE=0 (which the server refuses to start with) the
+        # admin submit stored an intent whose every claim expired on arrival, and a backoff over
+        # a day; INTENTBUS_MAX_PAYLOAD was not honoured (the admin submit kept 8192 bytes).
         for env, words in (({"INTENTBUS_LEASE": "0"}, "INTENTBUS_LEASE must be between 0.1 and 43200"),
-                           ({"INTENTBUS_BACKOFF_BASE": "2d"},
-                            "INTENTBUS_BACKOFF_BASE must be between 0 and 86400")):
+                           ({"INTENTBUS_BACKOFF_BASE": "2d"}, "INTENTBUS_BACKOFF_BASE must be between"),
+                           ({"INTENTBUS_MAX_PAYLOAD": "0"}, "INTENTBUS_MAX_PAYLOAD must be at least 1")):
             out = cli("submit", "g", "--db", self.db, env=env)
-            self.assertEqual(out.returncode, 1, out.stdout)
-            self.assertIn("intentbus submit: " + words, out.stderr)
+            self.assertEqual(out.returncode, 1, env)
+            self.assertEqual(out.stderr.count("\n"), 1, out.stderr)
+            self.assertIn(words, out.stderr)
         self.assertEqual(self.c.list()["intents"], [])
+        big = json.dumps("x" * 10000)
+        out = cli("submit", "g", "--db", self.db, "--payload", big, env={"INTENTBUS_MAX_PAYLOAD": "65536"})
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual(len(self.c.list()["intents"][0]["payload"]), 10000)
 
     def test_admin_cli_changes_are_noticed_by_the_running_server(self):
         got = {}
