@@ -3271,7 +3271,8 @@ def check_settings(config):
     """Refuse at start, in one line, what argparse cannot check (values from INTENTBUS_*), and
     turn the 0 that means "no limit" into None."""
     if config.sync not in ("full", "normal"):
-        raise SystemExit("intentbus: --sync must be full or normal, not %r" % (config.sync,))
+        raise SystemExit("intentbus: --sync must be full or normal, not %r (also read from "
+                         "INTENTBUS_SYNC)" % (config.sync,))
     check_ranges(vars(config), "intentbus: ")
     for name in ("max_open", "max_db_mb"):
         if getattr(config, name) == 0:

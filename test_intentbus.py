@@ -1764,7 +1764,8 @@ class ServerLifecycle(BusCase):
                            env=dict(os.environ, INTENTBUS_SYNC="fast"), capture_output=True,
                            text=True, timeout=60)
         self.assertNotEqual(p.returncode, 0)
-        self.assertEqual(p.stderr.strip(), "intentbus: --sync must be full or normal, not 'fast'")
+        self.assertEqual(p.stderr.strip(), "intentbus: --sync must be full or normal, not 'fast' "
+                                           "(also read from INTENTBUS_SYNC)")
         for off in ({"max_open": 0}, {"max_db_mb": 0}):   # 0 is "no limit", as before
             srv = self.start(db=self.db, **off)
             self.assertIsNone(getattr(srv.config, next(iter(off))))
@@ -1816,6 +1817,29 @@ class ServerLifecycle(BusCase):
             self.assertEqual(p.returncode, 1)
             self.assertEqual(p.stderr.count("\n"), 1, p.stderr)
             self.assertIn("INTENTBUS_ACCESS_LOG=%r is not valid" % raw, p.stderr)
+
+    def test_a_wrong_variable_is_named_in_one_line(self):
+        # Found by an audit: INTENTBUS_LEASE=0 was refused as "--lease must be ...", and the
+        # worker's INTENTBUS_CONCURRENCY=abc as "argument --concurrency: invalid int value" after
+        # its usage text: flags the user never typed.
+        p = cli("serve", "--db", self.db, "--port", "0", env={"INTENTBUS_LEASE": "0"})
+        self.assertEqual(p.returncode, 1)
+        self.assertEqual(p.stderr.count("\n"), 1, p.stderr)
+        self.assertIn("INTENTBUS_LEASE", p.stderr)
+        for name, raw in (("INTENTBUS_CONCURRENCY", "abc"), ("INTENTBUS_LEASE", "-1"),
+                          ("INTENTBUS_GRACE", "nan"), ("INTENTBUS_MAX_RESULT", "1.5")):
+            with unittest.mock.patch.dict(os.environ, {name: raw}), \
+                    contextlib.redirect_stderr(io.StringIO()) as err, self.assertRaises(SystemExit) as e:
+                worker.main(["--run", "g=true"])
+            self.assertEqual(e.exception.code, 2)
+            self.assertEqual(err.getvalue().count("\n"), 1, err.getvalue())
+            self.assertIn("%s=%r" % (name, raw), err.getvalue())
+        for name, raw in (("INTENTBUS_CONCURRENCY", "0"), ("INTENTBUS_WAIT", "61")):
+            with unittest.mock.patch.dict(os.environ, {name: raw}), \
+                    contextlib.redirect_stderr(io.StringIO()) as err, self.assertRaises(SystemExit) as e:
+                worker.main(["--run", "g=true"])
+            self.assertEqual(e.exception.code, 2)
+            self.assertIn(name, err.getvalue().splitlines()[-1])
 
     def test_refuses_a_public_address_without_a_token(self):
         with self.assertRaises(SystemExit) as e:

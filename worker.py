@@ -1675,6 +1675,18 @@ def _env_flag(name):
     return value
 
 
+def _env_typed(name, kind, flag, default=None):
+    """A variable's value, converted as its flag's would be. Refused in one line naming the
+    variable: argparse's own message names only the flag, which the user never typed."""
+    raw = _env(name)
+    if raw is None:
+        return default
+    try:
+        return kind(raw)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise _bad_argument("worker: %s=%r is not a valid %s" % (name, raw, flag))
+
+
 def _positive(text):
     try:
         value = float(text)
@@ -1745,21 +1757,26 @@ examples:
     a("--goal", action="append", metavar="GOAL", default=None,
       help="claim only these goals, even if more handlers exist; repeatable (env INTENTBUS_GOALS, "
            "comma-separated; default every goal with a handler)")
-    a("--concurrency", type=int, metavar="N", default=_env("INTENTBUS_CONCURRENCY", "1"),
+    a("--concurrency", type=int, metavar="N",
+      default=_env_typed("INTENTBUS_CONCURRENCY", int, "--concurrency", 1),
       help="jobs run at once (env INTENTBUS_CONCURRENCY; default 1)")
-    a("--lease", type=_positive, metavar="S", default=_env("INTENTBUS_LEASE"),
+    a("--lease", type=_positive, metavar="S",
+      default=_env_typed("INTENTBUS_LEASE", _positive, "--lease"),
       help="lease to ask for on each claim, in seconds (env INTENTBUS_LEASE; default: the "
            "intent's own lease, 60 s unless it was submitted with another)")
-    a("--wait", type=_positive, metavar="S", default=_env("INTENTBUS_WAIT"),
+    a("--wait", type=_positive, metavar="S", default=_env_typed("INTENTBUS_WAIT", _positive, "--wait"),
       help="long-poll each claim this long, at most 60 (env INTENTBUS_WAIT; default 25, "
            "or 0 with --once)")
-    a("--timeout", type=_positive, metavar="S", default=_env("INTENTBUS_TIMEOUT", "0"),
+    a("--timeout", type=_positive, metavar="S",
+      default=_env_typed("INTENTBUS_TIMEOUT", _positive, "--timeout", 0.0),
       help="kill a job (its whole process group) running longer than this and fail it with "
            "'timed out' (env INTENTBUS_TIMEOUT; default 0: no limit)")
-    a("--grace", type=_positive, metavar="S", default=_env("INTENTBUS_GRACE", "30"),
+    a("--grace", type=_positive, metavar="S",
+      default=_env_typed("INTENTBUS_GRACE", _positive, "--grace", 30.0),
       help="on SIGTERM/Ctrl-C/SIGHUP, let running jobs finish this long before killing and releasing "
            "them (env INTENTBUS_GRACE; default 30)")
-    a("--max-result", type=int, metavar="BYTES", default=_env("INTENTBUS_MAX_RESULT", str(MAX_RESULT_BYTES)),
+    a("--max-result", type=int, metavar="BYTES",
+      default=_env_typed("INTENTBUS_MAX_RESULT", int, "--max-result", MAX_RESULT_BYTES),
       help="most bytes a handler's result may have, as stdout and as compact JSON; more fails "
            "the intent without retry (env INTENTBUS_MAX_RESULT; default %d, under the server's "
            "default 65536)"
@@ -1774,7 +1791,6 @@ examples:
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    # argparse applies type= to string defaults from the environment too
     token = args.token
     if token and args.token_file and args.token_file != _env("INTENTBUS_TOKEN_FILE"):
         parser.error("give --token or --token-file, not both")
@@ -1790,17 +1806,17 @@ def main(argv=None):
     runs = args.run if args.run is not None else \
         [r for r in _env("INTENTBUS_RUN", "").splitlines() if r.strip()]
     if not 1 <= args.concurrency <= 1000:
-        parser.error("--concurrency must be 1 to 1000")
+        parser.error("--concurrency must be 1 to 1000 (also read from INTENTBUS_CONCURRENCY)")
     wait = args.wait
     if wait is None:
         wait = 0.0 if args.once else 25.0
     if wait > 60:
-        parser.error("--wait is at most 60 seconds")
+        parser.error("--wait is at most 60 seconds (also read from INTENTBUS_WAIT)")
     lease = args.lease or None
     if lease is not None and lease < 0.1:
-        parser.error("--lease must be at least 0.1 seconds")
+        parser.error("--lease must be at least 0.1 seconds (also read from INTENTBUS_LEASE)")
     if args.max_result < 0:
-        parser.error("--max-result must be 0 or more")
+        parser.error("--max-result must be 0 or more (also read from INTENTBUS_MAX_RESULT)")
     try:
         worker = Worker(args.server, token, caps=caps, name=args.name, goals=goals or None,
                         concurrency=args.concurrency, lease=lease, wait=wait,
