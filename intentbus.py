@@ -3402,8 +3402,8 @@ def build_parser():
     parser.add_argument("--version", action="version", version="intentbus " + __version__)
     # --db may come before or after the command (and after a token action); the default is
     # filled in by parse_args below, so no level's default overwrites another's value.
-    db_help = "SQLite database file (default: %s; INTENTBUS_DB)" % _env_default(
-        "--db", str, SERVE_DEFAULTS["db"])
+    db_help = "SQLite database file (default: %s%s INTENTBUS_DB)" % (
+        _env_default("--db", str, SERVE_DEFAULTS["db"]), ", from" if os.environ.get("INTENTBUS_DB") else ";")
     parser.add_argument("--db", default=argparse.SUPPRESS, help=db_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -3416,16 +3416,19 @@ def build_parser():
     for flag, kind, text in SERVE_FLAGS:
         dest = flag.lstrip("-").replace("-", "_")
         default = _env_default(flag, kind, SERVE_DEFAULTS[dest])
+        # A default the environment set says so: the README's and a bare --help's differ from it.
+        source = ", from %s" if os.environ.get(_env_name(flag)) else "; %s"
         if kind is bool:
             serve.add_argument(flag, action="store_true", default=default,
-                               help="%s (%s)" % (text, _env_name(flag)))
+                               help="%s (%s)" % (text, "on, from %s" % _env_name(flag) if default
+                                                 else _env_name(flag)))
         else:
             shown = "none" if default is None else default
             if flag in SECRET_FLAGS and default is not None:
                 shown = "set, not shown"   # --help goes to terminals, pastes and bug reports
             serve.add_argument(flag, type=kind, default=default,
                                choices=("full", "normal") if flag == "--sync" else None,
-                               help="%s (default: %s; %s)" % (text, shown, _env_name(flag)))
+                               help="%s (default: %s%s)" % (text, shown, source % _env_name(flag)))
 
     with_db(sub.add_parser("stats", help="counts by status and goal, workers seen, stranded work "
                                          "(as GET /stats)"))

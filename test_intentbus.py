@@ -1793,6 +1793,16 @@ class ServerLifecycle(BusCase):
             self.assertNotIn("listen", str(e.exception))
         self.assertFalse(os.path.exists(self.db))   # refused before the database was opened
 
+    def test_help_says_which_defaults_come_from_the_environment(self):
+        # Found by an audit: with INTENTBUS_LEASE=2m, `serve --help` said "(default: 120.0;
+        # INTENTBUS_LEASE)", as if 120 were the built-in default the README gives as 60.
+        env = {"INTENTBUS_LEASE": "2m", "INTENTBUS_DB": "/elsewhere/bus.db", "INTENTBUS_ACCESS_LOG": "1"}
+        text = " ".join(cli("serve", "--help", env=env).stdout.split())
+        self.assertIn("(default: 120.0, from INTENTBUS_LEASE)", text)
+        self.assertIn("(default: /elsewhere/bus.db, from INTENTBUS_DB)", text)
+        self.assertIn("(on, from INTENTBUS_ACCESS_LOG)", text)
+        self.assertIn("(default: 10.0; INTENTBUS_BACKOFF_BASE)", text)   # not set: the built-in one
+
     def test_yes_no_variables_refuse_what_they_do_not_understand(self):
         # Found by an audit: INTENTBUS_ONCE=off (or False) made worker.py run --once, and
         # INTENTBUS_ACCESS_LOG=ture quietly meant "no access log".
