@@ -2220,6 +2220,20 @@ class WorkerSetup(WorkerCase):
                      "--timeout", "--grace", "--once", "--ca-file", "INTENTBUS_URL", "exit 100"):
             self.assertIn(flag, out)
 
+    def test_startup_refusals_are_one_line_whatever_the_path(self):
+        # Found by an audit: "no handlers: PATH" printed a --handlers path holding a newline or
+        # an escape sequence as it was.
+        for args in (["--handlers", os.path.join(self.dir, "no\nsuch\x1b[31m")],
+                     ["--token-file", os.path.join(self.dir, "no\nfile"), "--run", "g=true"]):
+            with contextlib.redirect_stderr(io.StringIO()) as err:
+                try:
+                    code = worker.main(args)
+                except SystemExit as e:
+                    code = e.code
+            self.assertEqual(code, 2)
+            self.assertEqual(err.getvalue().count("\n"), 1, err.getvalue())
+            self.assertNotIn("\x1b", err.getvalue())
+
     def test_reconnects_and_delivers_after_the_server_restarts(self):
         hdir = self.handler("echo", "sleep 1; cat")
         first = self.c.submit("echo", 1)

@@ -1623,9 +1623,14 @@ def _check_goal(goal):
 # 4. CLI
 # =====================================================================================
 
+def _say(message):
+    """One line on stderr before the worker runs (a path given to us may hold any character)."""
+    sys.stderr.write(message.translate(_CONTROLS) + "\n")
+
+
 def _bad_argument(message):
     """Exit 2 with one line, as for any bad argument (1 would mean "a job failed" to --once)."""
-    sys.stderr.write(message + "\n")
+    _say(message)
     return SystemExit(2)
 
 
@@ -1836,8 +1841,8 @@ def main(argv=None):
             "it holds no executable files named after goals"
         if goals:
             why += ", or none of them is among --goal %s" % ",".join(goals)
-        print("worker.py: no handlers: %s (%s). Put executables named after goals there "
-              "(chmod +x), or pass --run GOAL=COMMAND." % (where, why), file=sys.stderr)
+        _say("worker.py: no handlers: %s (%s). Put executables named after goals there "
+             "(chmod +x), or pass --run GOAL=COMMAND." % (where, why))
         return 2
     return worker.run(once=args.once)
 
