@@ -3167,6 +3167,8 @@ def open_storage(path, sync="full", max_db_mb=None):
             store.close()
         if type(e) is sqlite3.DatabaseError:   # "file is not a database", "disk image is malformed"
             raise StorageCorrupt(str(e))
+        if isinstance(e, OSError):   # creating the file: no such directory, no permission
+            raise sqlite3.OperationalError(e.strerror or str(e))
         raise
     return store
 
