@@ -3652,7 +3652,15 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    try:
+        return _run_command(parse_args(argv))
+    except SystemExit as e:
+        if isinstance(e.code, str):   # a refusal quoting a path, a name or a value we were given
+            raise SystemExit(e.code.translate(_CONTROLS))   # stays one line, without escapes
+        raise
+
+
+def _run_command(args):
     if args.command == "serve":
         return serve(args)
     try:

@@ -2810,6 +2810,15 @@ class TokenCLI(ServerCase):
         self.assertIn("?[31mred??second line?", out)
         self.assertIn(i["id"], out)
 
+    def test_a_refusal_quoting_a_path_stays_one_line(self):
+        # Found by an audit: "there is no database PATH" printed a path holding a newline or
+        # an escape sequence as it was.
+        p = cli("list", "--db", os.path.join(self.dir, "no\nsuch\x1b[31m.db"))
+        self.assertEqual(p.returncode, 1)
+        self.assertEqual(p.stderr.count("\n"), 1, p.stderr)
+        self.assertIn("there is no database", p.stderr)
+        self.assertNotIn("\x1b", p.stderr)
+
     def test_add_list_hash_only_and_revoke_on_a_running_server(self):
         srv = self.srv
         added = cli("token", "add", "cli-phone", "--role", "work", "--namespace", "home",
