@@ -1851,23 +1851,14 @@ class ServerLifecycle(BusCase):
             self.assertEqual(e.exception.code, 2)
             self.assertIn(name, err.getvalue().splitlines()[-1])
 
-    def test_a_missing_directory_or_certificate_is_not_called_a_port_problem(self):
-        # Found by an audit: both were refused as "cannot listen on 127.0.0.1:0: No such file or
-        # directory", naming neither --db nor --tls-cert.
-        bad_pem = os.path.join(self.dir, "bad.pem")
-        with open(bad_pem, "w") as f:
-            f.write("not a certificate\n")
-        for args, words in ((["--db", os.path.join(self.dir, "no-such-dir", "bus.db")],
-                             "cannot use the database"),
-                            (["--db", self.db, "--tls-cert", os.path.join(self.dir, "none.pem"),
-                              "--tls-key", os.path.join(self.dir, "none.key")], "cannot use --tls-cert"),
-                            (["--db", self.db, "--tls-cert", bad_pem, "--tls-key", bad_pem],
-                             "cannot use --tls-cert")):
-            p = cli("serve", "--port", "0", *args)
-            self.assertEqual(p.returncode, 1, p.stderr)
-            self.assertEqual(p.stderr.count("\n"), 1, p.stderr)
-            self.assertIn(words, p.stderr)
-            self.assertNotIn("listen", p.stderr)
+    def test_a_missing_directory_is_not_called_a_port_problem(self):
+        # Found by an audit: it was refused as "cannot listen on 127.0.0.1:0: No such file or
+        # directory", naming no --db (a bad certificate: see the test above).
+        p = cli("serve", "--port", "0", "--db", os.path.join(self.dir, "no-such-dir", "bus.db"))
+        self.assertEqual(p.returncode, 1, p.stderr)
+        self.assertEqual(p.stderr.count("\n"), 1, p.stderr)
+        self.assertIn("cannot use the database", p.stderr)
+        self.assertNotIn("listen", p.stderr)
 
     def test_refuses_a_public_address_without_a_token(self):
         with self.assertRaises(SystemExit) as e:
