@@ -217,6 +217,16 @@ MIGRATIONS = [
     -- 1: it claims with a token of no namespace (root), so it takes every namespace's work
     ALTER TABLE workers ADD COLUMN every_namespace INTEGER NOT NULL DEFAULT 0;
     """,
+    # version 4: goals an admin paused (maintenance): no claim takes their intents meanwhile
+    """
+    CREATE TABLE paused_goals (
+        namespace TEXT NOT NULL,
+        goal      TEXT NOT NULL,
+        since     REAL NOT NULL,   -- when it was paused (a repeated pause keeps the first time)
+        until     REAL,            -- it resumes by itself then; NULL: only when resumed
+        PRIMARY KEY (namespace, goal)
+    );
+    """,
 ]
 
 INTENT_COLUMNS = (
@@ -818,14 +828,15 @@ class Storage:
             "ORDER BY run_at LIMIT ?", (now, limit)).fetchall()
 
     def next_deadline(self):
-        """The earliest lease expiry or delayed run_at, or None."""
+        """The earliest lease expiry, delayed run_at or end of a pause, or None."""
         conn = self._wconn
         # INDEXED BY: left to itself the planner picks intents_status and walks every open intent.
         lease = conn.execute("SELECT min(lease_expires_at) FROM intents INDEXED BY intents_lease "
                              "WHERE status = 'claimed'").fetchone()[0]
         due = conn.execute("SELECT min(run_at) FROM intents INDEXED BY intents_delayed "
                            "WHERE status = 'open' AND delayed = 1").fetchone()[0]
-        times = [t for t in (lease, due) if t is not None]
+        resume = conn.execute("SELECT min(until) FROM paused_goals").fetchone()[0]
+        times = [t for t in (lease, due, resume) if t is not None]
         return min(times) if times else None
 
     def matching_ids(self, statuses, goal, namespace, limit, after=0, goals=None):
@@ -860,6 +871,36 @@ class Storage:
             "caps = excluded.caps, goals = excluded.goals, every_namespace = excluded.every_namespace, "
             "last_seen = excluded.last_seen", (namespace, name, caps_json, goals_json,
                                                int(every_namespace), now))
+
+    # ----- paused goals (a small table: one row per goal an admin paused) ------------
+
+    def load_pauses(self):
+        """(namespace, goal) of every paused goal, read on the writer thread (as load_routes)."""
+        return [tuple(r) for r in self._wconn.execute("SELECT namespace, goal FROM paused_goals")]
+
+    def save_pause(self, namespace, goal, now, until):
+        """Pause a goal, or give a paused one a new end (it keeps its since): (since, until)."""
+        conn = self._wconn
+        conn.execute("INSERT INTO paused_goals (namespace, goal, since, until) VALUES (?, ?, ?, ?) "
+                     "ON CONFLICT (namespace, goal) DO UPDATE SET until = excluded.until",
+                     (namespace, goal, now, until))
+        return conn.execute("SELECT since, until FROM paused_goals WHERE namespace = ? AND goal = ?",
+                            (namespace, goal)).fetchone()
+
+    def delete_pause(self, namespace, goal):
+        return self._wconn.execute("DELETE FROM paused_goals WHERE namespace = ? AND goal = ?",
+                                   (namespace, goal)).rowcount
+
+    def pauses_due(self, now):
+        """The paused goals whose end has come: (namespace, goal) rows."""
+        return self._wconn.execute("SELECT namespace, goal FROM paused_goals WHERE until <= ?",
+                                   (now,)).fetchall()
+
+    def pauses(self, namespace=None, goals=None):
+        """For /stats: (namespace, goal, since, until) rows, read on a connection of its own."""
+        sql, args = _filtered("SELECT namespace, goal, since, until FROM paused_goals WHERE 1", [],
+                              namespace=namespace, goals=goals)
+        return self._read(sql + " ORDER BY namespace, goal", args)
 
     # ----- intents: reads (own connections, any thread) --------------------------------
 
@@ -1046,13 +1087,16 @@ ROOT = Scope()
 
 
 class Route:
-    __slots__ = ("id", "namespace", "goal", "requires")
+    __slots__ = ("id", "namespace", "goal", "requires", "paused")
 
-    def __init__(self, route_id, namespace, goal, requires):
+    def __init__(self, route_id, namespace, goal, requires, paused=False):
         self.id = route_id
         self.namespace = namespace
         self.goal = goal
         self.requires = frozenset(requires)
+        # Its goal is paused in its namespace: no claim takes its work. Kept on the route, which
+        # claims cache (Queue._eligible_routes), so that a claim pays nothing for pauses.
+        self.paused = paused
 
 
 # /stats lists the workers seen (claiming, or long polling) this recently, or holding an intent
@@ -1112,7 +1156,7 @@ class ClaimRequest:
         self.op = None
 
     def accepts(self, route):
-        return ((self.namespace is None or route.namespace == self.namespace)
+        return (not route.paused and (self.namespace is None or route.namespace == self.namespace)
                 and (self.goals is None or route.goal in self.goals)
                 and route.requires <= self.caps)
 
@@ -1209,6 +1253,7 @@ class Queue:
         self.closing = False
         self.wakeup = None           # set by the Sweeper: wakeup(when) asks for a tick by then
         self._routes = None          # id -> Route, loaded lazily on the writer thread
+        self._paused = set()         # (namespace, goal) paused, loaded with the routes
         self._route_ids = {}         # (namespace, goal, requires_json) -> id
         self._eligible = {}          # claim filter -> [Route]
         self._parked = []            # long-polling claims waiting for work, oldest first
@@ -1255,8 +1300,10 @@ class Queue:
         if self._routes is None:
             self._routes = {}
             self._route_ids = {}
+            self._paused = set(self.store.load_pauses())
             for route_id, namespace, goal, requires in self.store.load_routes():
-                self._routes[route_id] = Route(route_id, namespace, goal, json.loads(requires))
+                self._routes[route_id] = Route(route_id, namespace, goal, json.loads(requires),
+                                               (namespace, goal) in self._paused)
                 self._route_ids[(namespace, goal, requires)] = route_id
             self._eligible = {}
         return self._routes
@@ -1267,7 +1314,7 @@ class Queue:
         route_id = self._route_ids.get((namespace, goal, requires_json))
         if route_id is None:
             route_id = self.store.add_route(namespace, goal, requires_json)
-            routes[route_id] = Route(route_id, namespace, goal, requires)
+            routes[route_id] = Route(route_id, namespace, goal, requires, (namespace, goal) in self._paused)
             self._route_ids[(namespace, goal, requires_json)] = route_id
             self._eligible = {}
         return routes[route_id]
@@ -1276,7 +1323,7 @@ class Queue:
         """Work appeared on a route; parked claims are woken before this transaction commits."""
         if self._may_have_work is not None:
             self._may_have_work.add(route.id)
-        if self._parked:
+        if self._parked and not route.paused:   # no claim may take it: wake none
             self._ready[route.id] = route
 
     def _wake_waiters(self):
@@ -1816,6 +1863,76 @@ class Queue:
                 return total
             after = ids[-1]
 
+    # ----- pausing a goal: its intents wait, their attempts are not spent -----------------
+
+    def pause(self, goal, until=None, duration=None, namespace=None, scope=ROOT):
+        """Stop claims taking a goal's intents (in one namespace) until resume(), or until a time
+        (`until`, or `duration` seconds from now). Submits are taken as usual, and intents already
+        claimed keep their lease. Pausing a paused goal is no error: it gets the new end (none: no
+        end). Returns the pause as /stats shows it, without its counts."""
+        namespace, goal = self._goal_in_scope(goal, namespace, scope)
+        duration = _number({"duration": duration}, "duration", 0, MAX_DELAY)
+        until = _number({"until": until}, "until", 0, 2 ** 40)
+        if duration is not None and until is not None:
+            raise Invalid("give 'duration' or 'until', not both")
+        now = self.clock()
+        if duration == 0:   # a pause over before it starts is a mistake, as is one in the past
+            raise Invalid("'duration' must be above 0 (none: paused until resumed)")
+        if until is not None and until <= now:
+            raise Invalid("'until' must be later than now (it is %.0f s in the past)" % (now - until))
+        end = now + duration if duration is not None else until
+
+        def run():
+            since, until = self.store.save_pause(namespace, goal, now, end)
+            self._set_paused(namespace, goal, True)
+            if until is not None and self.wakeup:
+                self.wakeup(until)
+            return {"namespace": namespace, "goal": goal, "paused": True, "since": since,
+                    "until": until}
+        return self.store.write(run)
+
+    def resume(self, goal, namespace=None, scope=ROOT):
+        """Make a paused goal's intents claimable at once, waking parked claims that take them.
+        A goal that was not paused is no error: `resumed` is then false (a mistyped goal leaves
+        the real one paused, and the answer says so)."""
+        namespace, goal = self._goal_in_scope(goal, namespace, scope)
+
+        def run():
+            resumed = self.store.delete_pause(namespace, goal) > 0
+            if resumed:
+                self._set_paused(namespace, goal, False)
+            return {"namespace": namespace, "goal": goal, "paused": False, "resumed": resumed}
+        return self.store.write(run)
+
+    def _goal_in_scope(self, goal, namespace, scope):
+        """(namespace, goal) a pause or resume acts on: an admin of one namespace acts in it, one
+        of every namespace in the one it names (none: default), as its submits land there."""
+        goal = _name({"goal": goal}, "goal", NAME_RE)
+        if goal is None:
+            raise Invalid("'goal' is required")
+        namespace = _name({"namespace": namespace}, "namespace", NAME_RE)
+        if scope.namespace is not None and namespace not in (None, scope.namespace):
+            raise Forbidden("this token may act only in namespace '%s'" % scope.namespace)
+        if scope.goals is not None and goal not in scope.goals:
+            raise Forbidden("this token may not pause or resume goal '%s'" % goal)
+        return namespace or scope.namespace or "default", goal
+
+    def _set_paused(self, namespace, goal, paused):
+        """Mark the goal's routes (writer thread). Claims build their route lists anew, so the
+        change costs them nothing after; a resume makes the routes' work ready again, which
+        wakes parked claims before this transaction commits (_wake_waiters)."""
+        routes = self._all_routes()
+        if paused:
+            self._paused.add((namespace, goal))
+        else:
+            self._paused.discard((namespace, goal))
+        self._eligible = {}
+        for route in routes.values():
+            if route.namespace == namespace and route.goal == goal:
+                route.paused = paused
+                if not paused:
+                    self._became_ready(route)
+
     # ----- reads ---------------------------------------------------------------------
 
     WATCH_CHECK = 1.0   # how often a GET ?wait looks whether its client is still there
@@ -1883,21 +2000,30 @@ class Queue:
         holdings = self.store.holdings(scope.namespace, scope.goals)
         seen = self._recent_workers(scope, now)
         workers = [w.view(scope, holdings) for w in seen if scope.namespace in (None, w.namespace)]
+        pauses = {(ns, goal): {"namespace": ns, "goal": goal, "since": since, "until": until,
+                               "count": 0, "oldest_age": None}
+                  for ns, goal, since, until in self.store.pauses(scope.namespace, scope.goals)}
         stats = {"counts": counts, "goals": goals, "workers": workers}
-        stats.update(self._stranded(scope, seen, now))
+        stats.update(self._stranded(scope, seen, now, pauses))
+        stats["paused"] = list(pauses.values())
         return stats
 
-    def _stranded(self, scope, seen, now):
+    def _stranded(self, scope, seen, now, pauses):
         """The ready work that none of the workers seen can take (a goal nobody asks for, a
         capability nobody has), per route, oldest first; and the oldest ready intent's age, of
         all of them and of those a worker can take, so that stranded work does not hide a slow
-        queue behind an age that only grows."""
+        queue behind an age that only grows. A paused goal's ready work is neither: it waits by
+        design, and is counted in its entry of pauses ({(namespace, goal): entry}) instead."""
         stranded, oldest, takeable = [], None, None
         for namespace, goal, requires, count, run_at in self.store.ready_by_route(
                 scope.namespace, scope.goals):
             oldest = run_at if oldest is None else min(oldest, run_at)
             needs = json.loads(requires)
-            if any(w.takes(namespace, goal, frozenset(needs)) for w in seen):
+            paused = pauses.get((namespace, goal))
+            if paused is not None:
+                paused["count"] += count
+                paused["oldest_age"] = max(paused["oldest_age"] or 0.0, _age(now, run_at))
+            elif any(w.takes(namespace, goal, frozenset(needs)) for w in seen):
                 takeable = run_at if takeable is None else min(takeable, run_at)
             else:
                 stranded.append((run_at, namespace, goal, needs, count))
@@ -1930,6 +2056,11 @@ class Queue:
                 self._may_have_work_since = now
                 log("wall clock went back", seconds="%.0f" % (self._last_tick - now), leases=moved)
             self._last_tick = now
+            for namespace, goal in self.store.pauses_due(now):
+                self.store.delete_pause(namespace, goal)
+                self._set_paused(namespace, goal, False)
+                self.store.after_commit(lambda ns=namespace, g=goal: log("pause ended", namespace=ns,
+                                                                         goal=g))
             for row in self.store.expired_leases(now, 500):
                 self._attempt_failed(row, now, "lease_expired", "lease expired (worker %s)" % row["worker"])
             routes = self._all_routes()
@@ -2269,6 +2400,8 @@ ROUTES = [
     ("POST", r"/intents/(?P<id>[^/]+)/retry", "retry", "admin"),
     ("POST", r"/claim", "claim", "work"),
     ("GET", r"/stats", "stats", "monitor"),
+    ("POST", r"/goals/(?P<goal>[^/]+)/pause", "pause", "admin"),
+    ("POST", r"/goals/(?P<goal>[^/]+)/resume", "resume", "admin"),
 ]
 _COMPILED_ROUTES = [(m, re.compile(p + r"\Z"), h, r) for m, p, h, r in ROUTES]
 # The token roles each access takes. "read" is one intent: a submit token's own (Scope.own_only),
@@ -2292,7 +2425,8 @@ _MINIMAL_ROUTES = {"submit", "fulfill", "fail"}
 # How query-string (and form) values become typed fields, for curl users without a JSON body.
 _LISTS = {"requires", "caps", "goals"}
 _JSONISH = {"payload", "result"}
-_NUMBERS = {"priority", "delay", "run_at", "max_attempts", "lease", "backoff", "max", "wait", "limit"}
+_NUMBERS = {"priority", "delay", "run_at", "max_attempts", "lease", "backoff", "max", "wait", "limit",
+            "until", "duration"}
 _BOOLS = {"retry", "all"}
 
 
@@ -2450,6 +2584,15 @@ class Api:
 
     def stats(self, scope, params, body):
         return 200, self.queue.stats(scope)
+
+    def pause(self, scope, params, body):
+        _only(body, {"namespace", "until", "duration"}, "a pause")
+        return 200, self.queue.pause(params["goal"], body.get("until"), body.get("duration"),
+                                     body.get("namespace"), scope)
+
+    def resume(self, scope, params, body):
+        _only(body, {"namespace"}, "a resume")
+        return 200, self.queue.resume(params["goal"], body.get("namespace"), scope)
 
 
 STATUS_TEXT = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
@@ -2637,17 +2780,22 @@ class Handler(BaseHTTPRequestHandler):
         params = self._params("" if name in ("health", "stats") else query, headers, body)
         if "id" in params:
             raise HTTPError(400, "invalid", "unknown field 'id' in the query (an id goes in the path)")
-        params.update(m.groupdict())
+        in_path = m.groupdict()   # an intent's id, or a goal: never taken from a query or a body
+        for field in in_path:
+            if field in params:
+                raise HTTPError(400, "invalid", "unknown field '%s' in the query (the %s goes in "
+                                                "the path)" % (field, field))
+        params.update(in_path)
         if body:
             value = _loads(body)
             if isinstance(value, dict):   # query fields fill in what the body leaves out
                 for key, item in params.items():
-                    if key != "id" and value.get(key) is None:
+                    if key not in in_path and value.get(key) is None:
                         value[key] = item
-                params = {"id": params["id"]} if "id" in params else {}
+                params = dict(in_path)
         elif self.command == "POST":
-            value = {k: v for k, v in params.items() if k != "id"}
-            params = {"id": params["id"]} if "id" in params else {}
+            value = {k: v for k, v in params.items() if k not in in_path}
+            params = dict(in_path)
         else:
             value = None
         if name == "submit" and isinstance(value, list):
@@ -3452,6 +3600,15 @@ def build_parser():
     cancel.add_argument("--all", action="store_true", help="cancel every open and claimed intent")
     cancel.add_argument("--status", choices=CANCELLABLE,
                         help="with --goal or --all: only the open, or only the claimed, ones")
+    pause = with_db(sub.add_parser("pause", help="stop claims taking a goal's intents (they wait; "
+                                                 "submits go on) until resume, or for --duration"))
+    pause.add_argument("goal")
+    pause.add_argument("--duration", type=duration, help="resume by itself after this long "
+                                                          "(90, 30s, 15m, 12h, 7d)")
+    pause.add_argument("--namespace", default="default")
+    resume = with_db(sub.add_parser("resume", help="make a paused goal's intents claimable again"))
+    resume.add_argument("goal")
+    resume.add_argument("--namespace", default="default")
     submit = with_db(sub.add_parser("submit", help="submit an intent"))
     submit.add_argument("goal")
     submit.add_argument("--payload", default="null", help="JSON (default: null)")
@@ -3583,6 +3740,12 @@ def admin(args):
                 _print_json(queue.cancel(args.id))
             else:
                 raise SystemExit("intentbus cancel: give an ID, --goal G or --all")
+        elif args.command == "pause":
+            _print_json(queue.pause(args.goal, duration=args.duration, namespace=args.namespace))
+        elif args.command == "resume":
+            done = queue.resume(args.goal, namespace=args.namespace)
+            print("resumed %s in namespace %s" % (args.goal, args.namespace) if done["resumed"] else
+                  "%s was not paused in namespace %s" % (args.goal, args.namespace))
         elif args.command == "submit":
             try:
                 payload = json.loads(args.payload)

@@ -716,6 +716,156 @@ class QueueRules(RulesCase):
         self.assertEqual(self.q.stats()["counts"]["open"], 4)
         self.assertEqual(self.q.cancel_matching(all=True), 4)   # chunk after chunk, to the end
 
+    # ----- pausing a goal ------------------------------------------------------------
+
+    def test_a_paused_goal_waits_and_a_resume_gives_it_back(self):
+        # The NAS is down: backup's intents must wait instead of burning their attempts.
+        first = self.submit(goal="backup", priority=1)
+        other = self.submit(goal="mail")
+        p = self.q.pause("backup")
+        self.assertEqual(p, {"namespace": "default", "goal": "backup", "paused": True,
+                             "since": self.clock.now, "until": None})
+        second = self.submit(goal="backup")   # submits are still taken
+        self.assertEqual(second["status"], "open")
+        self.assertEqual([c["id"] for c in self.claim(max=5)], [other["id"]])
+        self.assertEqual(self.claim(goals=["backup"]), [])
+        self.clock.advance(5)
+        self.assertEqual(self.q.pause("backup")["since"], p["since"])   # again: fine, same pause
+        resumed = self.q.resume("backup")
+        self.assertEqual(resumed, {"namespace": "default", "goal": "backup", "paused": False,
+                                   "resumed": True})
+        self.assertEqual([c["id"] for c in self.claim(max=5)], [first["id"], second["id"]])
+        self.assertEqual(self.q.resume("backup")["resumed"], False)   # was not paused: no error
+        self.assertEqual(self.q.get(first["id"])["attempts"], 1)
+
+    def test_a_pause_leaves_claimed_intents_leases_and_backoffs_as_they_are(self):
+        done, failing, lapsing, extended = (self.submit(goal="backup", lease=10, backoff=10)
+                                            for _ in range(4))
+        jobs = {j["id"]: j for j in self.claim(max=4)}
+        self.q.pause("backup")
+        self.assertEqual(self.q.fulfill(done["id"], jobs[done["id"]]["token"], 1)["status"], "fulfilled")
+        self.assertEqual(self.q.fail(failing["id"], jobs[failing["id"]]["token"], "nas down")["status"],
+                         "open")
+        self.q.extend(extended["id"], jobs[extended["id"]]["token"], lease=7200)
+        self.clock.advance(11)
+        self.q.tick()   # lapsing's lease expired as usual: an attempt spent, then the backoff
+        self.assertEqual(self.q.get(lapsing["id"])["history"][-1]["outcome"], "lease_expired")
+        self.clock.advance(3600)
+        self.q.tick()   # both backoffs are over: ready, but paused
+        self.assertEqual(self.claim(max=5), [])
+        self.assertEqual([(self.q.get(i["id"])["status"], self.q.get(i["id"])["attempts"])
+                          for i in (failing, lapsing)], [("open", 1), ("open", 1)])
+        self.assertEqual(self.q.fulfill(extended["id"], jobs[extended["id"]]["token"])["status"],
+                         "fulfilled")
+        self.q.resume("backup")
+        self.assertEqual(sorted(c["id"] for c in self.claim(max=5)), sorted([failing["id"], lapsing["id"]]))
+
+    def test_a_pause_with_an_end_resumes_by_itself(self):
+        i = self.submit(goal="backup")
+        p = self.q.pause("backup", duration=60)
+        self.assertEqual(p["until"], self.clock.now + 60)
+        self.assertEqual(self.q.tick(), self.clock.now + 60)   # the sweeper wakes up for it
+        self.clock.advance(59)
+        self.q.tick()
+        self.assertEqual(self.claim(), [])
+        self.clock.advance(1)
+        self.q.tick()
+        self.assertEqual(self.q.stats()["paused"], [])
+        self.assertEqual([c["id"] for c in self.claim()], [i["id"]])
+        # until is a time; a later pause without an end holds until a resume
+        self.q.pause("backup", until=self.clock.now + 10)
+        self.q.pause("backup")
+        self.clock.advance(3600)
+        self.q.tick()
+        self.assertEqual(self.q.stats()["paused"][0]["until"], None)
+
+    def test_a_bad_pause_or_resume_changes_nothing(self):
+        bad = [dict(goal="no good"), dict(goal=""), dict(goal=None), dict(goal=5),
+               dict(goal="g", duration=0), dict(goal="g", duration=-1), dict(goal="g", duration="1h"),
+               dict(goal="g", duration=intentbus.MAX_DELAY + 1), dict(goal="g", until=self.clock.now),
+               dict(goal="g", until=self.clock.now + 9, duration=9), dict(goal="g", until=True),
+               dict(goal="g", namespace="no good")]
+        for kwargs in bad:
+            with self.assertRaises(intentbus.Invalid, msg=kwargs):
+                self.q.pause(**kwargs)
+        for kwargs in (dict(goal="no good"), dict(goal="g", namespace="")):
+            with self.assertRaises(intentbus.Invalid, msg=kwargs):
+                self.q.resume(**kwargs)
+        self.assertEqual(self.q.stats()["paused"], [])
+        self.assertEqual(self.store._read("SELECT count(*) FROM paused_goals"), [(0,)])
+
+    def test_a_pause_keeps_to_its_namespace_and_to_the_tokens_goals(self):
+        Scope = intentbus.Scope
+        a_adm, ops = Scope("a-adm", "admin", "a"), Scope("ops", "admin", goals=["backup"])
+        mine = self.q.submit([{"goal": "backup"}], Scope("a-sub", "submit", "a"))[1][0]
+        theirs = self.submit(goal="backup")
+        self.assertEqual(self.q.pause("backup", scope=a_adm)["namespace"], "a")
+        with self.assertRaises(intentbus.Forbidden):
+            self.q.pause("backup", namespace="default", scope=a_adm)   # another tenant's goal
+        for call in (self.q.pause, self.q.resume):
+            with self.assertRaises(intentbus.Forbidden):
+                call("mail", scope=ops)   # not one of its goals
+        # the root's worker takes every namespace's work, but not a's paused backup
+        self.assertEqual([c["id"] for c in self.claim(max=5)], [theirs["id"]])
+        self.assertEqual([p["goal"] for p in self.q.stats(a_adm)["paused"]], ["backup"])
+        self.assertEqual(self.q.stats(Scope("b-adm", "admin", "b"))["paused"], [])
+        self.assertEqual(self.q.stats(Scope("m", "admin", goals=["mail"]))["paused"], [])
+        self.assertEqual(self.q.resume("backup", namespace="a", scope=ops)["resumed"], True)
+        self.assertEqual([c["id"] for c in self.claim(max=5)], [mine["id"]])
+
+    def test_stats_shows_a_paused_goals_waiting_work_and_not_as_stranded(self):
+        self.claim(worker="nas-box", goals=["backup"])   # seen: backup is not stranded for lack of a worker
+        self.submit(goal="backup")
+        self.clock.advance(2)
+        self.submit(goal="backup", requires=["zfs"])   # nobody has zfs: stranded, were it not paused
+        self.submit(goal="backup", delay=60)           # not ready: not counted
+        self.q.pause("backup", duration=3600)
+        self.clock.advance(3)
+        stats = self.q.stats()
+        self.assertEqual(stats["paused"], [{"namespace": "default", "goal": "backup",
+                                            "since": self.clock.now - 3, "until": self.clock.now + 3597,
+                                            "count": 2, "oldest_age": 5.0}])
+        self.assertEqual(stats["stranded"], [])
+        # waiting by design is no queue falling behind; oldest_claimable_age counts every ready one
+        self.assertEqual((stats["oldest_claimable_age"], stats["oldest_takeable_age"]), (5.0, None))
+        self.q.pause("idle")
+        self.assertEqual(self.q.stats()["paused"][1], {"namespace": "default", "goal": "idle",
+                                                       "since": self.clock.now, "until": None,
+                                                       "count": 0, "oldest_age": None})
+        self.q.resume("backup")
+        stats = self.q.stats()
+        self.assertEqual([e["requires"] for e in stats["stranded"]], [["zfs"]])
+        self.assertEqual(stats["oldest_takeable_age"], 5.0)
+
+    def test_a_claim_pays_nothing_for_a_pause(self):
+        # The claim path is hot: a paused route is left out of the routes a claim caches, so a
+        # claim makes no probe of it and reads no pause.
+        self.submit(goal="backup")
+        self.q.pause("backup")
+        loads = []
+        load_pauses = self.store.load_pauses
+        self.store.load_pauses = lambda: loads.append(1) or load_pauses()
+        probes = self.count_probes()
+        for _ in range(3):
+            self.assertEqual(self.claim(), [])
+        self.assertEqual((probes, loads), ([], []))
+        self.q.resume("backup")
+        self.assertEqual(len(self.claim()), 1)
+        self.assertEqual(loads, [])
+
+    def test_a_pause_is_kept_in_the_file(self):
+        i = self.submit(goal="backup")
+        self.q.pause("backup", duration=60)
+        self.store.close()
+        self.store = Storage(self.db)
+        self.store.migrate()
+        self.q = Queue(self.store, clock=self.clock)
+        self.assertEqual(self.claim(), [])
+        self.assertEqual(self.q.stats()["paused"][0]["until"], self.clock.now + 60)
+        self.clock.advance(60)
+        self.q.tick()
+        self.assertEqual([c["id"] for c in self.claim()], [i["id"]])
+
     def test_history_keeps_last_twenty(self):
         i = self.submit(max_attempts=100, backoff=0)
         for n in range(25):
@@ -950,6 +1100,27 @@ class QueueRules(RulesCase):
         scope = intentbus.Tokens(store).scope_of(entry)
         self.assertEqual((scope.role, scope.namespace, scope.goals, scope.own_only),
                          ("monitor", None, frozenset(["g"]), False))
+
+    def test_a_version_3_file_is_upgraded_with_no_goal_paused(self):
+        path = os.path.join(self.dir, "v3.db")
+        conn = sqlite3.connect(path)
+        conn.executescript("".join(intentbus.MIGRATIONS[:3]) + "PRAGMA user_version = 3;")
+        conn.execute("INSERT INTO routes (id, namespace, goal, requires) VALUES (1, 'default', 'g', '[]')")
+        conn.execute("INSERT INTO intents (namespace, route, goal, payload, priority, requires, status, "
+                     "delayed, run_at, created_at, max_attempts, lease, backoff) VALUES "
+                     "('default', 1, 'g', '1', 0, '[]', 'open', 0, ?, ?, 3, 20, 10)", (self.clock.now,) * 2)
+        conn.commit()
+        conn.close()
+        store = Storage(path)
+        self.addCleanup(store.close)
+        store.migrate()
+        self.assertEqual(store.schema_version(), 4)
+        q = Queue(store, clock=self.clock)
+        self.assertEqual(q.stats()["paused"], [])
+        q.pause("g")
+        self.assertEqual(q.claim({"worker": "w"}), [])
+        q.resume("g")
+        self.assertEqual([c["id"] for c in q.claim({"worker": "w"})], ["1"])
 
     def test_too_old_sqlite_is_named_at_start(self):
         saved = intentbus.sqlite3.sqlite_version_info
@@ -1394,6 +1565,124 @@ class HTTPApi(ServerCase):
         self.assertIn("from-cli", listing.stdout)
 
 
+class Pausing(ServerCase):
+    """POST /goals/{goal}/pause and /resume, Client.pause and resume, intentbus.py pause and resume."""
+    settings = {"token": ROOT, "auth_burst": 1000}
+
+    def test_a_resume_wakes_a_parked_claim_at_once(self):
+        i = self.c.submit("backup", {"dir": "/home"})
+        p = self.c.pause("backup")
+        self.assertEqual((p["namespace"], p["goal"], p["paused"], p["until"]), ("default", "backup", True, None))
+        self.assertEqual(self.c.claim("nas", goals=["backup"]), [])   # 204
+        self.assertEqual(self.c.stats()["paused"][0]["count"], 1)
+        got = {}
+
+        def claimer():
+            got["claim"] = self.client(self.srv, ROOT).claim("nas", goals=["backup"], wait=20)
+        t = threading.Thread(target=claimer)
+        t.start()
+        self.assertTrue(eventually(lambda: self.srv.queue._parked, 5))
+        self.assertEqual(self.c.resume("backup"), {"namespace": "default", "goal": "backup",
+                                                   "paused": False, "resumed": True})
+        t.join(25)
+        self.assertEqual([j["id"] for j in got["claim"]], [i["id"]])
+        self.assertEqual(self.c.stats()["paused"], [])
+
+    def test_curl_style_and_client_ends(self):
+        json_h = {"Authorization": "Bearer " + ROOT, "Content-Type": "application/json"}
+        status, _, body = self.raw("POST", "/goals/backup/pause?duration=60", headers=json_h)
+        self.assertEqual(status, 200, body)
+        p = json.loads(body)
+        self.assertAlmostEqual(p["until"] - p["since"], 60, places=3)
+        status, _, body = self.raw("POST", "/goals/backup/pause", b'{"until": null}', json_h)
+        self.assertEqual((status, json.loads(body)["until"]), (200, None))   # again: no end now
+        until = time.time() + 3600
+        self.assertEqual(self.c.pause("backup", until=until)["until"], until)
+        self.assertEqual(self.c.pause("backup", duration=30, namespace="default")["goal"], "backup")
+        self.assertEqual(self.c.resume("backup", namespace="default")["resumed"], True)
+        self.assertEqual(self.c.resume("backup")["resumed"], False)
+
+    def test_bad_pauses_are_json_errors_and_change_nothing(self):
+        h = {"Authorization": "Bearer " + ROOT, "Content-Type": "application/json"}
+        for method, path, body, status, words in (
+                ("POST", "/goals/bad%20goal/pause", None, 400, "'goal' must be"),
+                ("POST", "/goals/" + "g" * 129 + "/pause", None, 400, "'goal' must be"),
+                ("POST", "/goals/x/pause?goal=y", None, 400, "goes in the path"),
+                ("POST", "/goals/x/pause", b'{"goal": "y"}', 400, "unknown field 'goal'"),
+                ("POST", "/goals/x/pause", b'{"duration": 0}', 400, "'duration' must be above 0"),
+                ("POST", "/goals/x/pause?duration=-5", None, 400, "'duration' must be between"),
+                ("POST", "/goals/x/pause?duration=1h", None, 400, "'duration' must be a number"),
+                ("POST", "/goals/x/pause", b'{"until": 5}', 400, "'until' must be later"),
+                ("POST", "/goals/x/pause", b'{"until": 9999999999, "duration": 5}', 400, "not both"),
+                ("POST", "/goals/x/pause", b'[]', 400, "JSON object"),
+                ("POST", "/goals/x/pause", b'{"namespace": "no good"}', 400, "'namespace' must be"),
+                ("POST", "/goals/x/resume", b'{"duration": 5}', 400, "unknown field 'duration'"),
+                ("GET", "/goals/x/pause", None, 405, "does not take GET"),
+                ("POST", "/goals/x/halt", None, 404, "no such endpoint"),
+                ("POST", "/goals//pause", None, 404, "no such endpoint")):
+            with self.subTest(path=path, body=body):
+                got, headers, answer = self.raw(method, path, body, h)
+                self.assertEqual(got, status, answer)
+                self.assertIn(words, json.loads(answer)["error"]["message"])
+                self.assertHardened(got, headers, answer, path)
+        self.assertEqual(self.c.stats()["paused"], [])
+
+    def test_only_admins_pause_and_only_within_their_scope(self):
+        make = lambda *a, **k: self.client(self.srv, self.token(self.srv, *a, **k))  # noqa: E731
+        work, sub = make("phone", "work"), make("cron", "submit")
+        a_adm, ops = make("a-adm", "admin", "A"), make("ops", "admin", goals=["backup"])
+        for c in (work, sub):
+            self.refused(lambda: c.pause("backup"), 403, "admin")
+            self.refused(lambda: c.resume("backup"), 403, "admin")
+        self.refused(lambda: self.client(self.srv).pause("backup"), 401)
+        self.refused(lambda: ops.pause("mail"), 403, "goal 'mail'")
+        self.refused(lambda: a_adm.pause("backup", namespace="default"), 403, "namespace 'A'")
+        self.assertEqual(self.c.stats()["paused"], [])
+        self.assertEqual(a_adm.pause("backup")["namespace"], "A")
+        self.assertEqual(self.c.pause("backup", namespace="B")["namespace"], "B")
+        self.assertEqual(ops.pause("backup")["namespace"], "default")
+        self.assertEqual([(p["namespace"], p["goal"]) for p in self.c.stats()["paused"]],
+                         [("A", "backup"), ("B", "backup"), ("default", "backup")])
+        self.assertEqual([p["namespace"] for p in a_adm.stats()["paused"]], ["A"])
+        self.refused(lambda: a_adm.resume("backup", namespace="B"), 403)
+        self.assertEqual(a_adm.resume("backup")["resumed"], True)
+        self.assertEqual([p["namespace"] for p in self.c.stats()["paused"]], ["B", "default"])
+
+    def test_a_pause_from_the_command_line_reaches_the_running_server(self):
+        p = cli("pause", "backup", "--db", self.db)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(json.loads(p.stdout)["goal"], "backup")
+        # The server reads the change within half a second (PRAGMA data_version)
+        self.assertTrue(eventually(lambda: ("default", "backup") in self.srv.queue._paused, 5))
+        i = self.c.submit("backup")
+        self.assertEqual(self.c.claim("nas", goals=["backup"]), [])
+        got = {}
+
+        def claimer():
+            got["claim"] = self.client(self.srv, ROOT).claim("nas", goals=["backup"], wait=20)
+        t = threading.Thread(target=claimer)
+        t.start()
+        self.assertTrue(eventually(lambda: self.srv.queue._parked, 5))
+        p = cli("resume", "backup", "--db", self.db)
+        self.assertEqual((p.returncode, p.stdout), (0, "resumed backup in namespace default\n"), p.stderr)
+        t.join(25)
+        self.assertEqual([j["id"] for j in got["claim"]], [i["id"]])
+
+    def test_pause_and_resume_commands_say_what_they_did(self):
+        p = cli("resume", "backup", "--db", self.db)   # a typo shows: nothing was paused
+        self.assertEqual((p.returncode, p.stdout), (0, "backup was not paused in namespace default\n"))
+        p = cli("pause", "backup", "--duration", "1h", "--namespace", "home", "--db", self.db)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(json.loads(p.stdout)["namespace"], "home")
+        paused = self.c.stats()["paused"]
+        self.assertAlmostEqual(paused[0]["until"] - paused[0]["since"], 3600, places=3)
+        for args in (("no good",), ("g", "--duration", "0")):
+            p = cli("pause", *args, "--db", self.db)
+            self.assertNotEqual(p.returncode, 0, args)
+            self.assertEqual(len(p.stderr.strip().splitlines()), 1, (args, p.stderr))
+        self.assertEqual(len(self.c.stats()["paused"]), 1)
+
+
 # =====================================================================================
 # worker.py's Client: the project's one HTTP client
 # =====================================================================================
@@ -1721,6 +2010,19 @@ class ServerLifecycle(BusCase):
         page = c.list(limit=100)["intents"]
         self.assertEqual([i["id"] for i in page], ids)
         self.assertEqual(c.fulfill(job["id"], job["token"], "kept")["status"], "fulfilled")
+
+    def test_a_pause_survives_a_restart(self):
+        srv = self.start()
+        c = self.client(srv)
+        c.submit("backup")
+        c.pause("backup")
+        srv.stop()
+        srv = self.start()
+        c = self.client(srv)
+        self.assertEqual(c.claim("nas", goals=["backup"]), [])
+        self.assertEqual([p["goal"] for p in c.stats()["paused"]], ["backup"])
+        self.assertEqual(c.resume("backup")["resumed"], True)
+        self.assertEqual(len(c.claim("nas", goals=["backup"])), 1)
 
     def test_sigterm_answers_long_polls_and_exits_cleanly(self):
         p = subprocess.Popen([PY, SCRIPT, "serve", "--db", self.db, "--port", "0"],

@@ -630,6 +630,19 @@ class Client:
         return self.request("POST", "/intents/cancel", query={
             "goal": goal, "status": status, "all": True if all else None})[1]["count"]
 
+    def pause(self, goal, *, duration=None, until=None, namespace=None):
+        """Stop claims taking `goal`'s intents (they wait, their attempts unspent) until resume(),
+        or for `duration` seconds, or until the Unix time `until`. Returns the pause."""
+        body = {k: v for k, v in (("duration", duration), ("until", until),
+                                  ("namespace", namespace)) if v is not None}
+        return self.request("POST", "/goals/%s/pause" % _quote(goal), body)[1]
+
+    def resume(self, goal, *, namespace=None):
+        """Make `goal`'s intents claimable again; the answer's `resumed` is false if it was not
+        paused."""
+        body = {"namespace": namespace} if namespace is not None else {}
+        return self.request("POST", "/goals/%s/resume" % _quote(goal), body)[1]
+
     def get(self, id, wait=None):
         timeout = max_(self.timeout, wait + 10.0) if wait else None
         return self.request("GET", "/intents/%s" % _quote(id), query={"wait": wait},
