@@ -3016,17 +3016,19 @@ class Roles(ServerCase):
                   "fulfill": {"token": token, "result": "x"}, "fail": {"token": token, "retry": False},
                   "extend": {"token": token, "lease": 600}, "release": {"token": token},
                   "fulfill_many": {"intents": [{"id": held["id"], "token": token}]},
-                  "retry_matching": {"status": "dead"}, "cancel_matching": {"all": True}}
+                  "retry_matching": {"status": "dead"}, "cancel_matching": {"all": True},
+                  "pause": {"duration": 60}}
         path_ids = {"get": done["id"], "retry": dead["id"]}   # else the held one
 
         def state():
             stats = self.c.stats()
             return ([self.c.get(i) for i in ids], self.c.list(limit=1000), stats["counts"],
-                    [w["name"] for w in stats["workers"]])
+                    [w["name"] for w in stats["workers"]], stats["paused"])
         before = state()
         self.assertGreater(len(intentbus.ROUTES), 10)
         for method, pattern, name, access in intentbus.ROUTES:
-            path = pattern.replace("(?P<id>[^/]+)", path_ids.get(name, held["id"]))
+            path = pattern.replace("(?P<id>[^/]+)", path_ids.get(name, held["id"])) \
+                .replace("(?P<goal>[^/]+)", "h")
             self.assertRegex(path, r"\A[a-z0-9/]+\Z", "a route pattern this test cannot fill in")
             allowed = access is None or "monitor" in intentbus.ROLE_RANK[access]
             with self.subTest(method=method, path=path):
@@ -3066,7 +3068,8 @@ class Roles(ServerCase):
                 "release": lambda: c.release(job["id"], job["token"]),
                 "cancel": lambda: c.cancel(job["id"]), "retry": lambda: c.retry(job["id"]),
                 "retry_all": lambda: c.retry_all("dead"),
-                "cancel_all": lambda: c.cancel_all(all=True)}
+                "cancel_all": lambda: c.cancel_all(all=True),
+                "pause": lambda: c.pause("g"), "resume": lambda: c.resume("g")}
             for name, call in calls.items():
                 with self.subTest(token=token, endpoint=name):
                     e = self.refused(call, 401)
