@@ -2579,6 +2579,42 @@ class WorkerBigPayloads(WorkerCase):
 
 
 class LibraryMode(WorkerCase):
+    def test_a_claim_answered_while_the_worker_was_frozen_is_renewed_before_it_runs(self):
+        # Android froze the worker (SIGSTOP, its app freezer) during a long poll; the server
+        # handed it an intent meanwhile, whose lease ended before the worker woke. It ran the
+        # handler on the stale token until its first heartbeat, while the intent was open again
+        # for another worker to run at the same time.
+        clock = Clock(1.7e9)
+        srv = self.start(db=os.path.join(self.dir, "frozen.db"), clock=clock)   # self.srv's clock is real
+        c = self.client(srv)
+        logged, ran = [], []
+        w = worker.Worker(srv.url, None, wait=0, log=logged.append)
+
+        @w.handler("g")
+        def g(payload):
+            ran.append(payload)
+            return payload
+        claim = w.claim_client.claim
+
+        def frozen(**kwargs):   # the answer is read 0.5 s after the server sent it
+            got = claim(**kwargs)
+            if got and got[0]["payload"] == "stale":
+                clock.advance(1)   # and the server's lease (0.3 s) ended meanwhile
+            time.sleep(0.5)
+            return got
+        w.claim_client.claim = frozen
+        stale = c.submit("g", "stale", lease=0.3)
+        self.assertEqual(w.run(once=True, install_signals=False), 1)
+        self.assertEqual(ran, [])
+        self.assertIn("lease lost on %s before it started" % stale["id"], logged[-1])
+        # one whose lease still holds is renewed, run and fulfilled
+        fresh = c.submit("g", "fresh", lease=0.3, priority=1)
+        self.assertEqual(w.run(once=True, install_signals=False), 0)
+        self.assertEqual(ran, ["fresh"])
+        v = c.get(fresh["id"])
+        self.assertEqual((v["status"], v["attempts"]), ("fulfilled", 1))
+        w.claim_client.close()
+
     def test_a_result_is_resent_only_while_it_can_still_arrive_in_time(self):
         # While the server is away, the worker re-sends a result until the lease ends. Its last
         # try used to leave exactly at the end, reaching the server just too late, and a refusal

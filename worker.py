@@ -750,6 +750,7 @@ class Job:
         self.cancelled = threading.Event()   # set to stop the job: lease lost, timeout, shutdown
         self.kill_reason = None
         self.lost_because = None
+        self.claim_sent = None      # when the claim was sent, if its lease may have begun then
         self.started = None
         self.proc = None
         self.signalled = False
@@ -1112,8 +1113,14 @@ class Worker:
                     # The server starts a lease when it hands the intent out, just before it
                     # answers: for a long poll that can be up to `wait` after `sent`, so counting
                     # from `sent` would find a lease shorter than the wait expired on arrival.
-                    claimed_at = max(sent, time.monotonic() - ANSWER_MARGIN)
-                    jobs = [Job(i, self.lease, claimed_at) for i in intents]
+                    arrived = time.monotonic()
+                    jobs = [Job(i, self.lease, max(sent, arrived - ANSWER_MARGIN)) for i in intents]
+                    for job in jobs:
+                        # But a worker frozen mid long poll (Android does it to apps in the
+                        # background) reads an answer handed out long ago, as early as `sent`:
+                        # then its lease may end before the first heartbeat, or has ended.
+                        if arrived - ANSWER_MARGIN - sent > job.lease * 2.0 / 3.0:
+                            job.claim_sent = sent   # renewed before it starts (_renew_late)
                     with self._cv:
                         self._free -= len(jobs)
                         for job in jobs:
@@ -1174,6 +1181,8 @@ class Worker:
             return False
         handler = self.current_handlers().get(job.goal)
         self.log("claimed %s goal=%s attempt=%s/%s" % (job.id, job.goal, job.attempt, job.max_attempts))
+        if job.claim_sent is not None and not self._renew_late(job, client):
+            return False
         if handler is None:
             self._deliver(job, client, "fail", error="no handler for goal %r on worker %s"
                           % (job.goal, self.name), retry=True)
@@ -1222,6 +1231,31 @@ class Worker:
         if token and len(token) >= 8 and token in text:
             text = text.replace(token, "[token]")
         return text
+
+    def _renew_late(self, job, client):
+        """The claim's answer came so long after it was asked for that the lease, if the server
+        handed the intent out at once (the worker was frozen while it waited), ends before the
+        first heartbeat or has ended, the intent open again for another worker: renew it before
+        the handler starts rather than run it on a stale token. True to run the job."""
+        sent = time.monotonic()
+        took = sent - job.claim_sent
+        saved, client.timeout = client.timeout, max(1.0, min(10.0, job.expires - sent))
+        try:
+            client.extend(job.id, job.token, lease=self.lease)
+            job.expires = sent + (self.lease or job.lease)
+            return True
+        except (LeaseLost, NotFound) as e:
+            self.log("lease lost on %s before it started, %.1fs after the claim was sent (was the "
+                     "worker frozen?): %s; not running it" % (job.id, took, e.message))
+            return False
+        except IntentBusError as e:   # unknown: run it while the lease may still last
+            if sent < job.claim_sent + job.lease:
+                return True
+            self.log("not running %s: its lease may have ended, %.1fs after the claim was sent, "
+                     "and renewing it failed (%s)" % (job.id, took, e))
+            return False
+        finally:
+            client.timeout = saved
 
     def _supervise(self, job, client, kill):
         """Heartbeats, the timeout and kill requests, until the job exits (or must be abandoned)."""
