@@ -2615,6 +2615,27 @@ class LibraryMode(WorkerCase):
         self.assertEqual((v["status"], v["attempts"]), ("fulfilled", 1))
         w.claim_client.close()
 
+    def test_a_result_is_resent_over_a_new_connection_when_the_kept_one_went_silent(self):
+        # A NAT or proxy drops a phone's idle keep-alive connection without a word: the
+        # fulfill sent on it waited the client's whole timeout (30 s) for an answer, past the end
+        # of a shorter lease, and the result was lost though a new connection would have worked.
+        def silent(conn):
+            pass   # the request is swallowed; the next read waits until the worker hangs up
+        done = http_answer(200, {"id": "1", "status": "fulfilled"})
+        fake = FakeHTTP([[http_answer(200, {"ok": True}), silent, None], [done]])
+        self.addCleanup(fake.close)
+        logged = []
+        w = worker.Worker(fake.url, None, wait=0, log=logged.append)
+        client = Client(fake.url, timeout=3.0)
+        self.addCleanup(client.close)
+        client.health()   # the connection the NAT will forget
+        job = worker.Job({"id": "1", "token": "t", "lease": 2.2}, None, time.monotonic())
+        self.assertEqual(w._deliver(job, client, "fulfill", result=1), {"id": "1", "status": "fulfilled"})
+        self.assertEqual(fake.connections, 2)
+        self.assertEqual(client.timeout, 3.0)
+        self.assertIn("no answer", logged[0])
+        w.claim_client.close()
+
     def test_a_result_is_resent_only_while_it_can_still_arrive_in_time(self):
         # While the server is away, the worker re-sends a result until the lease ends. Its last
         # try used to leave exactly at the end, reaching the server just too late, and a refusal
@@ -2623,6 +2644,8 @@ class LibraryMode(WorkerCase):
         w = worker.Worker(self.url, None, wait=0, log=logged.append)
 
         class Away:
+            timeout = 30.0
+
             def __init__(self, then=None):
                 self.tries, self.then = [], then
 

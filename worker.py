@@ -548,7 +548,8 @@ class Client:
         if self._aborted:
             return Unavailable("request aborted", None, "aborted")
         if isinstance(error, socket.timeout):
-            return Unavailable("no answer from %s within %gs" % (self.url, timeout), None, "timeout")
+            return Unavailable("no answer from %s within %gs" % (self.url, round(timeout, 2)), None,
+                               "timeout")
         text = str(error) or error.__class__.__name__
         if isinstance(error, ssl.SSLError):
             text = "TLS: " + text
@@ -1288,7 +1289,7 @@ class Worker:
                 wake = term_at + KILL_AFTER
             elif now >= next_beat:
                 sent = time.monotonic()
-                saved, client.timeout = client.timeout, max(1.0, min(10.0, job.expires - sent))
+                saved, client.timeout = client.timeout, _lease_timeout(job, 10.0)
                 try:
                     client.extend(job.id, job.token, lease=self.lease)
                     job.expires = sent + (self.lease or job.lease)
@@ -1466,8 +1467,10 @@ class Worker:
         not be delivered."""
         backoff = Backoff()
         tries = 0
+        saved = client.timeout
         while True:
             tries += 1
+            client.timeout = _lease_timeout(job, saved)
             try:
                 if kind == "fulfill":
                     return client.fulfill(job.id, job.token, result, minimal=True)
@@ -1514,6 +1517,16 @@ class Worker:
                     continue
                 self.log("%s %s refused: %s" % (kind, job.id, e))
                 return None
+            finally:
+                client.timeout = saved
+
+
+def _lease_timeout(job, longest):
+    """How long a request about a job may wait for its answer: half the lease left (at least a
+    second), so that a connection a NAT or proxy dropped without a word (a phone's idle
+    keep-alive, a switch from Wi-Fi to mobile data) is given up on while a try over a new one
+    can still arrive in time. Unbounded, one try could take the rest of the lease."""
+    return max(1.0, min(longest, (job.expires - time.monotonic()) / 2.0))
 
 
 class _Capture:
