@@ -2615,6 +2615,73 @@ class LibraryMode(WorkerCase):
         self.assertEqual((v["status"], v["attempts"]), ("fulfilled", 1))
         w.claim_client.close()
 
+    def test_heartbeats_keep_time_when_the_phone_clock_is_set_back(self):
+        # Termux's Python is built without sem_clockwait (for Android before 11), so a lock's
+        # timed wait (Event.wait) lasts until the wall clock reaches its end: a phone's clock set
+        # back an hour held the wait for the next heartbeat that hour, and the lease was lost
+        # under a running handler. Here each timed Event.wait of this thread lasts 5 s longer,
+        # as in a wait the clock was set back 5 s during.
+        real_wait, me = threading.Event.wait, threading.current_thread()
+
+        def set_back(event, timeout=None):
+            if timeout is not None and threading.current_thread() is me:
+                timeout += 5.0
+            return real_wait(event, timeout)
+
+        class Beats:
+            timeout, extends = 30.0, 0
+
+            def extend(self, *args, **kwargs):
+                self.extends += 1
+
+        w = worker.Worker(self.url, None, wait=0, log=None)
+        job = worker.Job({"id": "1", "token": "t", "lease": 0.6}, None, time.monotonic())
+        job.started = time.monotonic()
+
+        def handler():   # runs 0.8 s: three heartbeats' time
+            time.sleep(0.8)
+            job.exited = True
+            job._wake.set()
+        threading.Thread(target=handler, daemon=True).start()
+        beats = Beats()
+        with unittest.mock.patch.object(threading.Event, "wait", set_back):
+            w._supervise(job, beats, None)
+            self.assertGreaterEqual(beats.extends, 1)
+            self.assertIsNone(job.kill_reason)
+        job._wake.close()
+        w.claim_client.close()
+
+    def test_a_job_past_descriptor_1023_is_still_waited_on_not_spun(self):
+        # select() refuses a descriptor past 1023 (a worker running hundreds of jobs, five
+        # descriptors each): the wait between heartbeats returned at once, over and over.
+        try:
+            import resource
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            if soft < 1200:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 2048), hard))
+                self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        except (ImportError, ValueError, OSError):
+            self.skipTest("cannot open 1100 descriptors here")
+        for _ in range(1100):
+            fd = os.open(os.devnull, os.O_RDONLY)
+            self.addCleanup(os.close, fd)
+        w = worker.Worker(self.url, None, wait=0, log=None)
+        job = worker.Job({"id": "1", "token": "t", "lease": 30}, None, time.monotonic())
+        job.started = time.monotonic()
+        waits = []
+        clear = job._wake.clear
+        job._wake.clear = lambda: (waits.append(1), clear())
+
+        def handler():
+            time.sleep(0.3)
+            job.exited = True
+            job._wake.set()
+        threading.Thread(target=handler, daemon=True).start()
+        w._supervise(job, None, None)   # no heartbeat is due in 0.3 s of a 30 s lease
+        self.assertLessEqual(len(waits), 2)
+        job._wake.close()
+        w.claim_client.close()
+
     def test_a_result_is_resent_over_a_new_connection_when_the_kept_one_went_silent(self):
         # A NAT or proxy drops a phone's idle keep-alive connection without a word: the
         # fulfill sent on it waited the client's whole timeout (30 s) for an answer, past the end

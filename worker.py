@@ -735,6 +735,72 @@ class Backoff:
         self.failures = 0
 
 
+def _readable(sock, timeout):
+    """Whether sock has bytes to read within timeout seconds, a relative time the kernel counts on
+    the monotonic clock. poll(), as select() refuses descriptors past 1023 (a worker running
+    hundreds of jobs); select() on Windows, which has no poll()."""
+    try:
+        if hasattr(select, "poll"):
+            poller = select.poll()   # one per call: a poll object refuses two threads at once
+            poller.register(sock, select.POLLIN)
+            return bool(poller.poll(max(0.0, timeout) * 1000.0))
+        return bool(select.select([sock], [], [], max(0.0, timeout))[0])
+    except (OSError, ValueError):   # closed meanwhile: what it waited for is over
+        return False
+
+
+class _Wakeup:
+    """threading.Event's set, is_set, clear and timed wait, with the wait timed by poll(), which
+    counts monotonic time. A lock's timed wait (Event.wait) ends when the wall clock reaches now
+    plus the timeout where Python was built without sem_clockwait, as Termux's is (for Android
+    before 11): a phone's clock set back an hour held heartbeats for that hour and lost the
+    lease. Its socket pair is made at the first wait, and closed by close()."""
+
+    def __init__(self):
+        self._set = False
+        self._pair = None
+        self._lock = threading.Lock()
+
+    def set(self):
+        self._set = True
+        pair = self._pair
+        if pair is not None:
+            try:
+                pair[1].send(b"!")
+            except OSError:   # full (a wake-up is pending anyway) or closed (the job is over)
+                pass
+
+    def is_set(self):
+        return self._set
+
+    def clear(self):
+        self._set = False
+        pair = self._pair
+        if pair is not None:
+            try:
+                while pair[0].recv(512):
+                    pass
+            except OSError:   # drained: it would block
+                pass
+
+    def wait(self, timeout):
+        with self._lock:
+            if self._pair is None:
+                self._pair = socket.socketpair()   # not os.pipe: select() takes only sockets on Windows
+                for end in self._pair:
+                    end.setblocking(False)
+            pair = self._pair
+        if not self._set:   # after the pair exists: a set() from now on writes to it
+            _readable(pair[0], timeout)
+        return self._set
+
+    def close(self):
+        with self._lock:
+            pair, self._pair = self._pair, None
+        for end in pair or ():
+            end.close()
+
+
 class Job:
     """One claimed intent being run. Python handlers taking two arguments get it as `job`."""
 
@@ -758,7 +824,7 @@ class Job:
         self.forced = False
         self.exited = False
         self.snoozed = False   # given back with a delay, as the handler asked
-        self._wake = threading.Event()
+        self._wake = _Wakeup()   # wakes its supervisor: exited, or a kill requested
 
     def __repr__(self):
         return "<Job %s %s attempt %s>" % (self.id, self.goal, self.attempt)
@@ -813,6 +879,7 @@ class Worker:
         self._commands = {}
         self.claim_client = self._client()   # the long poll; heartbeats and acks use others
         self.stopping = threading.Event()   # set by stop(): no new claims
+        self._stop_wakeup = _Wakeup()        # wakes _sleep() on stop()
         self._stop_signalled = float("-inf")   # when the first stop signal came (monotonic)
         self._cv = threading.Condition()
         self._free = 0
@@ -906,6 +973,7 @@ class Worker:
         """Stop claiming; running jobs get `grace` seconds, then are killed and released."""
         if not self.stopping.is_set():
             self.stopping.set()
+            self._stop_wakeup.set()
             self.claim_client.abort()
             with self._cv:
                 self._cv.notify_all()
@@ -927,6 +995,8 @@ class Worker:
             return self._run(once, install_signals)
         finally:
             self.stopping.clear()   # here, not at the start: a stop() before run() must count
+            self._stop_wakeup.clear()
+            self._stop_wakeup.close()
             with self._cv:
                 self._running = False
 
@@ -1053,7 +1123,9 @@ class Worker:
 
     def _sleep(self, seconds):
         """Sleep, waking early on stop(). Returns False if stopping."""
-        return not self.stopping.wait(seconds)
+        if not self.stopping.is_set():
+            self._stop_wakeup.wait(seconds)   # not stopping.wait(): see _Wakeup
+        return not self.stopping.is_set()
 
     def _claim_loop(self, once):
         backoff = Backoff()
@@ -1161,6 +1233,7 @@ class Worker:
                                       "running it: %s: %s" % (type(e).__name__, e))
                     except Exception:
                         pass
+                job._wake.close()
                 with self._cv:
                     self._jobs.pop(job.id, None)
                     self._free += 1
@@ -1451,7 +1524,7 @@ class Worker:
         else:
             if code < 0 and not job.signalled and \
                     -code in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", 1)) and \
-                    self.stopping.wait(0.5):   # the same signal may be on its way to us too
+                    not self._sleep(0.5):   # the same signal may be on its way to us too
                 job.kill_reason = job.kill_reason or "shutdown"   # stopped with us (systemd, a
                 job.signalled = True                              # terminal): give it back
             text = self._redacted(err.text())[-MAX_ERROR_CHARS:].strip()   # before the cut
