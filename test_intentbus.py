@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import unittest
 import unittest.mock
 import urllib.parse
@@ -2613,6 +2614,32 @@ class LibraryMode(WorkerCase):
         self.assertEqual(ran, ["fresh"])
         v = c.get(fresh["id"])
         self.assertEqual((v["status"], v["attempts"]), ("fulfilled", 1))
+        w.claim_client.close()
+
+    def test_the_reconnect_line_counts_the_outage_not_the_long_poll_after_it(self):
+        # "reconnected after 76.3s" for a server down 51 s: the first claim to get through
+        # long-polled 25 s before its answer, and that wait was counted as outage.
+        logged = []
+        w = worker.Worker(self.url, None, wait=25, log=logged.append)
+        w.command("g", ["true"])
+        clock = [time.monotonic()]
+        fake_time = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if k[0] != "_"})
+        fake_time.monotonic = lambda: clock[0]   # the worker's own clock; threading keeps the real one
+        calls = []
+
+        def claim(**kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise Unavailable("connection refused", None, "network")
+            clock[0] += 25.0   # an answer at the end of the long poll
+            w.stop()
+            return []
+        w.claim_client.claim = claim
+        w._free = 1   # a free slot, as run() would give
+        with unittest.mock.patch.object(worker, "time", fake_time), \
+                unittest.mock.patch.object(worker.Backoff, "next", lambda self, retry_after=None: 0.0):
+            w._claim_loop(once=False)
+        self.assertIn("reconnected to %s: unreachable for 0.0s" % self.url, logged)
         w.claim_client.close()
 
     def test_heartbeats_keep_time_when_the_phone_clock_is_set_back(self):

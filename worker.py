@@ -1177,9 +1177,9 @@ class Worker:
                     self.exit_code = 2
                     self.stop()
                     return
-                if outage is not None:
-                    self.log("reconnected to %s after %.1fs" % (_safe_url(self.url),
-                                                                time.monotonic() - outage))
+                if outage is not None:   # until `sent`: the long poll's own wait is no outage
+                    self.log("reconnected to %s: unreachable for %.1fs" % (_safe_url(self.url),
+                                                                           sent - outage))
                     outage = None
                 backoff.reset()
                 if intents:
