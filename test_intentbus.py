@@ -1874,6 +1874,19 @@ class ClientConnections(unittest.TestCase):
             with self.assertRaises(ValueError, msg=kw):
                 Client(**kw)
 
+    def test_a_connection_idle_too_long_is_not_reused(self):
+        # A NAT forgot a phone's keep-alive connection while no job came (hours): the next
+        # job's fulfill went into it and waited the whole timeout (30 s) for an answer that
+        # could not come, holding the worker's only slot, while a new connection worked.
+        def silent(conn):
+            pass   # swallowed; the next read waits until the client hangs up
+        f = self.fake([[http_answer(200, {"n": 1}), silent, None], [http_answer(200, {"n": 2})]])
+        c = self.client(f.url, timeout=1.0)
+        self.assertEqual(c.health(), {"n": 1})
+        c.max_idle = 0.0   # as if it had been idle past the limit
+        self.assertEqual(c.health(), {"n": 2})
+        self.assertEqual(f.connections, 2)
+
     def test_no_resend_on_a_fresh_connection(self):
         f = self.fake([[None], [http_answer(200, {"n": 2})]])
         c = self.client(f.url)

@@ -326,8 +326,9 @@ class Client:
     One persistent HTTP/1.1 connection (TCP_NODELAY, headers and body in one write). When a reused
     keep-alive connection turns out to have been closed by the server before any byte of the
     answer, it reconnects and sends the request once more; any other network error or timeout
-    raises Unavailable. Error answers raise IntentBusError (LeaseLost for 409 lease_lost, NotFound
-    for 404, Unavailable for 5xx, 408 and 429). Use one Client per thread.
+    raises Unavailable. A connection idle for over max_idle seconds is not reused. Error answers
+    raise IntentBusError (LeaseLost for 409 lease_lost, NotFound for 404, Unavailable for 5xx,
+    408 and 429). Use one Client per thread.
 
     timeout bounds connecting, sending, and each wait for the answer; the answer as a whole
     must arrive within timeout plus a second per MIN_ANSWER_RATE bytes received. An answer over
@@ -338,6 +339,10 @@ class Client:
     with --require-signature); the token itself is then never sent."""
 
     max_answer = 128 << 20   # a list of 1,000 intents with the largest default results is ~75 MB
+    # A NAT or proxy may forget an idle connection without a word (a phone's, between two jobs):
+    # a request sent on it waited out its whole timeout. The server closes one idle for 60 s
+    # (--idle-timeout) anyway; one in use (a long poll, heartbeats) stays open.
+    max_idle = 30.0
 
     def __init__(self, url="http://127.0.0.1:8080", token=None, timeout=30.0, ca_file=None,
                  sign_as=None):
@@ -363,6 +368,7 @@ class Client:
         self._ssl = ssl.create_default_context(cafile=ca_file) if self._https else None
         self._ca_file = ca_file
         self._conn = None
+        self._idle_since = 0.0   # when the connection's last answer was read (monotonic)
         self._aborted = False
         self._sign_key = None
         base = {"Accept": "application/json", "User-Agent": "intentbus-worker/" + __version__}
@@ -490,6 +496,10 @@ class Client:
         self._aborted = False
         for attempt in (0, 1):
             conn = self._conn
+            if conn is not None and conn.sock is not None and \
+                    time.monotonic() - self._idle_since > self.max_idle:
+                self.close()   # idle too long to trust (max_idle)
+                conn = None
             if conn is None:
                 conn = self._conn = self._new_conn(timeout)
             reused = conn.sock is not None
@@ -526,6 +536,7 @@ class Client:
                                   "answer_too_large")
             if reply.will_close:
                 self.close()
+            self._idle_since = time.monotonic()
             return reply.status, reply, raw
         raise Unavailable("unreachable", None, "network")   # not reached
 
