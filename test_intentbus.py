@@ -1874,6 +1874,28 @@ class ClientConnections(unittest.TestCase):
             with self.assertRaises(ValueError, msg=kw):
                 Client(**kw)
 
+    def test_an_answer_that_came_while_the_worker_was_frozen_is_read(self):
+        # Android froze the worker for 40 s while a claim's answer (20 intents) came in: on
+        # waking, its deadline had passed, so the answer waiting in the socket was "no answer
+        # within 30s", and the 20 intents stayed claimed by nobody until their leases ended.
+        clock = [0.0]
+        fake_time = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if k[0] != "_"})
+        fake_time.monotonic = lambda: time.monotonic() + clock[0]
+        body = {"pad": "x" * 40000}
+
+        def frozen(answer):
+            def send(conn):
+                clock[0] += 40.0   # the worker sleeps through its deadline, and the answer comes
+                conn.sendall(answer)
+            return send
+        f = self.fake([[frozen(http_answer(200, body)), None]])
+        cut = self.fake([[frozen(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{"), None]])
+        with unittest.mock.patch.object(worker, "time", fake_time):
+            self.assertEqual(self.client(f.url, timeout=30.0).health(), body)
+            with self.assertRaises(Unavailable) as cm:   # waiting for more still times out
+                self.client(cut.url, timeout=0.5).health()
+        self.assertEqual(cm.exception.code, "timeout")
+
     def test_a_connection_idle_too_long_is_not_reused(self):
         # A NAT forgot a phone's keep-alive connection while no job came (hours): the next
         # job's fulfill went into it and waited the whole timeout (30 s) for an answer that
