@@ -3810,6 +3810,42 @@ class SignedRequests(ServerCase):
         self.assertRegex(e.message, r"clock is 3[56]\d\d s behind")
         self.assertEqual(self.count(), 1)
 
+    def test_a_worker_whose_clock_is_off_keeps_trying_until_it_is_set_right(self):
+        # A phone's clock set 400 s wrong (by hand, or a bad network time): its signatures were
+        # refused, the worker took the 401 for a wrong token and exited (status 2), and it was
+        # gone when the clock was set right a minute later.
+        offset = [-400.0]
+
+        class Skewed:   # worker.py's view of time
+            def __getattr__(self, name):
+                return getattr(time, name)
+
+            def time(self):
+                return time.time() + offset[0]
+        logged, done = [], threading.Event()
+        w = worker.Worker(self.url, self.secret, sign_as="signer", wait=0, log=logged.append)
+
+        @w.handler("g")
+        def g(payload):
+            done.set()
+            return payload
+        i = self.c.submit("g", 1)
+        codes = []
+        runner = threading.Thread(target=lambda: codes.append(w.run(install_signals=False)), daemon=True)
+        with unittest.mock.patch.object(worker, "time", Skewed()):
+            runner.start()
+            self.addCleanup(runner.join, 15)
+            self.addCleanup(w.stop)
+            self.assertTrue(eventually(lambda: any("signature refused" in m for m in logged)), logged)
+            refused = [m for m in logged if "signature refused" in m][0]
+            self.assertRegex(refused, r"clock is [34]\d\d s behind")
+            offset[0] = 0.0   # the network sets the clock right
+            self.assertTrue(done.wait(15), logged)
+            self.assertTrue(eventually(lambda: self.c.get(i["id"])["status"] == "fulfilled"))
+            w.stop()
+            runner.join(15)
+        self.assertEqual(codes, [0])
+
     def test_plain_bearer_is_refused(self):
         plain = self.client(self.srv, self.secret)
         self.refused(lambda: plain.submit("g"), 401)

@@ -474,7 +474,10 @@ class Client:
             return status, obj
         code, message = _error_of(obj, status)
         if status == 401 and self._sign_key is not None:
-            message += _clock_hint(reply.getheader("Date"))
+            hint = _clock_hint(reply.getheader("Date"))
+            if hint:   # this clock is off (a phone's, set by hand or stepped): try again later,
+                # as it may soon be set right; at worst a wrong token is tried once a minute
+                raise Unavailable(message + hint, status, code)
         if status == 404:
             raise NotFound(message, status, code)
         if status == 409 and code == "lease_lost":
@@ -1181,7 +1184,8 @@ class Worker:
                         return
                     delay = backoff.next(e.retry_after)
                     outage = outage or time.monotonic()
-                    self.log("server unavailable (%s); reconnecting in %.1fs" % (e, delay))
+                    self.log("%s (%s); reconnecting in %.1fs" % (
+                        "signature refused" if e.status == 401 else "server unavailable", e, delay))
                     if not self._sleep(delay):
                         return
                     continue
@@ -1881,7 +1885,7 @@ signals:
 exit status:
   0 stopped normally (--once: every job was fulfilled, or there was none); 1 --once and a job
   failed or the server was unreachable; 2 bad arguments, no handlers, or the server refused the
-  token; 130 quit by a second signal.
+  token (not a signature refused for this machine's clock: retried); 130 quit by a second signal.
 
 examples:
   INTENTBUS_TOKEN_FILE=~/.intentbus-token python worker.py --server https://bus.example.org --cap ffmpeg
