@@ -559,10 +559,11 @@ class Storage:
             return False
 
     def requeue(self, op):
-        """Wake a parked op. On the writer thread, it runs in the transaction under way."""
+        """Wake a parked op. On the writer thread, it runs in the transaction under way.
+        False if it was no longer parked (its caller's wait ran out, or it was answered)."""
         with self._cv:
             if op.state != _PARKED:
-                return
+                return False
             op.state = _QUEUED
             if self._batch is not None and threading.current_thread() is self._leader:
                 self._batch.append(op)
@@ -570,6 +571,7 @@ class Storage:
                 self._pending.append(op)
                 if not self._leading:
                     self._cv.notify()
+            return True
 
     def finish_parked(self, op, value):
         """Answer a parked op without running it (used at shutdown)."""
@@ -1332,13 +1334,18 @@ class Queue:
         submit and the claim it wakes share one commit. Returns True if it woke any."""
         woke = False
         for route_id, route in list(self._ready.items()):
-            waiting = next((r for r in self._parked if r.op.state == _PARKED and r.accepts(route)
-                            and self._still_there(r)), None)
-            if waiting is None or not self.store.claimable(route_id, 1):
-                del self._ready[route_id]
-                continue
-            self.store.requeue(waiting.op)
-            woke = True
+            while True:
+                waiting = next((r for r in self._parked if r.op.state == _PARKED and r.accepts(route)
+                                and self._still_there(r)), None)
+                if waiting is None or not self.store.claimable(route_id, 1):
+                    del self._ready[route_id]
+                    break
+                # A long poll can end on its own thread between the choice and the requeue: then
+                # nothing joined the batch (counted as woken, the writer took from an empty
+                # batch and died), and the next parked claim gets the work.
+                if self.store.requeue(waiting.op):
+                    woke = True
+                    break
         if woke:
             self._parked = [r for r in self._parked if r.op.state == _PARKED]
         return woke

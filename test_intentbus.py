@@ -970,6 +970,33 @@ class QueueRules(RulesCase):
         self.assertEqual([(g["status"], g["attempts"]) for g in got], [("open", 0)] * 3)
         self.assertEqual(len(self.claim(max=3)), 3)
 
+    def test_a_long_poll_that_ends_as_work_arrives_leaves_the_writer_running(self):
+        # A long poll whose wait ran out withdraws its parked claim (Storage.cancel, on its own
+        # thread). When that happened while the writer, waking it for new work, was between
+        # choosing it and requeueing it, the writer counted it as woken, took an op from an
+        # empty batch and died with its transaction open: the requests of that transaction were
+        # never answered (found by a soak: 30 s client timeouts).
+        store = Storage(os.path.join(self.dir, "writer.db"))
+        store.migrate()
+        store.start_writer()
+        self.addCleanup(store.close)
+        q = Queue(store, clock=self.clock)
+
+        def park(worker):
+            request = intentbus.ClaimRequest(worker, [], None, 1, None, self.clock.now + 30, None)
+            request.op = intentbus._Op(lambda: q._claim_now(request))
+            store.enqueue(request.op)
+            self.assertEqual(request.op.state, intentbus._PARKED)
+            return request
+        first, second = park("first"), park("second")
+        first.alive = lambda: store.cancel(first.op)   # its wait runs out at that very moment
+        i = q.submit([{"goal": "g"}])[1][0]
+        self.assertEqual(first.op.state, intentbus._CANCELLED)
+        # the next long poll gets the work, in the submit's own transaction
+        self.assertTrue(second.op.wait(10))
+        self.assertEqual([str(claimed[0][0]) for claimed in second.op.value], [i["id"]])
+        self.assertTrue(store._thread.is_alive())
+
     def test_quota_counts_stay_true_after_the_caches_are_dropped(self):
         # A rollback or an admin command's write drops the in-memory counts; the next change must
         # not be counted twice (once in the reloaded count, once as its own delta).
