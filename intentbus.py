@@ -249,13 +249,14 @@ class _UndoBatch(Exception):
 class _Op:
     """One write waiting for its transaction, with the caller's wait handle (a lock held until
     the op is done: cheaper than an Event, and each op is waited for once)."""
-    __slots__ = ("fn", "state", "value", "error", "_done")
+    __slots__ = ("fn", "state", "value", "error", "withdrawn", "_done")
 
     def __init__(self, fn):
         self.fn = fn
         self.state = _QUEUED
         self.value = None
         self.error = None
+        self.withdrawn = False   # its caller stopped waiting for it to park (see Storage.cancel)
         self._done = threading.Lock()
         self._done.acquire()
 
@@ -551,11 +552,13 @@ class Storage:
                     self._cv.notify()
 
     def cancel(self, op):
-        """Withdraw a parked op. False if it is queued, running or done: then it will finish soon."""
+        """Withdraw a parked op. False if it is queued, running or done: then it will finish soon,
+        as one that would park is answered with PARK instead (its caller waits for nothing else)."""
         with self._lock:
             if op.state == _PARKED:
                 op.state = _CANCELLED
                 return True
+            op.withdrawn = True
             return False
 
     def requeue(self, op):
@@ -663,8 +666,9 @@ class Storage:
                     continue
                 if value is PARK:
                     with self._lock:
-                        op.state = _PARKED
-                    continue
+                        if not op.withdrawn:
+                            op.state = _PARKED
+                            continue
                 op.value = value
                 done.append(op)
             conn.execute("COMMIT")
@@ -1510,6 +1514,8 @@ class Queue:
         op.wait()
         if op.error is not None:
             raise op.error
+        if op.value is PARK:   # the wait ran out while the claim was queued or running: it found nothing
+            return []
         return [(view or claim_view)(c) for c in op.value]   # built here, off the writer thread
 
     def _claim_now(self, request):

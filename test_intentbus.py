@@ -997,6 +997,34 @@ class QueueRules(RulesCase):
         self.assertEqual([str(claimed[0][0]) for claimed in second.op.value], [i["id"]])
         self.assertTrue(store._thread.is_alive())
 
+    def test_a_long_poll_whose_wait_runs_out_before_its_claim_runs_is_answered(self):
+        # A long poll withdraws its claim when its wait runs out, but a claim still queued (or
+        # running) cannot be withdrawn: its caller then waited for it to end. When it ended by
+        # parking, nothing ended it: the caller waited for the next work on its routes, and
+        # then took it for a client that had long given up (found by a soak: 30 s timeouts and
+        # intents held by a token that no answer carried).
+        store = Storage(os.path.join(self.dir, "writer.db"))
+        store.migrate()
+        store.start_writer()
+        self.addCleanup(store.close)
+        q = Queue(store, clock=self.clock)
+        gate, cancelled = threading.Event(), threading.Event()
+        busy = threading.Thread(target=store.write, args=(lambda: gate.wait(10),), daemon=True)
+        busy.start()   # a transaction under way: the claim below waits in the queue behind it
+        self.assertTrue(eventually(lambda: store._leading, 5))
+        withdraw = store.cancel
+        store.cancel = lambda op: (withdraw(op), cancelled.set())[0]
+        got = []
+        claimant = threading.Thread(target=lambda: got.append(q.claim({"worker": "w", "wait": 0.01})),
+                                    daemon=True)
+        claimant.start()
+        self.assertTrue(cancelled.wait(10))   # its wait ran out while the claim was queued
+        gate.set()
+        claimant.join(10)
+        self.assertEqual(got, [[]])
+        i = q.submit([{"goal": "g"}])[1][0]   # and the work goes to a claim that is still there
+        self.assertEqual([j["id"] for j in q.claim({"worker": "next"})], [i["id"]])
+
     def test_quota_counts_stay_true_after_the_caches_are_dropped(self):
         # A rollback or an admin command's write drops the in-memory counts; the next change must
         # not be counted twice (once in the reloaded count, once as its own delta).
