@@ -9,6 +9,7 @@ cannot send. No timed assertions: time-dependent rules use a controllable clock,
 leases with bounded polling loops.
 """
 
+import collections
 import contextlib
 import email.utils
 import functools
@@ -1187,6 +1188,206 @@ class QueueRules(RulesCase):
             self.assertIn("3.24.0", str(e.exception))
         finally:
             intentbus.sqlite3.sqlite_version_info = saved
+
+
+# =====================================================================================
+# Queue rules under concurrency: a seeded soak
+# =====================================================================================
+
+class ConcurrentSoak(TempDirCase):
+    """Threads doing random mixes of every queue operation on one Queue, with its writer and
+    Sweeper running and a controllable clock that the threads move on; then, all quiet, the rules
+    are checked on every row, on /stats, on the in-memory caches and on every token handed out.
+    A seed fixes each thread's operations, not how they interleave: any interleaving that breaks
+    a rule fails. (A longer soak of this kind, over HTTP too and with admin commands from another
+    process, found the two long poll races tested in QueueRules; this one is a net, not a proof.)"""
+    SEEDS, THREADS, OPS, ROUNDS = (7, 8, 9), 4, 50, 8
+    CAPS, GOALS = ("a", "b", "c"), ("g1", "g2")
+
+    def test_threads_never_break_the_rules(self):
+        for seed in self.SEEDS:
+            with self.subTest(seed=seed):
+                self.soak(random.Random(seed), os.path.join(self.dir, "soak-%d.db" % seed))
+
+    def soak(self, rng, path):
+        self.clock = Clock()
+        store = self.store = Storage(path)
+        store.migrate()
+        self.q = Queue(store, lease=2, backoff_base=1, backoff_max=4, max_open=10 ** 6, clock=self.clock)
+        store.start_writer()
+        sweeper = intentbus.Sweeper(self.q)
+        sweeper.start()
+        self.tokens, self.keys, self.errors = {}, {}, []   # tokens: intent id -> every token issued
+        self.lock = threading.Lock()
+        try:
+            for _ in range(self.ROUNDS):
+                threads = [threading.Thread(target=self.operate, args=(random.Random(rng.random()), n),
+                                            daemon=True) for n in range(self.THREADS)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(60)
+                self.assertFalse([t for t in threads if t.is_alive()], "an operation never returned")
+                self.assertEqual(self.errors[:3], [])
+                self.check(rng)
+        finally:
+            sweeper.stop()
+            store.close()
+
+    def body(self, rng):
+        body = {"goal": rng.choice(self.GOALS), "priority": rng.choice([-1, 0, 0, 2]),
+                "requires": rng.sample(self.CAPS, rng.choice([0, 0, 1, 2])),
+                "max_attempts": rng.choice([1, 2, 3]), "backoff": rng.choice([0, 1])}
+        if rng.random() < 0.2:
+            body["delay"] = rng.choice([0.5, 3])
+        return body
+
+    def operate(self, rng, n):
+        held, q = [], self.q
+        for _ in range(self.OPS):
+            roll = rng.random()
+            with self.lock:
+                known = sorted(self.tokens)
+            try:
+                if roll < 0.05:
+                    self.clock.advance(rng.choice([0.25, 1]))   # leases, delays and backoffs run out
+                elif roll < 0.08:
+                    q.tick()   # the sweeper's work, at once rather than within its half second
+                elif roll < 0.26:
+                    key = "k%d" % rng.randrange(20) if rng.random() < 0.3 else None
+                    body = self.body(random.Random(key) if key else rng)
+                    if key:
+                        body["idempotency_key"] = key
+                    for intent in q.submit([body] if rng.random() < 0.7 else [body, self.body(rng)])[1]:
+                        with self.lock:
+                            self.tokens.setdefault(int(intent["id"]), [])
+                            if key:
+                                self.keys.setdefault(key, set()).add(intent["id"])
+                                key = None   # the second intent of an array has none
+                elif roll < 0.5:
+                    caps = sorted(rng.sample(self.CAPS, rng.choice([0, 1, 2])))
+                    goals = [rng.choice(self.GOALS)] if rng.random() < 0.4 else []
+                    jobs = q.claim({"worker": "w%d@%s@%s" % (n, ".".join(caps) or "-", ".".join(goals) or "any"),
+                                    "caps": caps, "goals": goals, "max": rng.choice([1, 1, 3]),
+                                    "wait": rng.choice([0, 0, 0.01])})
+                    for job in jobs:
+                        with self.lock:
+                            self.tokens.setdefault(int(job["id"]), []).append(job["token"])
+                    held += jobs
+                elif roll < 0.8 and (held or known):
+                    self.act(rng, n, held, known)
+                elif roll < 0.88 and known:
+                    q.cancel(str(rng.choice(known)))
+                elif roll < 0.96 and known:
+                    q.retry(str(rng.choice(known)))
+                else:
+                    q.retry_matching(rng.choice(["dead", "cancelled"]), rng.choice((None,) + self.GOALS))
+            except (intentbus.LeaseLost, intentbus.Conflict):
+                pass   # a stale token, or the wrong state for cancel or retry: refused, as it should be
+            except Exception as e:
+                self.errors.append(repr(e))
+
+    def act(self, rng, n, held, known):
+        """A fenced operation: mostly with a lease this thread holds (it alone moves its end),
+        else with someone's older or current token, which may end a lease but never moves it."""
+        q = self.q
+        mine = held and rng.random() < 0.85
+        if mine:
+            job = held.pop(rng.randrange(len(held)))
+        else:
+            i = rng.choice(known)
+            tokens = self.tokens[i] or ["none"]
+            job = {"id": str(i), "token": tokens[-min(len(tokens), rng.choice([1, 2]))]}
+        action = rng.choice(["fulfill", "fulfill_many", "fail", "fail", "release"] + ["extend"] * bool(mine))
+        if action == "extend":
+            job["lease_expires_at"] = q.extend(job["id"], job["token"], rng.choice([None, 0.5, 3]))[
+                "lease_expires_at"]
+            held.append(job)
+            return
+        if action == "fulfill_many":   # the same item twice: fulfilled once at most
+            results = q.fulfill_many([{"id": job["id"], "token": job["token"], "result": n}] * 2)
+            if results[1]["ok"]:
+                self.errors.append("intent %s fulfilled twice in one batch" % job["id"])
+            return
+        if action == "fulfill":
+            answer, want = q.fulfill(job["id"], job["token"], {"by": n}), "fulfilled"
+        elif action == "fail":
+            retry = rng.random() < 0.8
+            answer = q.fail(job["id"], job["token"], "error %d" % rng.randrange(1000), retry)
+            want = "open" if retry and answer["attempts"] < answer["max_attempts"] else "dead"
+        else:
+            answer, want = q.release(job["id"], job["token"]), "open"
+        if answer["status"] != want:
+            self.errors.append("%s of intent %s left it %s" % (action, job["id"], answer["status"]))
+        if mine and answer["history"][-1]["end"] >= job["lease_expires_at"]:
+            self.errors.append("%s of intent %s worked after its lease ended" % (action, job["id"]))
+
+    def check(self, rng):
+        """All quiet: the rules, on every row and everything derived from the rows."""
+        self.clock.advance(rng.choice([0, 0.5, 5]))
+        self.q.tick()   # the sweeper's work at this time, done now: nothing moves while checking
+        now = self.clock.now
+        rows = {r["id"]: r for r in self.store.list_intents(limit=10 ** 6)}
+        self.assertLessEqual(set(self.tokens), set(rows), "an acknowledged intent was lost")
+        for key, ids in self.keys.items():
+            self.assertEqual(len(ids), 1, "idempotency key %s made %s" % (key, ids))
+        for i, r in rows.items():
+            status, history = r["status"], json.loads(r["history"])
+            where = "intent %s: %r" % (i, r)
+            self.assertLessEqual(r["attempts"], r["max_attempts"], where)
+            self.assertEqual(bool(r["token"]), status == "claimed", where)
+            self.assertEqual(r["lease_expires_at"] is not None, status == "claimed", where)
+            self.assertEqual(r["finished_at"] is not None, status in intentbus.FINISHED, where)
+            if status == "open":
+                self.assertLess(r["attempts"], r["max_attempts"], where)
+                self.assertIsNone(r["worker"], where)
+                self.assertEqual(bool(r["delayed"]), r["run_at"] > now, where)   # ready when due
+            if status == "claimed":
+                self.assertGreater(r["lease_expires_at"], now, where)   # expired ones were swept
+                self.assertIn(r["token"], self.tokens[i], where)        # a claim's answer carried it
+            if status in ("claimed", "fulfilled"):
+                self.assertLessEqual(r["run_at"], r["claimed_at"], where)   # never claimed early
+            if status == "dead":
+                self.assertTrue(r["error"], where)
+                self.assertEqual(history[-1]["error"], r["error"], where)   # the last error is kept
+            attempts = history + ([{"worker": r["worker"], "attempt": r["attempts"],
+                                    "start": r["claimed_at"]}] if status == "claimed" else [])
+            for a in attempts:   # each attempt's worker could take it
+                _, caps, goals = a["worker"].split("@")
+                self.assertLessEqual(set(json.loads(r["requires"])), set(caps.split(".")), where)
+                self.assertIn(goals, ("any", r["goal"]), where)
+            for a, b in zip(attempts, attempts[1:]):   # one attempt at a time, none lost
+                self.assertGreaterEqual(b["start"], a["end"], where)
+                follows = {"failed": a["attempt"] + 1, "lease_expired": a["attempt"] + 1,
+                           "released": a["attempt"]}.get(a["outcome"])
+                self.assertIn(b["attempt"], (follows, 1), where)   # 1: after a redrive
+        counts = collections.Counter(r["status"] for r in rows.values())
+        self.assertEqual(self.q.stats()["counts"], {s: counts[s] for s in intentbus.STATUSES})
+        # the caches, read on the writer: the --max-open count, and the routes claims look at
+        open_counts, may_have_work = self.store.write(lambda: (
+            None if self.q._open_counts is None else dict(self.q._open_counts),
+            None if self.q._may_have_work is None else set(self.q._may_have_work)))
+        if open_counts is not None:
+            self.assertEqual(open_counts.get("default", 0), counts["open"] + counts["claimed"])
+        ready = {r["route"] for r in rows.values() if r["status"] == "open" and not r["delayed"]}
+        if may_have_work is not None:
+            self.assertLessEqual(ready, may_have_work, "claims would skip routes that have work")
+        for i, tokens in self.tokens.items():   # only the current token acts, and it does
+            for token in tokens[-3:]:
+                current = rows[i]["status"] == "claimed" and rows[i]["token"] == token
+                try:
+                    self.q.extend(str(i), token)
+                    self.assertTrue(current, "intent %s: a stale token worked" % i)
+                except intentbus.LeaseLost:
+                    self.assertFalse(current, "intent %s: its current token was refused" % i)
+        # one claim, alone: it takes the best ready work it may take
+        caps = sorted(rng.sample(self.CAPS, rng.choice([0, 1, 2])))
+        best = sorted((-r["priority"], i) for i, r in rows.items() if r["status"] == "open" and not
+                      r["delayed"] and set(json.loads(r["requires"])) <= set(caps))[:2]
+        jobs = self.q.claim({"worker": "quiet@%s@any" % (".".join(caps) or "-"), "caps": caps, "max": 2})
+        self.assertEqual([int(j["id"]) for j in jobs], [i for _, i in best])
+        for job in jobs:
+            self.q.release(job["id"], job["token"])
 
 
 # =====================================================================================
