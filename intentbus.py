@@ -672,7 +672,7 @@ class Storage:
                 op.value = value
                 done.append(op)
             conn.execute("COMMIT")
-        except (sqlite3.Error, _UndoBatch) as e:
+        except Exception as e:   # SQLite's errors, _UndoBatch, and a bug (see below)
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             if failed is not None:
@@ -684,8 +684,15 @@ class Storage:
                 for op in retry:
                     op.state = _QUEUED
                 batch.extendleft(reversed(retry))
-            else:   # the commit itself failed (e.g. the disk is full): every op of it fails
-                failure = (StorageFull if _is_full(e) else StorageError)(str(e))
+            else:   # the commit failed (a full disk), or a bug outside any one op: its ops fail
+                if isinstance(e, sqlite3.Error):
+                    failure = (StorageFull if _is_full(e) else StorageError)(str(e))
+                else:
+                    # A bug in a callback of the queue rules: the batch fails, but the writer
+                    # lives on. Let through, it ended the writer thread with the transaction
+                    # open, and every later write waited for ever.
+                    log("write failed", error=repr(e)[:200])
+                    failure = StorageError("internal error in a write; see the server log")
                 for op in done:
                     op.value = None
                     if op.error is None:
@@ -701,7 +708,10 @@ class Storage:
                     self._pending.extendleft(reversed(batch))
                     batch.clear()
         for callback in self._after_commit:
-            callback()
+            try:
+                callback()
+            except Exception as e:   # a bug: its ops are committed, and must still be answered
+                log("after a write", error=repr(e)[:200])
         self._after_commit = []
         with self._lock:
             for op in done:

@@ -5045,6 +5045,34 @@ class Fuzz(BusCase):
 # =====================================================================================
 
 class DataSafety(BusCase):
+    def test_a_bug_around_a_write_fails_its_batch_not_the_writer(self):
+        # Found by the concurrent soak: an exception outside any one op (a callback of the queue
+        # rules) ended the writer thread with the transaction open; every later write waited
+        # for ever while /health still answered.
+        store = Storage(self.db)
+        store.migrate()
+        store.start_writer()
+        self.addCleanup(store.close)
+        raised = []
+
+        def buggy():
+            if not raised:
+                raised.append(1)
+                raise RuntimeError("a bug")
+            return False
+        store.before_commit.append(buggy)
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            with self.assertRaises(intentbus.StorageError):
+                store.write(lambda: store.add_route("default", "g", "[]"))
+            self.assertEqual(store._read("SELECT count(*) FROM routes"), [(0,)])   # undone
+            self.assertEqual(store.write(lambda: store.add_route("default", "g", "[]")), 1)
+            # A bug after the commit: the write is kept and answered all the same.
+            self.assertEqual(store.write(lambda: store.after_commit(lambda: 1 / 0) or 7), 7)
+            self.assertEqual(store.write(lambda: 8), 8)
+        self.assertEqual(store._read("SELECT count(*) FROM routes"), [(1,)])
+        self.assertIn("RuntimeError", err.getvalue())
+        self.assertIn("ZeroDivisionError", err.getvalue())
+
     def test_files_are_owner_only(self):
         old = os.umask(0o022)
         try:
