@@ -1213,13 +1213,6 @@ def _names(body, field, pattern, most, what):
     return sorted(set(value))
 
 
-def _goal_filter(goal):
-    """A list's or a bulk operation's optional goal: a name, or None for any."""
-    if goal is not None and not (isinstance(goal, str) and NAME_RE.match(goal)):
-        raise Invalid("'goal' must be 1-128 characters of A-Z a-z 0-9 _ . : -")
-    return goal
-
-
 def _json_size(value, field, limit):
     try:
         text = dumps(value)
@@ -1842,7 +1835,7 @@ class Queue:
         status = "dead" if status is None else status
         if status not in ("dead", "cancelled"):
             raise Invalid("'status' must be dead or cancelled")
-        _goal_filter(goal)
+        _name({"goal": goal}, "goal", NAME_RE)   # optional: None is any goal
 
         def redrive(rows, now):
             for row in rows:
@@ -1854,7 +1847,7 @@ class Queue:
         all=True of every goal the scope sees. Returns the count."""
         if status is not None and status not in CANCELLABLE:
             raise Invalid("'status' must be open or claimed")
-        _goal_filter(goal)
+        _name({"goal": goal}, "goal", NAME_RE)   # optional: None is any goal
         all = False if all is None else all
         if not isinstance(all, bool):
             raise Invalid("'all' must be true or false")
@@ -2002,7 +1995,7 @@ class Queue:
     def list(self, status=None, goal=None, limit=100, after=None, scope=ROOT):
         if status is not None and status not in STATUSES:
             raise Invalid("'status' must be one of %s" % ", ".join(STATUSES))
-        _goal_filter(goal)
+        _name({"goal": goal}, "goal", NAME_RE)   # optional: None is any goal
         limit = _number({"limit": limit}, "limit", 1, 1000, 100, integer=True)
         cursor = 0 if after in (None, "", "0", 0) else _intent_id(after, "after")
         rows = self.store.list_intents(status, goal, scope.namespace,
