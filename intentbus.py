@@ -1715,11 +1715,7 @@ class Queue:
             delay *= 0.75 + 0.5 * self.rng()        # jitter, so retries of a burst spread out
             changes.update(status="open", worker=None, run_at=now + delay, delayed=int(delay > 0))
             self.store.update_intent(row["id"], **changes)
-            if delay > 0:
-                if self.wakeup:
-                    self.wakeup(now + delay)
-            else:
-                self._became_ready(self._all_routes()[row["route"]])
+            self._reopened(row, now, delay)
         else:
             changes.update(status="dead", finished_at=now)
             self._unfinished(row["namespace"], -1)   # before the write: a reload must not see it
@@ -1765,13 +1761,18 @@ class Queue:
                        lease_expires_at=None, run_at=now + delay, delayed=int(delay > 0),
                        history=history)
         self.store.update_intent(row["id"], **changes)
-        if delay > 0:   # the sweeper makes it ready when due, and wakes parked claims then
+        self._reopened(row, now, delay)
+        row.update(changes)
+        return row
+
+    def _reopened(self, row, now, delay):
+        """An intent went back to open: ready now (parked claims that take it are woken), or
+        after delay, when the sweeper makes it ready (a tick is asked for then)."""
+        if delay > 0:
             if self.wakeup:
                 self.wakeup(now + delay)
         else:
             self._became_ready(self._all_routes()[row["route"]])
-        row.update(changes)
-        return row
 
     def release_undelivered(self, claimed, scope=ROOT):
         """A claim answer could not be written to the worker: give those intents straight back.
