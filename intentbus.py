@@ -1915,11 +1915,17 @@ class Queue:
         namespace, goal = self._goal_in_scope(goal, namespace, scope)
 
         def run():
-            resumed = self.store.delete_pause(namespace, goal) > 0
-            if resumed:
-                self._set_paused(namespace, goal, False)
-            return {"namespace": namespace, "goal": goal, "paused": False, "resumed": resumed}
+            return {"namespace": namespace, "goal": goal, "paused": False,
+                    "resumed": self._resume_now(namespace, goal)}
         return self.store.write(run)
+
+    def _resume_now(self, namespace, goal):
+        """End a goal's pause, in the file and on its routes (writer thread). False if it was
+        not paused."""
+        if not self.store.delete_pause(namespace, goal):
+            return False
+        self._set_paused(namespace, goal, False)
+        return True
 
     def _goal_in_scope(self, goal, namespace, scope):
         """(namespace, goal) a pause or resume acts on: an admin of one namespace acts in it, one
@@ -2074,8 +2080,7 @@ class Queue:
                 log("wall clock went back", seconds="%.0f" % (self._last_tick - now), leases=moved)
             self._last_tick = now
             for namespace, goal in self.store.pauses_due(now):
-                self.store.delete_pause(namespace, goal)
-                self._set_paused(namespace, goal, False)
+                self._resume_now(namespace, goal)
                 self.store.after_commit(lambda ns=namespace, g=goal: log("pause ended", namespace=ns,
                                                                          goal=g))
             for row in self.store.expired_leases(now, 500):
