@@ -369,10 +369,6 @@ class Storage:
             finally:
                 self._give_back(conn)
 
-    def _read_one(self, sql, args=()):
-        rows = self._read(sql, args)
-        return rows[0] if rows else None
-
     # ----- schema ------------------------------------------------------------------
 
     def schema_version(self):
