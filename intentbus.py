@@ -2038,11 +2038,12 @@ class Queue:
                 scope.namespace, scope.goals):
             oldest = run_at if oldest is None else min(oldest, run_at)
             needs = json.loads(requires)
+            needed = frozenset(needs)   # once per route, not once per worker asked
             paused = pauses.get((namespace, goal))
             if paused is not None:
                 paused["count"] += count
                 paused["oldest_age"] = max(paused["oldest_age"] or 0.0, _age(now, run_at))
-            elif any(w.takes(namespace, goal, frozenset(needs)) for w in seen):
+            elif any(w.takes(namespace, goal, needed) for w in seen):
                 takeable = run_at if takeable is None else min(takeable, run_at)
             else:
                 stranded.append((run_at, namespace, goal, needs, count))
