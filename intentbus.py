@@ -1343,9 +1343,9 @@ class Queue:
                 if waiting is None or not self.store.claimable(route_id, 1):
                     del self._ready[route_id]
                     break
-                # A long poll can end on its own thread between the choice and the requeue: then
-                # nothing joined the batch (counted as woken, the writer took from an empty
-                # batch and died), and the next parked claim gets the work.
+                # A long poll can end on its own thread between the choice and the requeue:
+                # then requeue adds nothing to the batch and says so, and the next parked claim
+                # gets the work (counted as woken, the writer would pop from an empty batch).
                 if self.store.requeue(waiting.op):
                     woke = True
                     break
@@ -2400,9 +2400,10 @@ class HTTPError(Exception):
         self.close = close
 
 
-# (method, path pattern, handler name, access: a key of ROLE_RANK, or None for no token). Paths
-# match in order: the bulk routes come before /intents/{id}, whose pattern also matches "retry"
-# and "cancel". A monitor reads: it may take every GET, and nothing that changes the queue.
+# (method, path pattern, handler name, access: a key of ROLE_RANK, or None for no token). A
+# request takes the first route whose method and path both match: GET /intents/{id} also matches
+# /intents/retry and /intents/cancel, but those are POSTs, so their place in the list does not
+# matter. A monitor reads: it may take every GET, and nothing that changes the queue.
 ROUTES = [
     ("GET", r"/health", "health", None),
     ("POST", r"/intents", "submit", "submit"),
