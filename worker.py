@@ -1337,10 +1337,8 @@ class Worker:
         the handler starts rather than run it on a stale token. True to run the job."""
         sent = time.monotonic()
         took = sent - job.claim_sent
-        saved, client.timeout = client.timeout, max(1.0, min(10.0, job.expires - sent))
         try:
-            client.extend(job.id, job.token, lease=self.lease)
-            job.expires = sent + (self.lease or job.lease)
+            self._renew(job, client, sent, max(1.0, min(10.0, job.expires - sent)))
             return True
         except (LeaseLost, NotFound) as e:
             self.log("lease lost on %s before it started, %.1fs after the claim was sent (was the "
@@ -1352,8 +1350,16 @@ class Worker:
             self.log("not running %s: its lease may have ended, %.1fs after the claim was sent, "
                      "and renewing it failed (%s)" % (job.id, took, e))
             return False
+
+    def _renew(self, job, client, sent, timeout):
+        """Extend the job's lease (a heartbeat), asked at `sent` (monotonic), its answer awaited
+        at most `timeout` seconds; raises as Client.extend."""
+        saved, client.timeout = client.timeout, timeout
+        try:
+            client.extend(job.id, job.token, lease=self.lease)
         finally:
             client.timeout = saved
+        job.expires = sent + (self.lease or job.lease)
 
     def _supervise(self, job, client, kill):
         """Heartbeats, the timeout and kill requests, until the job exits (or must be abandoned)."""
@@ -1386,10 +1392,8 @@ class Worker:
                 wake = term_at + KILL_AFTER
             elif now >= next_beat:
                 sent = time.monotonic()
-                saved, client.timeout = client.timeout, _lease_timeout(job, 10.0)
                 try:
-                    client.extend(job.id, job.token, lease=self.lease)
-                    job.expires = sent + (self.lease or job.lease)
+                    self._renew(job, client, sent, _lease_timeout(job, 10.0))
                     next_beat = sent + every
                     if beat_failures:
                         self.log("heartbeat for %s got through again" % job.id)
@@ -1408,8 +1412,6 @@ class Worker:
                     next_beat = job.expires + 3600.0
                     self.log("heartbeat for %s refused (%s); the job has until its lease ends in "
                              "%.1fs" % (job.id, e, job.expires - time.monotonic()))
-                finally:
-                    client.timeout = saved
                 continue
             else:
                 wake = next_beat
