@@ -773,7 +773,7 @@ def _readable(sock, timeout):
 
 
 class _Wakeup:
-    """threading.Event's set, is_set, clear and timed wait, with the wait timed by poll(), which
+    """threading.Event's set, clear and timed wait, with the wait timed by poll(), which
     counts monotonic time. A lock's timed wait (Event.wait) ends when the wall clock reaches now
     plus the timeout where Python was built without sem_clockwait, as Termux's is (for Android
     before 11): a phone's clock set back an hour held heartbeats for that hour and lost the
@@ -792,9 +792,6 @@ class _Wakeup:
                 pair[1].send(b"!")
             except OSError:   # full (a wake-up is pending anyway) or closed (the job is over)
                 pass
-
-    def is_set(self):
-        return self._set
 
     def clear(self):
         self._set = False
