@@ -290,6 +290,14 @@ class RulesCase(TempDirCase):
         body.setdefault("worker", "w")
         return self.q.claim(body)
 
+    def with_writer(self):
+        """A store of its own with a writer thread (long polls park), and its queue."""
+        store = Storage(os.path.join(self.dir, "writer.db"))
+        store.migrate()
+        store.start_writer()
+        self.addCleanup(store.close)
+        return store, Queue(store, clock=self.clock)
+
 
 class QueueRules(RulesCase):
     def test_priority_then_first_come(self):
@@ -977,11 +985,7 @@ class QueueRules(RulesCase):
         # choosing it and requeueing it, the writer counted it as woken, took an op from an
         # empty batch and died with its transaction open: the requests of that transaction were
         # never answered (found by a soak: 30 s client timeouts).
-        store = Storage(os.path.join(self.dir, "writer.db"))
-        store.migrate()
-        store.start_writer()
-        self.addCleanup(store.close)
-        q = Queue(store, clock=self.clock)
+        store, q = self.with_writer()
 
         def park(worker):
             request = intentbus.ClaimRequest(worker, [], None, 1, None, self.clock.now + 30, None)
@@ -1004,11 +1008,7 @@ class QueueRules(RulesCase):
         # parking, nothing ended it: the caller waited for the next work on its routes, and
         # then took it for a client that had long given up (found by a soak: 30 s timeouts and
         # intents held by a token that no answer carried).
-        store = Storage(os.path.join(self.dir, "writer.db"))
-        store.migrate()
-        store.start_writer()
-        self.addCleanup(store.close)
-        q = Queue(store, clock=self.clock)
+        store, q = self.with_writer()
         gate, cancelled = threading.Event(), threading.Event()
         busy = threading.Thread(target=store.write, args=(lambda: gate.wait(10),), daemon=True)
         busy.start()   # a transaction under way: the claim below waits in the queue behind it
