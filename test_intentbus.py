@@ -290,6 +290,20 @@ class RulesCase(TempDirCase):
         body.setdefault("worker", "w")
         return self.q.claim(body)
 
+    def upgraded(self, version, *rows):
+        """A file made at schema `version`, holding these (sql, args) rows, opened and migrated."""
+        path = os.path.join(self.dir, "v%d.db" % version)
+        conn = sqlite3.connect(path)
+        conn.executescript("".join(intentbus.MIGRATIONS[:version]) + "PRAGMA user_version = %d;" % version)
+        for sql, args in rows:
+            conn.execute(sql, args)
+        conn.commit()
+        conn.close()
+        store = Storage(path)
+        self.addCleanup(store.close)
+        store.migrate()
+        return store
+
     def with_writer(self):
         """A store of its own with a writer thread (long polls park), and its queue."""
         store = Storage(os.path.join(self.dir, "writer.db"))
@@ -1101,20 +1115,13 @@ class QueueRules(RulesCase):
     def test_a_version_1_file_is_upgraded_with_its_claims(self):
         # Version 2 added claim_lease. A claim made before the upgrade has none: an extend
         # without a lease then falls back to the intent's lease.
-        path = os.path.join(self.dir, "v1.db")
-        conn = sqlite3.connect(path)
-        conn.executescript(intentbus.MIGRATIONS[0] + "PRAGMA user_version = 1;")
-        conn.execute("INSERT INTO routes (id, namespace, goal, requires) VALUES (1, 'default', 'g', '[]')")
-        conn.execute("INSERT INTO intents (namespace, route, goal, payload, priority, requires, status, "
-                     "delayed, run_at, created_at, attempts, max_attempts, lease, backoff, worker, token, "
-                     "claimed_at, lease_expires_at) VALUES ('default', 1, 'g', '1', 0, '[]', 'claimed', "
-                     "0, ?, ?, 1, 3, 20, 10, 'w', 'old-token', ?, ?)",
-                     (self.clock.now,) * 3 + (self.clock.now + 20,))
-        conn.commit()
-        conn.close()
-        store = Storage(path)
-        self.addCleanup(store.close)
-        store.migrate()
+        store = self.upgraded(1, (
+            "INSERT INTO routes (id, namespace, goal, requires) VALUES (1, 'default', 'g', '[]')", ()), (
+            "INSERT INTO intents (namespace, route, goal, payload, priority, requires, status, "
+            "delayed, run_at, created_at, attempts, max_attempts, lease, backoff, worker, token, "
+            "claimed_at, lease_expires_at) VALUES ('default', 1, 'g', '1', 0, '[]', 'claimed', "
+            "0, ?, ?, 1, 3, 20, 10, 'w', 'old-token', ?, ?)",
+            (self.clock.now,) * 3 + (self.clock.now + 20,)))
         self.assertEqual(store.schema_version(), len(intentbus.MIGRATIONS))
         q = Queue(store, clock=self.clock)
         self.clock.advance(5)
@@ -1124,16 +1131,8 @@ class QueueRules(RulesCase):
     def test_a_version_2_file_keeps_its_workers_as_taking_any_goal(self):
         # Version 3 added what a worker's claims may take. A record from before says nothing:
         # any goal, its own namespace, until the worker's next claim saves what it asks for.
-        path = os.path.join(self.dir, "v2.db")
-        conn = sqlite3.connect(path)
-        conn.executescript(intentbus.MIGRATIONS[0] + intentbus.MIGRATIONS[1] + "PRAGMA user_version = 2;")
-        conn.execute("INSERT INTO workers (namespace, name, caps, last_seen) VALUES "
-                     "('default', 'pi', '[\"gpio\"]', ?)", (self.clock.now,))
-        conn.commit()
-        conn.close()
-        store = Storage(path)
-        self.addCleanup(store.close)
-        store.migrate()
+        store = self.upgraded(2, ("INSERT INTO workers (namespace, name, caps, last_seen) VALUES "
+                                  "('default', 'pi', '[\"gpio\"]', ?)", (self.clock.now,)))
         self.assertEqual(store.schema_version(), len(intentbus.MIGRATIONS))
         q = Queue(store, clock=self.clock)
         [pi] = q.stats()["workers"]
@@ -1145,13 +1144,7 @@ class QueueRules(RulesCase):
     def test_a_version_1_files_tokens_table_takes_a_monitor(self):
         # The role column was never CHECK-constrained, so a new role needs no migration; this
         # keeps it so (a constraint added later must let "monitor" through).
-        path = os.path.join(self.dir, "v1.db")
-        conn = sqlite3.connect(path)
-        conn.executescript(intentbus.MIGRATIONS[0] + "PRAGMA user_version = 1;")
-        conn.close()
-        store = Storage(path)
-        self.addCleanup(store.close)
-        store.migrate()
+        store = self.upgraded(1)
         intentbus.add_token(store, "dash", "monitor", goals=["g"])
         [entry] = store.load_tokens()
         scope = intentbus.Tokens(store).scope_of(entry)
@@ -1159,18 +1152,11 @@ class QueueRules(RulesCase):
                          ("monitor", None, frozenset(["g"]), False))
 
     def test_a_version_3_file_is_upgraded_with_no_goal_paused(self):
-        path = os.path.join(self.dir, "v3.db")
-        conn = sqlite3.connect(path)
-        conn.executescript("".join(intentbus.MIGRATIONS[:3]) + "PRAGMA user_version = 3;")
-        conn.execute("INSERT INTO routes (id, namespace, goal, requires) VALUES (1, 'default', 'g', '[]')")
-        conn.execute("INSERT INTO intents (namespace, route, goal, payload, priority, requires, status, "
-                     "delayed, run_at, created_at, max_attempts, lease, backoff) VALUES "
-                     "('default', 1, 'g', '1', 0, '[]', 'open', 0, ?, ?, 3, 20, 10)", (self.clock.now,) * 2)
-        conn.commit()
-        conn.close()
-        store = Storage(path)
-        self.addCleanup(store.close)
-        store.migrate()
+        store = self.upgraded(3, (
+            "INSERT INTO routes (id, namespace, goal, requires) VALUES (1, 'default', 'g', '[]')", ()), (
+            "INSERT INTO intents (namespace, route, goal, payload, priority, requires, status, "
+            "delayed, run_at, created_at, max_attempts, lease, backoff) VALUES "
+            "('default', 1, 'g', '1', 0, '[]', 'open', 0, ?, ?, 3, 20, 10)", (self.clock.now,) * 2))
         self.assertEqual(store.schema_version(), 4)
         q = Queue(store, clock=self.clock)
         self.assertEqual(q.stats()["paused"], [])
