@@ -1812,19 +1812,24 @@ class Pausing(ServerCase):
     """POST /goals/{goal}/pause and /resume, Client.pause and resume, intentbus.py pause and resume."""
     settings = {"token": ROOT, "auth_burst": 1000}
 
+    def parked_claim(self, goal):
+        """A long poll for goal, on a thread of its own, parked on the server: (thread, answer)."""
+        got = {}
+
+        def claimer():
+            got["claim"] = self.client(self.srv, ROOT).claim("nas", goals=[goal], wait=20)
+        t = threading.Thread(target=claimer)
+        t.start()
+        self.assertTrue(eventually(lambda: self.srv.queue._parked, 5))
+        return t, got
+
     def test_a_resume_wakes_a_parked_claim_at_once(self):
         i = self.c.submit("backup", {"dir": "/home"})
         p = self.c.pause("backup")
         self.assertEqual((p["namespace"], p["goal"], p["paused"], p["until"]), ("default", "backup", True, None))
         self.assertEqual(self.c.claim("nas", goals=["backup"]), [])   # 204
         self.assertEqual(self.c.stats()["paused"][0]["count"], 1)
-        got = {}
-
-        def claimer():
-            got["claim"] = self.client(self.srv, ROOT).claim("nas", goals=["backup"], wait=20)
-        t = threading.Thread(target=claimer)
-        t.start()
-        self.assertTrue(eventually(lambda: self.srv.queue._parked, 5))
+        t, got = self.parked_claim("backup")
         self.assertEqual(self.c.resume("backup"), {"namespace": "default", "goal": "backup",
                                                    "paused": False, "resumed": True})
         t.join(25)
@@ -1899,13 +1904,7 @@ class Pausing(ServerCase):
         self.assertTrue(eventually(lambda: ("default", "backup") in self.srv.queue._paused, 5))
         i = self.c.submit("backup")
         self.assertEqual(self.c.claim("nas", goals=["backup"]), [])
-        got = {}
-
-        def claimer():
-            got["claim"] = self.client(self.srv, ROOT).claim("nas", goals=["backup"], wait=20)
-        t = threading.Thread(target=claimer)
-        t.start()
-        self.assertTrue(eventually(lambda: self.srv.queue._parked, 5))
+        t, got = self.parked_claim("backup")
         p = cli("resume", "backup", "--db", self.db)
         self.assertEqual((p.returncode, p.stdout), (0, "resumed backup in namespace default\n"), p.stderr)
         t.join(25)
