@@ -2440,6 +2440,7 @@ def _roles_text(roles):
 # Routes that honour "Prefer: return=minimal" (RFC 7240): a worker or a batch producer that only
 # needs ids and outcomes saves encoding, bytes on the wire (a phone's data plan) and decoding.
 _MINIMAL_ROUTES = {"submit", "fulfill", "fail"}
+_PATH_FIELDS = frozenset(["id"])   # refused in a query on every route, not only those with an id
 
 
 # How query-string (and form) values become typed fields, for curl users without a JSON body.
@@ -2798,10 +2799,8 @@ class Handler(BaseHTTPRequestHandler):
             raise HTTPError(400, "bad_request", "a GET takes no body; send its fields in the query")
         # /health and /stats take no fields: a monitor's cache-busting query is not read at all
         params = self._params("" if name in ("health", "stats") else query, headers, body)
-        if "id" in params:
-            raise HTTPError(400, "invalid", "unknown field 'id' in the query (an id goes in the path)")
         in_path = m.groupdict()   # an intent's id, or a goal: never taken from a query or a body
-        for field in in_path:
+        for field in _PATH_FIELDS.union(in_path):
             if field in params:
                 raise HTTPError(400, "invalid", "unknown field '%s' in the query (the %s goes in "
                                                 "the path)" % (field, field))
