@@ -3508,6 +3508,14 @@ def duration(text):
     return value
 
 
+def duration_text(seconds):
+    """A duration as --help shows it, in the units one would type: 7d, 1h, 60s."""
+    for unit, size in (("d", 86400), ("h", 3600)):
+        if seconds >= size and seconds % size == 0:
+            return "%d%s" % (seconds // size, unit)
+    return "%gs" % seconds
+
+
 # (flag, type, help). Defaults come from SERVE_DEFAULTS; each flag reads INTENTBUS_<NAME> too.
 SERVE_FLAGS = [
     ("--host", str, "address to listen on"),
@@ -3592,7 +3600,8 @@ def build_parser():
                                help="%s (%s)" % (text, "on, from %s" % _env_name(flag) if default
                                                  else _env_name(flag)))
         else:
-            shown = "none" if default is None else default
+            shown = "none" if default is None else duration_text(default) if kind is duration \
+                else default
             if flag in SECRET_FLAGS and default is not None:
                 shown = "set, not shown"   # --help goes to terminals, pastes and bug reports
             serve.add_argument(flag, type=kind, default=default,

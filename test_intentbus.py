@@ -2377,10 +2377,13 @@ class ServerLifecycle(BusCase):
         # INTENTBUS_LEASE)", as if 120 were the built-in default the README gives as 60.
         env = {"INTENTBUS_LEASE": "2m", "INTENTBUS_DB": "/elsewhere/bus.db", "INTENTBUS_ACCESS_LOG": "1"}
         text = " ".join(cli("serve", "--help", env=env).stdout.split())
-        self.assertIn("(default: 120.0, from INTENTBUS_LEASE)", text)
+        self.assertIn("(default: 120s, from INTENTBUS_LEASE)", text)
         self.assertIn("(default: /elsewhere/bus.db, from INTENTBUS_DB)", text)
         self.assertIn("(on, from INTENTBUS_ACCESS_LOG)", text)
-        self.assertIn("(default: 10.0; INTENTBUS_BACKOFF_BASE)", text)   # not set: the built-in one
+        self.assertIn("(default: 10s; INTENTBUS_BACKOFF_BASE)", text)   # not set: the built-in one
+        # durations in the units one types, not 604800.0 beside "(e.g. 7d)"
+        self.assertIn("(default: 7d; INTENTBUS_KEEP_DONE)", text)
+        self.assertIn("(default: 1h; INTENTBUS_BACKOFF_MAX)", text)
 
     def test_yes_no_variables_refuse_what_they_do_not_understand(self):
         # Found by an audit: INTENTBUS_ONCE=off (or False) made worker.py run --once, and
