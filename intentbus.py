@@ -227,12 +227,20 @@ MIGRATIONS = [
         PRIMARY KEY (namespace, goal)
     );
     """,
+    # version 5: unique keys: at most one unfinished (open or claimed) intent per key in a
+    # namespace, enforced here so that no two writers can both create one
+    """
+    ALTER TABLE intents ADD COLUMN unique_key TEXT;
+    CREATE UNIQUE INDEX intents_unique ON intents (namespace, unique_key)
+        WHERE unique_key IS NOT NULL AND status IN ('open', 'claimed');
+    """,
 ]
 
 INTENT_COLUMNS = (
     "id, namespace, route, goal, payload, priority, requires, status, delayed, run_at, created_at, "
     "attempts, max_attempts, lease, backoff, worker, token, claimed_at, lease_expires_at, "
-    "finished_at, result, error, history, idempotency_key, request_hash, submitted_by, claim_lease")
+    "finished_at, result, error, history, idempotency_key, request_hash, submitted_by, claim_lease, "
+    "unique_key")
 UPDATABLE = frozenset(
     "status delayed run_at attempts worker token claimed_at lease_expires_at finished_at "
     "result error history".split())
@@ -746,11 +754,12 @@ class Storage:
         cur = self._wconn.execute(
             "INSERT INTO intents (namespace, route, goal, payload, priority, requires, status, "
             "delayed, run_at, created_at, max_attempts, lease, backoff, idempotency_key, "
-            "request_hash, submitted_by) VALUES (?, ?, ?, ?, ?, ?, 'open', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "request_hash, submitted_by, unique_key) "
+            "VALUES (?, ?, ?, ?, ?, ?, 'open', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (row["namespace"], row["route"], row["goal"], row["payload"], row["priority"],
              row["requires"], row["delayed"], row["run_at"], row["created_at"], row["max_attempts"],
              row["lease"], row["backoff"], row["idempotency_key"], row["request_hash"],
-             row["submitted_by"]))
+             row["submitted_by"], row["unique_key"]))
         return cur.lastrowid
 
     def intent_for_update(self, intent_id):
@@ -771,13 +780,22 @@ class Storage:
 
     def intents_by_idempotency_key(self, namespace, keys):
         """{key: whole row} for those of keys already used in namespace."""
+        return self._intents_by_key("idempotency_key", namespace, keys, "")
+
+    def unfinished_by_unique_key(self, namespace, keys):
+        """{key: whole row} for those of keys an open or claimed intent of namespace holds."""
+        return self._intents_by_key("unique_key", namespace, keys,
+                                    " AND unique_key IS NOT NULL AND status IN ('open', 'claimed')",
+                                    "INDEXED BY intents_unique ")
+
+    def _intents_by_key(self, column, namespace, keys, where, indexed=""):
         rows = {}
         for marks, chunk in _in_lists(keys):
             for row in self._wconn.execute(
-                    "SELECT %s FROM intents WHERE namespace = ? AND idempotency_key IN (%s)" % (
-                        INTENT_COLUMNS, marks), [namespace] + chunk).fetchall():
+                    "SELECT %s FROM intents %sWHERE namespace = ? AND %s IN (%s)%s" % (
+                        INTENT_COLUMNS, indexed, column, marks, where), [namespace] + chunk).fetchall():
                 row = dict(zip(_INTENT_KEYS, row))
-                rows[row["idempotency_key"]] = row
+                rows[row[column]] = row
         return rows
 
     def claimable(self, route, limit):
@@ -1070,6 +1088,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
 CAP_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}\Z")
 WORKER_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,128}\Z")
 KEY_RE = re.compile(r"[\x21-\x7e]{1,256}\Z")
+KEY_WHAT = "1-256 printable ASCII characters"
 MAX_INT = 2 ** 53    # the largest integer every JSON reader represents exactly
 MAX_ERROR = 8192
 
@@ -1232,7 +1251,7 @@ def _only(body, allowed, what):
 
 
 SUBMIT_FIELDS = frozenset("goal payload priority requires delay run_at max_attempts lease backoff "
-                          "idempotency_key".split())
+                          "idempotency_key unique_key".split())
 CLAIM_FIELDS = frozenset("worker caps goals max wait lease".split())
 
 
@@ -1400,8 +1419,8 @@ class Queue:
             "max_attempts": _number(body, "max_attempts", 1, 100, 3, integer=True),
             "lease": _number(body, "lease", MIN_LEASE, MAX_LEASE_TOTAL, self.lease),
             "backoff": _number(body, "backoff", 0, MAX_BACKOFF, self.backoff_base),
-            "idempotency_key": _name(body, "idempotency_key", KEY_RE,
-                                     what="1-256 printable ASCII characters"),
+            "idempotency_key": _name(body, "idempotency_key", KEY_RE, what=KEY_WHAT),
+            "unique_key": _name(body, "unique_key", KEY_RE, what=KEY_WHAT),
         }
         delay = _number(body, "delay", 0, MAX_DELAY)
         run_at = _number(body, "run_at", 0, 2 ** 40)
@@ -1410,10 +1429,13 @@ class Queue:
         spec["run_at"] = now + delay if delay is not None else max(now, run_at or now)
         spec["request_hash"] = None
         if spec["idempotency_key"] is not None:
-            # What the client sent, so that a repeat with the same relative delay matches.
-            spec["request_hash"] = hashlib.sha256(dumps(
-                [goal, spec["payload"], spec["priority"], spec["requires"], delay, run_at,
-                 spec["max_attempts"], body.get("lease"), body.get("backoff")]).encode()).hexdigest()
+            # What the client sent, so that a repeat with the same relative delay matches. A
+            # unique_key is added only when given: hashes kept from before it existed still match.
+            sent = [goal, spec["payload"], spec["priority"], spec["requires"], delay, run_at,
+                    spec["max_attempts"], body.get("lease"), body.get("backoff")]
+            if spec["unique_key"] is not None:
+                sent.append(spec["unique_key"])
+            spec["request_hash"] = hashlib.sha256(dumps(sent).encode()).hexdigest()
         return spec
 
     def submit(self, bodies, scope=ROOT, view=None):
@@ -1426,14 +1448,21 @@ class Queue:
             for spec in specs:
                 if spec["goal"] not in scope.goals:
                     raise Forbidden("this token may not submit goal '%s'" % spec["goal"])
-        created, rows = self.store.write(lambda: self._submit_now(specs, namespace, scope, now))
-        return created, [(view or intent_view)(r) for r in rows]   # built here, off the writer
+        created, rows, made = self.store.write(lambda: self._submit_now(specs, namespace, scope, now))
+        views = [(view or intent_view)(r) for r in rows]   # built here, off the writer
+        for spec, shown, fresh in zip(specs, views, made):
+            if spec["unique_key"] is not None:   # "created" or "already there", item by item
+                shown["created"] = fresh
+        return created, views
 
     def _submit_now(self, specs, namespace, scope, now):
-        # Every check first (idempotency, quota), then every insert: a refusal changes nothing.
-        rows, new = [], []
+        # Every check first (idempotency, unique keys, quota), then every insert: a refusal
+        # changes nothing. Returns (created any, rows, [whether this item created its row]).
+        rows, new, made = [], [], []
         keys = [spec["idempotency_key"] for spec in specs if spec["idempotency_key"] is not None]
         seen = self.store.intents_by_idempotency_key(namespace, keys) if keys else {}
+        uniques = [spec["unique_key"] for spec in specs if spec["unique_key"] is not None]
+        holders = self.store.unfinished_by_unique_key(namespace, uniques) if uniques else {}
         for spec in specs:
             key = spec["idempotency_key"]
             existing = None
@@ -1448,8 +1477,17 @@ class Queue:
                     raise Conflict("idempotency key '%s' was used for a different intent%s" % (
                         key, " (id %s)" % existing["id"] if existing.get("id") else ""),
                         code="idempotency_conflict")
+            # An idempotent repeat answers its own intent whatever its state; only then is the
+            # unique key looked at: while an unfinished intent holds it, that one is the answer.
+            unique = spec["unique_key"]
+            if existing is None and unique is not None:
+                existing = holders.get(unique)
+                if existing is not None and not scope.sees(existing):
+                    raise Conflict("unique key '%s' is held by an unfinished intent of another "
+                                   "submitter in this namespace" % unique)
             if existing is not None:
                 rows.append(existing)
+                made.append(False)
                 continue
             row = dict(spec, namespace=namespace, requires=_list_text(spec["requires"]), status="open",
                        delayed=int(spec["run_at"] > now), created_at=now, attempts=0,
@@ -1458,7 +1496,10 @@ class Queue:
                        error=None)
             if key is not None:
                 seen[key] = row
+            if unique is not None:
+                holders[unique] = row   # a later item of the array with this key answers it
             rows.append(row)
+            made.append(True)
             new.append((row, spec["requires"]))
         if new and self.max_open is not None:
             self._unfinished(namespace, 0)
@@ -1477,7 +1518,7 @@ class Queue:
         self._unfinished(namespace, len(new))
         if earliest is not None and self.wakeup:
             self.wakeup(earliest)
-        return bool(new), rows
+        return bool(new), rows, made
 
     # ----- claim -------------------------------------------------------------------
 
@@ -1815,8 +1856,25 @@ class Queue:
             if row["status"] not in ("dead", "cancelled"):
                 raise Conflict("intent %s is %s; only dead or cancelled intents can be retried"
                                % (intent_id, row["status"]))
+            holder = self._unique_holders([row]).get((row["namespace"], row["unique_key"]))
+            if holder is not None:
+                # The holder's id only to a caller who may see it (as a submit's unique key).
+                raise Conflict("intent %s cannot be retried: its unique key '%s' is held by %s; "
+                               "retry it once that one is finished" % (
+                                   intent_id, row["unique_key"], "unfinished intent %s" % holder["id"]
+                                   if scope.sees(holder) else "another unfinished intent"))
             return intent_view(self._redrive(row, self.clock()))
         return self.store.write(run)
+
+    def _unique_holders(self, rows):
+        """{(namespace, unique key): the open or claimed intent holding it} for the keys of rows;
+        no query when none of rows has a unique key."""
+        keys = collections.defaultdict(list)
+        for row in rows:
+            if row["unique_key"] is not None:
+                keys[row["namespace"]].append(row["unique_key"])
+        return {(namespace, key): holder for namespace, some in keys.items()
+                for key, holder in self.store.unfinished_by_unique_key(namespace, some).items()}
 
     def _redrive(self, row, now):
         changes = dict(status="open", attempts=0, run_at=now, delayed=0, finished_at=None,
@@ -1828,16 +1886,27 @@ class Queue:
         return row
 
     def retry_matching(self, status="dead", goal=None, scope=ROOT):
-        """Redrive every dead (or cancelled) intent, optionally of one goal. Returns the count."""
+        """Redrive every dead (or cancelled) intent, optionally of one goal. Returns {"count":
+        redriven, "skipped": left as they were, their unique key held by an unfinished intent}."""
         status = "dead" if status is None else status
         if status not in ("dead", "cancelled"):
             raise Invalid("'status' must be dead or cancelled")
         _name({"goal": goal}, "goal", NAME_RE)   # optional: None is any goal
 
         def redrive(rows, now):
+            held = self._unique_holders(rows)
+            count = 0
             for row in rows:
+                if row["unique_key"] is not None:
+                    key = (row["namespace"], row["unique_key"])
+                    if key in held:
+                        continue   # stays as it is: the index allows one unfinished holder
+                    held[key] = row   # the oldest of several finished holders goes back
                 self._redrive(row, now)
-        return self._in_chunks([status], goal, scope, redrive)
+                count += 1
+            return count
+        count, seen = self._in_chunks([status], goal, scope, redrive)
+        return {"count": count, "skipped": seen - count}
 
     def cancel_matching(self, status=None, goal=None, all=None, scope=ROOT):
         """Cancel every open and claimed intent (or only those of `status`) of one goal, or with
@@ -1855,25 +1924,26 @@ class Queue:
             for row in rows:
                 self._cancel_now(row, now)
             self._finished(*[row["id"] for row in rows])
-        return self._in_chunks([status] if status else list(CANCELLABLE), goal, scope, cancel)
+            return len(rows)
+        return self._in_chunks([status] if status else list(CANCELLABLE), goal, scope, cancel)[0]
 
     def _in_chunks(self, statuses, goal, scope, act):
         """act(rows, now) on every intent of these statuses (and goal) the scope sees, BULK_CHUNK
-        ids per transaction, so that claims are not held up behind one huge one. Returns the
-        count."""
-        total, after = 0, 0
+        ids per transaction, so that claims are not held up behind one huge one. act returns how
+        many it changed. Returns (changed, seen)."""
+        total, seen_total, after = 0, 0, 0
         while True:
             def run():
                 ids = self.store.matching_ids(statuses, goal, scope.namespace, self.BULK_CHUNK,
                                               after, scope.goals)
                 rows = self.store.intents_for_update(ids)
                 seen = [rows[i] for i in ids if scope.sees(rows[i])]
-                act(seen, self.clock())
-                return len(seen), ids
-            count, ids = self.store.write(run)
+                return act(seen, self.clock()), len(seen), ids
+            count, seen, ids = self.store.write(run)
             total += count
+            seen_total += seen
             if len(ids) < self.BULK_CHUNK:
-                return total
+                return total, seen_total
             after = ids[-1]
 
     # ----- pausing a goal: its intents wait, their attempts are not spent -----------------
@@ -2213,7 +2283,8 @@ def intent_view(row):
         "lease_expires_at": row["lease_expires_at"], "finished_at": row["finished_at"],
         "result": None if row["result"] is None else json.loads(row["result"]),
         "error": row["error"], "history": _list_value(row["history"]),
-        "idempotency_key": row["idempotency_key"], "namespace": row["namespace"],
+        "idempotency_key": row["idempotency_key"], "unique_key": row["unique_key"],
+        "namespace": row["namespace"],
     }
 
 
@@ -2596,7 +2667,7 @@ class Api:
 
     def retry_matching(self, scope, params, body):
         _only(body, {"status", "goal"}, "a redrive")
-        return 200, {"count": self.queue.retry_matching(body.get("status", "dead"), body.get("goal"), scope)}
+        return 200, self.queue.retry_matching(body.get("status", "dead"), body.get("goal"), scope)
 
     def cancel_matching(self, scope, params, body):
         _only(body, {"status", "goal", "all"}, "a bulk cancel")
@@ -3649,6 +3720,8 @@ def build_parser():
     submit.add_argument("--backoff", type=duration, help="default: INTENTBUS_BACKOFF_BASE, else %g"
                         % SERVE_DEFAULTS["backoff_base"])
     submit.add_argument("--namespace", default="default")
+    submit.add_argument("--unique-key", help="create nothing while an open or claimed intent of the "
+                        "namespace holds this key (the answer is that intent, with \"created\": false)")
     token = with_db(sub.add_parser("token", help="scoped API tokens: add, list, revoke"))
     token_sub = token.add_subparsers(dest="token_command", metavar="ACTION")
     token_sub.required = True
@@ -3753,7 +3826,10 @@ def admin(args):
             if args.id and args.all_dead or args.goal and not args.all_dead:   # one would be ignored
                 raise SystemExit("intentbus retry: give an ID, or --all-dead [--goal G]")
             if args.all_dead:
-                print("redriven: %d" % queue.retry_matching("dead", args.goal))
+                done = queue.retry_matching("dead", args.goal)
+                print("redriven: %d" % done["count"] + (
+                    ", skipped: %d (their unique key is held by an unfinished intent)" % done["skipped"]
+                    if done["skipped"] else ""))
             elif args.id:
                 _print_json(queue.retry(args.id))
             else:
@@ -3784,7 +3860,7 @@ def admin(args):
                     "requires": args.requires}
             if args.delay is not None:
                 body["delay"] = args.delay
-            for field in ("max_attempts", "lease", "backoff"):
+            for field in ("max_attempts", "lease", "backoff", "unique_key"):
                 if getattr(args, field) is not None:
                     body[field] = getattr(args, field)
             _created, intents = queue.submit([body], Scope(namespace=args.namespace))

@@ -614,7 +614,7 @@ class QueueRules(RulesCase):
         for _ in dead:
             c = self.claim(goals=["x"])[0]
             self.q.fail(c["id"], c["token"], "no")
-        self.assertEqual(self.q.retry_matching("dead", "x"), 3)
+        self.assertEqual(self.q.retry_matching("dead", "x"), {"count": 3, "skipped": 0})
         self.assertEqual(self.q.list(status="open", goal="x")["intents"].__len__(), 3)
         with self.assertRaises(intentbus.Conflict):
             self.q.retry(dead[0]["id"])
@@ -689,8 +689,8 @@ class QueueRules(RulesCase):
         for goal in ("other", "other", "other", "mine", "other", "mine"):
             self.q.cancel(self.submit(goal=goal)["id"])
         ops = intentbus.Scope("ops", "admin", goals=["mine"])
-        self.assertEqual(self.q.retry_matching("cancelled", scope=ops), 2)
-        self.assertEqual(self.q.retry_matching("cancelled"), 4)   # chunk after chunk, to the end
+        self.assertEqual(self.q.retry_matching("cancelled", scope=ops)["count"], 2)
+        self.assertEqual(self.q.retry_matching("cancelled")["count"], 4)   # chunk after chunk, to the end
 
     def test_a_bulk_cancel_takes_what_one_cancel_would(self):
         # Open (delayed too) and claimed intents of the goal, as POST /intents/{id}/cancel takes;
@@ -1157,13 +1157,30 @@ class QueueRules(RulesCase):
             "INSERT INTO intents (namespace, route, goal, payload, priority, requires, status, "
             "delayed, run_at, created_at, max_attempts, lease, backoff) VALUES "
             "('default', 1, 'g', '1', 0, '[]', 'open', 0, ?, ?, 3, 20, 10)", (self.clock.now,) * 2))
-        self.assertEqual(store.schema_version(), 4)
+        self.assertEqual(store.schema_version(), len(intentbus.MIGRATIONS))
         q = Queue(store, clock=self.clock)
         self.assertEqual(q.stats()["paused"], [])
         q.pause("g")
         self.assertEqual(q.claim({"worker": "w"}), [])
         q.resume("g")
         self.assertEqual([c["id"] for c in q.claim({"worker": "w"})], ["1"])
+
+    def test_a_version_4_file_is_upgraded_and_its_intents_hold_no_unique_key(self):
+        store = self.upgraded(4, (
+            "INSERT INTO routes (id, namespace, goal, requires) VALUES (1, 'default', 'sync', '[]')", ()), *[(
+                "INSERT INTO intents (namespace, route, goal, payload, priority, requires, status, "
+                "delayed, run_at, created_at, max_attempts, lease, backoff, idempotency_key, "
+                "request_hash) VALUES ('default', 1, 'sync', '1', 0, '[]', 'open', 0, ?, ?, 3, 20, 10, ?, ?)",
+                (self.clock.now, self.clock.now, key, None)) for key in ("k1", "k2")])
+        self.assertEqual(store.schema_version(), len(intentbus.MIGRATIONS))
+        q = Queue(store, clock=self.clock)
+        self.assertEqual([(i["unique_key"], i["idempotency_key"]) for i in q.list()["intents"]],
+                         [(None, "k1"), (None, "k2")])
+        created, [fresh] = q.submit([{"goal": "sync", "unique_key": "sync"}])
+        self.assertEqual((created, fresh["id"], fresh["created"]), (True, "3", True))
+        self.assertEqual(q.submit([{"goal": "sync", "unique_key": "sync"}])[1][0]["id"], "3")
+        with self.assertRaisesRegex(intentbus.StorageError, "UNIQUE"):   # the index came with the column
+            store.write(lambda: store.insert_intent(dict(store.get_intent(3), idempotency_key=None)))
 
     def test_too_old_sqlite_is_named_at_start(self):
         saved = intentbus.sqlite3.sqlite_version_info
@@ -1174,6 +1191,166 @@ class QueueRules(RulesCase):
             self.assertIn("3.24.0", str(e.exception))
         finally:
             intentbus.sqlite3.sqlite_version_info = saved
+
+
+class UniqueKeys(RulesCase):
+    """unique_key: at most one unfinished (open or claimed) intent per key in a namespace; a
+    submit with a held key creates nothing and answers the holder ("one at a time")."""
+
+    def finish(self, intent, how, job=None):
+        """End an open intent (or one claimed as job): fulfilled, dead (a failed last attempt)
+        or cancelled."""
+        if how == "cancelled":
+            return self.q.cancel(intent["id"])
+        job = job or self.claim(goals=[intent["goal"]])[0]
+        self.assertEqual(job["id"], intent["id"])
+        if how == "fulfilled":
+            return self.q.fulfill(job["id"], job["token"], 1)
+        return self.q.fail(job["id"], job["token"], "no", retry=False)
+
+    def test_a_key_is_held_while_open_or_claimed_and_free_once_finished(self):
+        first = self.submit(goal="sync", unique_key="sync", payload=1)
+        self.assertEqual((first["unique_key"], first["created"]), ("sync", True))
+        for state in ("open", "claimed"):
+            created, [again] = self.q.submit([{"goal": "sync", "unique_key": "sync", "payload": 2}])
+            self.assertEqual((created, again["id"], again["created"], again["status"], again["payload"]),
+                             (False, first["id"], False, state, 1))   # another body: still no copy
+            if state == "open":
+                [job] = self.claim(goals=["sync"])
+        self.assertEqual(self.store.get_intent(int(first["id"]))["unique_key"], "sync")
+        last = first
+        for how in ("fulfilled", "dead", "cancelled"):
+            self.assertEqual(self.finish(last, how, job if last is first else None)["status"], how)
+            created, [fresh] = self.q.submit([{"goal": "sync", "unique_key": "sync"}])
+            self.assertEqual((created, fresh["created"]), (True, True), how)
+            self.assertNotEqual(fresh["id"], last["id"])
+            last = fresh
+        self.assertEqual(len(self.q.list()["intents"]), 4)
+        self.assertNotIn("created", self.submit(goal="plain"))   # no key: the answer as before
+
+    def test_a_delayed_or_retried_intent_still_holds_its_key(self):
+        later = self.submit(goal="d", unique_key="d", delay=3600)
+        self.assertEqual(self.submit(goal="d", unique_key="d")["id"], later["id"])
+        flaky = self.submit(goal="f", unique_key="f", backoff=50)
+        job = self.claim(goals=["f"])[0]
+        self.assertEqual(self.q.fail(job["id"], job["token"], "again")["status"], "open")
+        self.assertEqual(self.submit(goal="f", unique_key="f")["id"], flaky["id"])
+
+    def test_keys_are_per_namespace_and_checked_like_an_idempotency_key(self):
+        a = self.q.submit([{"goal": "g", "unique_key": "k"}], intentbus.Scope("a", "admin", "a"))[1][0]
+        b = self.q.submit([{"goal": "g", "unique_key": "k"}], intentbus.Scope("b", "admin", "b"))[1][0]
+        self.assertEqual((a["created"], b["created"]), (True, True))
+        for bad in ("", "a b", "x" * 257, 5, ["k"], "caf\u00e9"):
+            with self.assertRaises(intentbus.Invalid, msg=bad) as e:
+                self.submit(unique_key=bad)
+            self.assertIn("'unique_key' must be 1-256 printable ASCII characters", e.exception.message)
+        self.assertEqual(len(self.q.list()["intents"]), 2)
+
+    def test_an_array_creates_one_intent_per_key_all_or_nothing(self):
+        created, views = self.q.submit([{"goal": "g", "unique_key": "u", "payload": 1},
+                                        {"goal": "g", "unique_key": "u", "payload": 2},
+                                        {"goal": "g", "payload": 3}])
+        self.assertTrue(created)
+        self.assertEqual([(v["id"], v["payload"], v.get("created")) for v in views],
+                         [("1", 1, True), ("1", 1, False), ("2", 3, None)])
+        created, views = self.q.submit([{"goal": "g", "unique_key": "u"}, {"goal": "g", "unique_key": "v"}])
+        self.assertEqual([(v["id"], v["created"]) for v in views], [("1", False), ("3", True)])
+        created, views = self.q.submit([{"goal": "g", "unique_key": "u"}, {"goal": "g", "unique_key": "v"}])
+        self.assertEqual((created, [v["id"] for v in views]), (False, ["1", "3"]))
+        with self.assertRaises(intentbus.Invalid):   # a refused item: the free key stays free
+            self.q.submit([{"goal": "g", "unique_key": "w"}, {"goal": "bad goal"}])
+        self.assertEqual(self.store.unfinished_by_unique_key("default", ["w"]), {})
+        self.assertEqual(len(self.q.list()["intents"]), 3)
+
+    def test_an_idempotency_key_is_looked_at_first_then_the_unique_key(self):
+        a = self.submit(idempotency_key="i1", unique_key="u", payload="a")
+        # Another request (its own idempotency key) while A holds u: answered with A, and i2 is
+        # not taken by it, so that its retry after A has finished creates the intent it asked for.
+        held = self.submit(idempotency_key="i2", unique_key="u", payload="b")
+        self.assertEqual((held["id"], held["created"], held["idempotency_key"]), (a["id"], False, "i1"))
+        with self.assertRaises(intentbus.Conflict) as e:   # i1 with another unique key: another request
+            self.submit(idempotency_key="i1", unique_key="other", payload="a")
+        self.assertEqual(e.exception.code, "idempotency_conflict")
+        self.finish(a, "fulfilled")
+        repeat = self.submit(idempotency_key="i1", unique_key="u", payload="a")   # a repeat: A, as it is
+        self.assertEqual((repeat["id"], repeat["status"], repeat["created"]), (a["id"], "fulfilled", False))
+        b = self.submit(idempotency_key="i2", unique_key="u", payload="b")
+        self.assertEqual((b["created"], b["payload"], b["idempotency_key"]), (True, "b", "i2"))
+        self.assertEqual(self.submit(idempotency_key="i2", unique_key="u", payload="b")["id"], b["id"])
+        # An idempotency key alone hashes as before: a key sent before this release still matches
+        # its intent (the hash of one with a unique_key differs).
+        plain = self.submit(idempotency_key="p", payload=1)
+        self.assertEqual(self.submit(idempotency_key="p", payload=1)["id"], plain["id"])
+
+    def test_another_submitters_holder_is_a_409_that_names_nothing(self):
+        cron = intentbus.Scope("cron", "submit", "default", own_only=True)
+        other = intentbus.Scope("cron2", "submit", "default", own_only=True)
+        photos_only = intentbus.Scope("ops", "admin", "default", goals=["photos"])
+        mine = self.q.submit([{"goal": "mail", "unique_key": "k"}], cron)[1][0]
+        self.assertEqual(self.q.submit([{"goal": "mail", "unique_key": "k"}], cron)[1][0]["id"], mine["id"])
+        for scope, goal in ((other, "mail"), (photos_only, "photos")):
+            with self.assertRaises(intentbus.Conflict) as e:
+                self.q.submit([{"goal": goal, "unique_key": "k"}], scope)
+            self.assertEqual(e.exception.code, "conflict")
+            self.assertIn("unique key 'k' is held by an unfinished intent of another submitter",
+                          e.exception.message)
+            self.assertNotIn(mine["id"], e.exception.message)
+        self.assertEqual(self.submit(goal="mail", unique_key="k")["id"], mine["id"])   # root sees it
+        self.assertEqual(len(self.q.list()["intents"]), 1)
+
+    def test_a_redrive_never_makes_a_second_unfinished_holder(self):
+        old = self.submit(unique_key="u", max_attempts=1)
+        self.finish(old, "dead")
+        new = self.submit(unique_key="u")   # the key is free once old is dead
+        with self.assertRaises(intentbus.Conflict) as e:
+            self.q.retry(old["id"])
+        self.assertEqual(e.exception.code, "conflict")
+        self.assertIn("unique key 'u' is held by unfinished intent %s" % new["id"], e.exception.message)
+        ops = intentbus.Scope("ops", "admin", goals=["g"])
+        self.q.cancel(new["id"])
+        other = self.submit(goal="h", unique_key="u")
+        with self.assertRaises(intentbus.Conflict) as e:   # a holder it may not see: no id
+            self.q.retry(old["id"], scope=ops)
+        self.assertIn("held by another unfinished intent", e.exception.message)
+        self.assertNotIn(other["id"], e.exception.message)
+        self.assertEqual(self.q.retry_matching("dead"), {"count": 0, "skipped": 1})
+        self.assertEqual(self.q.retry_matching("cancelled"), {"count": 0, "skipped": 1})
+        self.assertEqual([self.q.get(i["id"])["status"] for i in (old, new, other)],
+                         ["dead", "cancelled", "open"])
+        self.q.cancel(other["id"])
+        # Three finished holders of u and none unfinished: the oldest goes back, the others stay.
+        self.assertEqual(self.q.retry_matching("cancelled"), {"count": 1, "skipped": 1})
+        self.assertEqual(self.q.retry_matching("dead"), {"count": 0, "skipped": 1})
+        self.assertEqual([self.q.get(i["id"])["status"] for i in (old, new, other)],
+                         ["dead", "open", "cancelled"])
+        self.finish(new, "fulfilled")
+        self.assertEqual(self.q.retry(old["id"])["status"], "open")   # free again: redriven
+
+    def test_a_bulk_redrive_skips_across_chunks_and_redrives_the_rest(self):
+        self.q.BULK_CHUNK = 2
+        dead = []
+        for key in ("a", "b", "a", None, "b"):
+            dead.append(self.submit(unique_key=key, max_attempts=1))
+            self.finish(dead[-1], "dead")
+        self.submit(unique_key="b")   # b is held now
+        self.assertEqual(self.q.retry_matching("dead"), {"count": 2, "skipped": 3})
+        self.assertEqual([self.q.get(i["id"])["status"] for i in dead],
+                         ["open", "dead", "dead", "open", "dead"])
+
+    def test_the_file_refuses_a_second_unfinished_holder(self):
+        # The index, not only the check before the insert: a second writer (an admin command,
+        # an older server) cannot make two.
+        self.submit(unique_key="k")
+        row = dict(self.store.get_intent(1), id=None, idempotency_key=None)
+        with self.assertRaisesRegex(intentbus.StorageError, "UNIQUE constraint failed"):
+            self.store.write(lambda: self.store.insert_intent(row))
+        self.store.write(lambda: self.store.insert_intent(dict(row, namespace="other")))
+        self.store.write(lambda: self.store.insert_intent(dict(row, unique_key=None)))
+        self.assertEqual(len(self.store.list_intents()), 3)
+        with self.assertRaisesRegex(intentbus.StorageError, "UNIQUE"):   # nor back to open beside it
+            self.store.write(lambda: (self.store.update_intent(1, status="cancelled"),
+                                      self.store.insert_intent(row),
+                                      self.store.update_intent(1, status="open")))
 
 
 # =====================================================================================
@@ -1244,6 +1421,8 @@ class ConcurrentSoak(TempDirCase):
                     body = self.body(random.Random(key) if key else rng)
                     if key:
                         body["idempotency_key"] = key
+                    elif rng.random() < 0.3:   # one at a time: redrives and retries must keep it so
+                        body["unique_key"] = "u%d" % rng.randrange(3)
                     for intent in q.submit([body] if rng.random() < 0.7 else [body, self.body(rng)])[1]:
                         with self.lock:
                             self.tokens.setdefault(int(intent["id"]), [])
@@ -1317,6 +1496,9 @@ class ConcurrentSoak(TempDirCase):
         self.assertLessEqual(set(self.tokens), set(rows), "an acknowledged intent was lost")
         for key, ids in self.keys.items():
             self.assertEqual(len(ids), 1, "idempotency key %s made %s" % (key, ids))
+        holders = collections.Counter(r["unique_key"] for r in rows.values()
+                                      if r["unique_key"] and r["status"] in ("open", "claimed"))
+        self.assertEqual([k for k, n in holders.items() if n > 1], [], "two unfinished holders")
         for i, r in rows.items():
             status, history = r["status"], json.loads(r["history"])
             where = "intent %s: %r" % (i, r)
@@ -1614,7 +1796,7 @@ class HTTPApi(ServerCase):
         # and came back as a 503 "try again", which clients would retry for ever.
         json_h = {"Content-Type": "application/json"}
         nulls = dict.fromkeys("payload priority requires delay run_at max_attempts lease backoff "
-                              "idempotency_key".split())
+                              "idempotency_key unique_key".split())
         got, _, data = self.raw("POST", "/intents", json.dumps(dict(nulls, goal="g")).encode(), json_h)
         self.assertEqual(got, 201, data)
         intent = json.loads(data)
@@ -1806,6 +1988,119 @@ class HTTPApi(ServerCase):
         self.assertEqual(got["claim"][0]["payload"], {"n": 1})
         listing = cli("list", "--db", self.db, "--status", "claimed")
         self.assertIn("from-cli", listing.stdout)
+
+
+class UniqueKeysOverHTTP(ServerCase):
+    """unique_key over HTTP: curl's form fields, worker.Client, many threads, redrives, the CLI."""
+
+    def test_one_at_a_time_from_a_cron_line(self):
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        got, _, data = self.raw("POST", "/intents", b"goal=sync-photos&unique_key=sync-photos", form)
+        first = json.loads(data)
+        self.assertEqual((got, first["unique_key"], first["created"]), (201, "sync-photos", True))
+        got, _, data = self.raw("POST", "/intents", b"goal=sync-photos&unique_key=sync-photos&payload=2",
+                                form)
+        again = json.loads(data)
+        self.assertEqual((got, again["id"], again["created"], again["payload"]),
+                         (200, first["id"], False, None))
+        got, _, data = self.raw("POST", "/intents", b"goal=sync-photos&unique_key=sync+photos", form)
+        self.assertEqual(got, 400, data)
+        self.assertIn(b"'unique_key' must be 1-256 printable ASCII characters", data)
+        self.assertEqual(self.c.get(first["id"])["unique_key"], "sync-photos")
+        self.assertEqual([(i["id"], i["unique_key"]) for i in self.c.list()["intents"]],
+                         [(first["id"], "sync-photos")])
+        [job] = self.c.claim("phone")
+        self.assertEqual(self.c.submit("sync-photos", unique_key="sync-photos")["id"], first["id"])
+        self.c.fulfill(job["id"], job["token"], "done")
+        fresh = self.c.submit("sync-photos", unique_key="sync-photos", minimal=True)
+        self.assertEqual(fresh, {"id": fresh["id"], "status": "open", "created": True})
+        self.assertNotEqual(fresh["id"], first["id"])
+        self.assertEqual(self.c.submit("sync-photos", unique_key="sync-photos", minimal=True),
+                         dict(fresh, created=False))
+
+    def test_an_array_answers_each_item_with_created(self):
+        held = self.c.submit("sync", unique_key="photos")
+        status, answer = self.c.request("POST", "/intents", [
+            {"goal": "sync", "unique_key": "photos"}, {"goal": "sync", "unique_key": "music"},
+            {"goal": "sync", "unique_key": "music", "payload": "other"}])
+        self.assertEqual(status, 201)
+        music = answer["intents"][1]["id"]
+        self.assertEqual([(i["id"], i["created"]) for i in answer["intents"]],
+                         [(held["id"], False), (music, True), (music, False)])
+        again = self.c.submit_many([{"goal": "sync", "unique_key": k} for k in ("photos", "music")])
+        self.assertEqual([(i["id"], i["created"]) for i in again], [(held["id"], False), (music, False)])
+        status = self.c.request("POST", "/intents", [{"goal": "sync", "unique_key": "music"}])[0]
+        self.assertEqual(status, 200)
+        self.assertEqual(len(self.c.list()["intents"]), 2)
+
+    def test_many_threads_submitting_one_key_create_one_intent(self):
+        threads, rounds = 24, 3
+        start = threading.Barrier(threads)
+        answers, errors = [], []
+
+        def submit(n):
+            c = Client(self.url)
+            try:
+                start.wait(10)
+                for r in range(rounds):   # one intent, or an array that also holds a key of its own
+                    body = {"goal": "sync", "payload": n, "unique_key": "sync"}
+                    if (n + r) % 2:
+                        status, got = c.request("POST", "/intents", body)
+                        answers.append((status, got["id"], got["created"]))
+                    else:
+                        status, got = c.request("POST", "/intents", [
+                            {"goal": "solo", "unique_key": "solo-%d-%d" % (n, r)}, body])
+                        answers.append((status, got["intents"][1]["id"], got["intents"][1]["created"]))
+            except Exception as e:
+                errors.append(repr(e))
+            finally:
+                c.close()
+        workers = [threading.Thread(target=submit, args=(n,)) for n in range(threads)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join(60)
+        self.assertEqual(errors, [])
+        self.assertEqual(len(answers), threads * rounds)
+        made = [a for a in answers if a[2]]
+        self.assertEqual(len(made), 1, made)   # exactly one created it ...
+        self.assertEqual({a[1] for a in answers}, {made[0][1]})   # ... and every answer names it
+        self.assertEqual(len(self.c.list(goal="sync")["intents"]), 1)
+        self.assertEqual(len(self.c.list(goal="solo", limit=1000)["intents"]), threads * rounds // 2)
+
+    def test_a_redrive_refuses_or_skips_an_intent_whose_key_is_held(self):
+        old = self.c.submit("sync", unique_key="sync", max_attempts=1)
+        [job] = self.c.claim("phone")
+        self.c.fail(job["id"], job["token"], "offline", retry=False)
+        new = self.c.submit("sync", unique_key="sync")
+        e = self.refused(lambda: self.c.retry(old["id"]), 409,
+                         "unique key 'sync' is held by unfinished intent " + new["id"])
+        self.assertEqual(e.code, "conflict")
+        self.assertEqual(self.c.request("POST", "/intents/retry", {"status": "dead"})[1],
+                         {"count": 0, "skipped": 1})
+        self.assertEqual(self.c.retry_all("dead"), 0)
+        out = cli("retry", "--all-dead", "--db", self.db)
+        self.assertEqual((out.returncode, out.stdout.strip()), (0, "redriven: 0, skipped: 1 (their unique "
+                                                                  "key is held by an unfinished intent)"))
+        out = cli("retry", old["id"], "--db", self.db)
+        self.assertEqual(out.returncode, 1)
+        self.assertIn("its unique key 'sync' is held by unfinished intent %s" % new["id"], out.stderr)
+        self.assertEqual((self.c.get(old["id"])["status"], self.c.get(new["id"])["status"]), ("dead", "open"))
+        self.c.cancel(new["id"])
+        self.assertEqual(cli("retry", "--all-dead", "--db", self.db).stdout.strip(), "redriven: 1")
+        self.assertEqual(self.c.get(old["id"])["status"], "open")
+
+    def test_admin_cli_submit_takes_a_unique_key(self):
+        outs = [cli("submit", "sync", "--db", self.db, "--unique-key", "sync", "--payload", str(n))
+                for n in (1, 2)]
+        self.assertEqual([o.returncode for o in outs], [0, 0], outs[-1].stderr)
+        first, again = [json.loads(o.stdout) for o in outs]
+        self.assertEqual((first["created"], again["created"], again["id"], again["payload"]),
+                         (True, False, first["id"], 1))
+        out = cli("submit", "sync", "--db", self.db, "--unique-key", "a b")
+        self.assertEqual(out.returncode, 1)
+        self.assertIn("'unique_key' must be", out.stderr)
+        self.assertEqual(len(self.c.list()["intents"]), 1)
 
 
 class Pausing(ServerCase):
@@ -3769,6 +4064,22 @@ class Tenants(ServerCase):
         self.assertIn(mine["id"], e.message)
         listed = [i["id"] for i in self.a_adm.list(goal="shared")["intents"]]
         self.assertEqual(listed, sorted(self.a_ids | {mine["id"]}, key=int))   # no copy made
+
+    def test_a_unique_key_held_by_another_submitters_intent_is_a_409_without_it(self):
+        # As an idempotency key: the holder is neither handed over nor named, and no copy made.
+        other = self.client(self.srv, self.token(self.srv, "a-sub-2", "submit", "A"))
+        mine = self.a_sub.submit("shared", {"card": "A's"}, unique_key="nightly")
+        e = self.refused(lambda: other.submit("shared", "theirs", unique_key="nightly"), 409,
+                         "unique key 'nightly' is held by an unfinished intent of another submitter")
+        self.assertEqual(e.code, "conflict")
+        self.assertNotIn(mine["id"], e.message)
+        status, again = self.a_sub.request("POST", "/intents", {"goal": "shared", "unique_key": "nightly"})
+        self.assertEqual((status, again["id"], again["payload"]), (200, mine["id"], {"card": "A's"}))
+        self.assertEqual(self.a_adm.submit("shared", unique_key="nightly")["id"], mine["id"])
+        theirs = self.b_sub.submit("shared", unique_key="nightly")   # B's namespace: a key of its own
+        self.assertEqual((theirs["created"], theirs["namespace"]), (True, "B"))
+        listed = [i["id"] for i in self.a_adm.list(goal="shared")["intents"]]
+        self.assertEqual(listed, sorted(self.a_ids | {mine["id"]}, key=int))
 
     def test_an_admin_limited_to_goals_lists_and_counts_only_them(self):
         # The goal limit was applied after the page was read: a first page of other goals came
