@@ -590,28 +590,38 @@ class Storage:
         op.finish()
 
     def after_commit(self, callback):
-        """Run callback once the current write is durable (inline writes: right away)."""
-        if self._thread is None:
-            callback()
-        else:
-            self._after_commit.append(callback)
+        """Run callback once the current write is durable; not at all if it is refused or undone."""
+        self._after_commit.append(callback)
 
     def _write_inline(self, fn):
         conn = self._wconn
         conn.execute("BEGIN IMMEDIATE")
+        self._after_commit = []
         try:
             self._check_data_version(every=0)
             value = fn()
             conn.execute("COMMIT")
         except sqlite3.Error as e:
+            self._after_commit = []
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise (StorageFull if _is_full(e) else StorageError)(str(e))
         except BaseException:
+            self._after_commit = []
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        self._committed()
         return value
+
+    def _committed(self):
+        """Run the after_commit callbacks of the transaction that just ended (none if undone)."""
+        callbacks, self._after_commit = self._after_commit, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception as e:   # a bug: its ops are committed, and must still be answered
+                log("after a write", error=repr(e)[:200])
 
     def _write_loop(self):
         while True:
@@ -711,12 +721,7 @@ class Storage:
                 with self._cv:
                     self._pending.extendleft(reversed(batch))
                     batch.clear()
-        for callback in self._after_commit:
-            try:
-                callback()
-            except Exception as e:   # a bug: its ops are committed, and must still be answered
-                log("after a write", error=repr(e)[:200])
-        self._after_commit = []
+        self._committed()
         with self._lock:
             for op in done:
                 op.state = _DONE

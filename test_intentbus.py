@@ -1353,6 +1353,26 @@ class UniqueKeys(RulesCase):
                                       self.store.update_intent(1, status="open")))
 
 
+class Counting(RulesCase):
+    """/metrics' figures at the rules layer: the events counted once their write commits, and
+    the gauges, which are /stats' figures."""
+
+    def test_after_commit_runs_once_the_write_is_durable_and_never_for_an_undone_one(self):
+        # Inline writes (admin commands, this store) ran the callback at once, inside the
+        # transaction, even when the write then failed and was rolled back.
+        ran = []
+        self.store.write(lambda: self.store.after_commit(lambda: ran.append(self.store._wconn.in_transaction)))
+        self.assertEqual(ran, [False])
+
+        def undone():
+            self.store.add_route("default", "g", "[]")
+            self.store.after_commit(lambda: ran.append("undone"))
+            raise ValueError("after a change")
+        with self.assertRaises(ValueError):
+            self.store.write(undone)
+        self.assertEqual((ran, self.store._read("SELECT count(*) FROM routes")), ([False], [(0,)]))
+
+
 # =====================================================================================
 # Queue rules under concurrency: a seeded soak
 # =====================================================================================
