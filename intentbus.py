@@ -952,10 +952,11 @@ class Storage:
         args.append(limit)
         return [dict(zip(_INTENT_KEYS, row)) for row in self._read(sql, args)]
 
-    def count_by_goal_and_status(self, namespace=None, goals=None):
-        sql, args = _filtered("SELECT goal, status, count(*) FROM intents WHERE 1", [],
+    def count_by_status(self, namespace=None, goals=None):
+        """(namespace, goal, status, count) rows."""
+        sql, args = _filtered("SELECT namespace, goal, status, count(*) FROM intents WHERE 1", [],
                               namespace=namespace, goals=goals)
-        return self._read(sql + " GROUP BY goal, status", args)
+        return self._read(sql + " GROUP BY namespace, goal, status", args)
 
     def ready_by_route(self, namespace=None, goals=None):
         """Ready open intents per route: (namespace, goal, requires, count, min run_at) rows."""
@@ -1109,6 +1110,11 @@ class Scope:
         self.goals = frozenset(goals) if goals else None
         self.own_only = own_only
 
+    def covers(self, namespace, goal):
+        """Whether a goal of a namespace is in scope (its counts, its pause), whoever submitted."""
+        return (self.namespace is None or namespace == self.namespace) and \
+            (self.goals is None or goal in self.goals)
+
     def sees(self, row):
         if self.namespace is not None and row["namespace"] != self.namespace:
             return False
@@ -1259,6 +1265,44 @@ SUBMIT_FIELDS = frozenset("goal payload priority requires delay run_at max_attem
                           "idempotency_key unique_key".split())
 CLAIM_FIELDS = frozenset("worker caps goals max wait lease".split())
 
+# The events /metrics counts from the server's start, by namespace and goal, as
+# intentbus_intents_<event>_total: (event, its # HELP). A new event is one line here and one
+# Queue._count() where its write is made. An admin command writes the file from a process of its
+# own, so the server counts none of its changes.
+COUNTED = (
+    ("submitted", "Intents submitted (an idempotent repeat creates none and is not counted)."),
+    ("claimed", "Attempts started: intents a claim handed to a worker."),
+    ("fulfilled", "Intents fulfilled."),
+    ("failed", "Attempts a worker reported failed (a fail call), retried or not."),
+    ("lease_expired", "Attempts whose lease ran out before the worker answered."),
+    ("dead", "Intents that went dead: attempts used up, or a fail without retry."),
+    ("released", "Attempts given back at once (a release without a delay)."),
+    ("snoozed", "Attempts given back with a delay (a release with a delay)."),
+    ("cancelled", "Intents cancelled, one at a time or in bulk."),
+    ("redriven", "Dead or cancelled intents put back to open (a retry)."),
+)
+
+
+class Counters:
+    """Counts by key, in memory from the server's start: the queue's events, added by the
+    writer once their write commits, and the HTTP answers, added by request threads. /metrics
+    reads a copy from any thread, hence the lock (a dict increment under it per event)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counts = {}
+
+    def add(self, keys):
+        """One more for each key (a key may come more than once)."""
+        with self._lock:
+            counts = self._counts
+            for key in keys:
+                counts[key] = counts.get(key, 0) + 1
+
+    def snapshot(self):
+        with self._lock:
+            return dict(self._counts)
+
 
 class Queue:
     """The rules of the bus. Every state change runs as one write op on the storage writer."""
@@ -1294,6 +1338,8 @@ class Queue:
         self._watch_lock = threading.Lock()
         self._watchers = {}          # intent id -> [Event]: GET ?wait long polls
         self._workers = {}           # (namespace, name) -> [(caps, goals, every), last_seen, last_saved]
+        self.counters = Counters()   # (event of COUNTED, namespace, goal) -> count, for /metrics
+        self.started = clock()       # when the counters began
         store.on_external_change.append(self._external_change)
         store.on_rollback.append(self._forget_caches)
         store.before_commit.append(self._wake_waiters)
@@ -1393,6 +1439,11 @@ class Queue:
         if self._open_counts is None:
             self._open_counts = collections.defaultdict(int, self.store.unfinished_by_namespace())
         self._open_counts[namespace] += delta
+
+    def _count(self, keys):
+        """Count these (event, namespace, goal) once the write under way commits: a write that
+        is refused or undone counts nothing (see Storage.after_commit)."""
+        self.store.after_commit(lambda: self.counters.add(keys))
 
     def _finished(self, *intent_ids):
         """Once committed, wake the GET ?wait long polls on these intents."""
@@ -1521,6 +1572,8 @@ class Queue:
             else:
                 self._became_ready(route)
         self._unfinished(namespace, len(new))
+        if new:
+            self._count([("submitted", namespace, row["goal"]) for row, _ in new])
         if earliest is not None and self.wakeup:
             self.wakeup(earliest)
         return bool(new), rows, made
@@ -1573,11 +1626,13 @@ class Queue:
         if maybe is None:
             maybe = self._may_have_work = set(self._all_routes())
             self._may_have_work_since = now
-        candidates = []
+        candidates, found_on = [], []
         for route in routes:
             if route.id in maybe:
                 found = self.store.claimable(route.id, request.max)
-                if not found:
+                if found:
+                    found_on.append((route, found))
+                else:
                     maybe.discard(route.id)
                 candidates.extend(found)
         if len(routes) > 1:
@@ -1594,6 +1649,7 @@ class Queue:
             # Never expected: the candidates were read as open in this same transaction.
             raise StorageError("claim candidates changed underneath the writer")
         if claimed:
+            self._count(self._claimed_keys(found_on, candidates))
             if self.wakeup:
                 self.wakeup(min(c[3] for c in claimed))
             return claimed
@@ -1603,6 +1659,17 @@ class Queue:
             self._parked.append(request)
             return PARK
         return []
+
+    @staticmethod
+    def _claimed_keys(found_on, taken):
+        """("claimed", namespace, goal) for each intent taken, from the routes it was found on
+        ([(route, rows found)]): a claim row names its goal, not its namespace."""
+        if len(found_on) == 1:
+            route = found_on[0][0]
+            return [("claimed", route.namespace, route.goal)] * len(taken)
+        ids = {c[0] for c in taken}
+        return [("claimed", route.namespace, route.goal)
+                for route, found in found_on for c in found if c[0] in ids]
 
     def _eligible_routes(self, request):
         key = (request.namespace, request.goals, request.caps)
@@ -1698,7 +1765,7 @@ class Queue:
             except QueueError:
                 pass   # reported below, by _row
         rows = self.store.intents_for_update(numbers, whole)
-        outcomes, updates, finished = [], [], []
+        outcomes, updates, finished, counted = [], [], [], []
         for intent_id, token, result_text in items:
             try:
                 row = self._check_held(self._row(intent_id, scope, rows), intent_id, token, now)
@@ -1710,10 +1777,13 @@ class Queue:
             row.update(changes)   # the same id again in this batch finds it fulfilled
             updates.append((row["id"], changes))
             finished.append(row["id"])
+            counted.append(("fulfilled", row["namespace"], row["goal"]))
             self._unfinished(row["namespace"], -1)
             outcomes.append((row, None))
         self.store.update_intents(updates)
         self._finished(*finished)
+        if counted:
+            self._count(counted)
         return outcomes
 
     def fulfill_many(self, items, scope=ROOT):
@@ -1752,6 +1822,7 @@ class Queue:
         """A failed attempt: back to open after a backoff while attempts remain, otherwise dead."""
         changes = dict(error=error, token=None, lease_expires_at=None,
                        history=self._end_attempt(row, now, outcome, error))
+        counted = [(outcome, row["namespace"], row["goal"])]   # failed, or lease_expired
         if retry and row["attempts"] < row["max_attempts"]:
             delay = min(self.backoff_max, row["backoff"] * 2 ** (row["attempts"] - 1))
             delay *= 0.75 + 0.5 * self.rng()        # jitter, so retries of a burst spread out
@@ -1763,6 +1834,8 @@ class Queue:
             self._unfinished(row["namespace"], -1)   # before the write: a reload must not see it
             self.store.update_intent(row["id"], **changes)
             self._finished(row["id"])
+            counted.append(("dead", row["namespace"], row["goal"]))
+        self._count(counted)
         row.update(changes)
         return row
 
@@ -1796,14 +1869,15 @@ class Queue:
         """Back to open, at once or after delay, and the attempt is given back (a graceful
         worker shutdown, a snooze)."""
         if delay > 0:
-            history = self._end_attempt(row, now, "snoozed", delay=delay)
+            outcome, history = "snoozed", self._end_attempt(row, now, "snoozed", delay=delay)
         else:
-            history = self._end_attempt(row, now, "released")
+            outcome, history = "released", self._end_attempt(row, now, "released")
         changes = dict(status="open", attempts=row["attempts"] - 1, worker=None, token=None,
                        lease_expires_at=None, run_at=now + delay, delayed=int(delay > 0),
                        history=history)
         self.store.update_intent(row["id"], **changes)
         self._reopened(row, now, delay)
+        self._count([(outcome, row["namespace"], row["goal"])])
         row.update(changes)
         return row
 
@@ -1852,6 +1926,7 @@ class Queue:
             changes["history"] = self._end_attempt(row, now, "cancelled", "cancelled")
         self._unfinished(row["namespace"], -1)
         self.store.update_intent(row["id"], **changes)
+        self._count([("cancelled", row["namespace"], row["goal"])])
         row.update(changes)
         return row
 
@@ -1887,6 +1962,7 @@ class Queue:
         self._unfinished(row["namespace"], +1)
         self.store.update_intent(row["id"], **changes)
         self._became_ready(self._all_routes()[row["route"]])
+        self._count([("redriven", row["namespace"], row["goal"])])
         row.update(changes)
         return row
 
@@ -2085,12 +2161,17 @@ class Queue:
                 "next": str(rows[-1]["id"]) if more else None}
 
     def stats(self, scope=ROOT):
+        return self._stats(scope)[0]
+
+    def _stats(self, scope):
+        """/stats, and the (namespace, goal, status, count) rows of its counts (for /metrics)."""
         now = self.clock()
         counts = dict.fromkeys(STATUSES, 0)
         goals = {}
-        for goal, status, n in self.store.count_by_goal_and_status(scope.namespace, scope.goals):
+        rows = self.store.count_by_status(scope.namespace, scope.goals)
+        for _namespace, goal, status, n in rows:
             counts[status] = counts.get(status, 0) + n
-            goals.setdefault(goal, dict.fromkeys(STATUSES, 0))[status] = n
+            goals.setdefault(goal, dict.fromkeys(STATUSES, 0))[status] += n
         holdings = self.store.holdings(scope.namespace, scope.goals)
         seen = self._recent_workers(scope, now)
         workers = [w.view(scope, holdings) for w in seen if scope.namespace in (None, w.namespace)]
@@ -2100,7 +2181,59 @@ class Queue:
         stats = {"counts": counts, "goals": goals, "workers": workers}
         stats.update(self._stranded(scope, seen, now, pauses))
         stats["paused"] = list(pauses.values())
-        return stats
+        return stats, rows
+
+    def metrics(self, scope=ROOT):
+        """What GET /metrics shows, in scope: /stats' figures as gauges, and the COUNTED events
+        since the start as counters, [(name, type, help, [(((label, value), ...), number)])].
+        Every goal known (intents, a pause, or counted) gets every series of its own, zeros
+        included, so that a rate starts from 0 instead of from its first event."""
+        stats, rows = self._stats(scope)
+        counted = {key: n for key, n in self.counters.snapshot().items() if scope.covers(*key[1:])}
+        intents = {(ns, goal, status): n for ns, goal, status, n in rows}
+        paused = {(p["namespace"], p["goal"]) for p in stats["paused"]}
+        stranded = collections.Counter()
+        for entry in stats["stranded"]:
+            stranded[entry["namespace"], entry["goal"]] += entry["count"]
+        known = sorted({key[:2] for key in intents} | paused | {key[1:] for key in counted})
+        workers, held = collections.Counter(), collections.Counter()
+        for worker in stats["workers"]:
+            workers[worker["namespace"]] += 1
+            held[worker["namespace"]] += worker["holding"]
+        namespaces = sorted({ns for ns, _goal in known} | set(workers) | {scope.namespace or "default"})
+
+        def per_goal(value):
+            return [((("namespace", ns), ("goal", goal)), value(ns, goal)) for ns, goal in known]
+
+        def per_namespace(counter):
+            return [((("namespace", ns),), counter[ns]) for ns in namespaces]
+        families = [
+            ("intentbus_intents", "gauge", "Intents kept, by status (finished ones until pruned).",
+             [((("namespace", ns), ("goal", goal), ("status", status)), intents.get((ns, goal, status), 0))
+              for ns, goal in known for status in STATUSES]),
+            ("intentbus_intents_stranded", "gauge", "Ready intents no worker seen recently can take.",
+             per_goal(lambda ns, goal: stranded[ns, goal])),
+            ("intentbus_goal_paused", "gauge", "1 while the goal is paused, else 0.",
+             per_goal(lambda ns, goal: int((ns, goal) in paused))),
+            ("intentbus_oldest_claimable_age_seconds", "gauge",
+             "Seconds since the oldest ready intent became claimable (0: none is ready).",
+             [((), stats["oldest_claimable_age"] or 0)]),
+            ("intentbus_oldest_takeable_age_seconds", "gauge",
+             "The same, of the ready intents a worker seen recently can take, not paused (0: none).",
+             [((), stats["oldest_takeable_age"] or 0)]),
+            ("intentbus_workers_seen", "gauge",
+             "Workers that claimed in the last %d s, or hold an intent." % WORKERS_RECENT,
+             per_namespace(workers)),
+            ("intentbus_workers_holding", "gauge", "Intents the workers seen hold.",
+             per_namespace(held)),
+        ]
+        for event, text in COUNTED:
+            families.append(("intentbus_intents_%s_total" % event, "counter", text,
+                             per_goal(lambda ns, goal: counted.get((event, ns, goal), 0))))
+        families.append(("intentbus_start_time_seconds", "gauge",
+                         "When the server started (Unix time): its counters count from then.",
+                         [((), self.started)]))
+        return families
 
     def _stranded(self, scope, seen, now, pauses):
         """The ready work that none of the workers seen can take (a goal nobody asks for, a
@@ -2496,6 +2629,7 @@ ROUTES = [
     ("POST", r"/intents/(?P<id>[^/]+)/retry", "retry", "admin"),
     ("POST", r"/claim", "claim", "work"),
     ("GET", r"/stats", "stats", "monitor"),
+    ("GET", r"/metrics", "metrics", "monitor"),
     ("POST", r"/goals/(?P<goal>[^/]+)/pause", "pause", "admin"),
     ("POST", r"/goals/(?P<goal>[^/]+)/resume", "resume", "admin"),
 ]
@@ -2599,13 +2733,43 @@ def _loads(data):
     return value
 
 
-class ClaimAnswer:
+class Answer:
+    """An answer already written out (not a value to encode as JSON), with its Content-Type."""
+    content_type = "application/json"
+
+    def __init__(self, text):
+        self.text = text
+
+
+class ClaimAnswer(Answer):
     """A claim's answer, already JSON (see claim_json), and what was claimed: the handler gives
     the intents back at once if the answer cannot be delivered."""
 
     def __init__(self, claimed):
         self.claimed = [(c.id, c.token) for c in claimed]
         self.text = '{"intents":[' + ",".join(c.text for c in claimed) + "]}"
+
+
+class MetricsAnswer(Answer):
+    content_type = "text/plain; version=0.0.4; charset=utf-8"   # Prometheus's text format
+
+
+def _label_value(text):
+    """A label value as the text format escapes it: backslash, double quote and line feed."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def exposition(families):
+    """Prometheus's text exposition format 0.0.4 of [(name, type, help, samples)], samples being
+    [(((label, value), ...), number)]: # HELP and # TYPE, then the family's samples."""
+    lines = []
+    for name, kind, text, samples in families:
+        lines.append("# HELP %s %s" % (name, text.replace("\\", "\\\\").replace("\n", "\\n")))
+        lines.append("# TYPE %s %s" % (name, kind))
+        for labels, value in samples:
+            pairs = ",".join('%s="%s"' % (label, _label_value(str(v))) for label, v in labels)
+            lines.append("%s%s %s" % (name, "{%s}" % pairs if pairs else "", repr(value)))
+    return "\n".join(lines) + "\n"
 
 
 class Api:
@@ -2615,6 +2779,7 @@ class Api:
     def __init__(self, queue, tokens):
         self.queue = queue
         self.tokens = tokens
+        self.responses = Counters()   # HTTP status -> answers given, for /metrics
 
     def health(self, scope, params, body):
         return 200, {"ok": not self.queue.closing, "version": __version__, "sqlite": sqlite3.sqlite_version}
@@ -2681,6 +2846,16 @@ class Api:
 
     def stats(self, scope, params, body):
         return 200, self.queue.stats(scope)
+
+    def metrics(self, scope, params, body):
+        families = self.queue.metrics(scope)
+        if scope.namespace is None and scope.goals is None:   # the whole server's traffic: not
+            # a tenant's to see (it tells of the other tenants' requests)
+            families.append(("intentbus_http_responses_total", "counter",
+                             "HTTP answers given since the start, by status code.",
+                             [((("code", code),), n) for code, n in
+                              sorted(self.responses.snapshot().items())]))
+        return 200, MetricsAnswer(exposition(families))
 
     def pause(self, scope, params, body):
         _only(body, {"namespace", "until", "duration"}, "a pause")
@@ -2873,8 +3048,9 @@ class Handler(BaseHTTPRequestHandler):
             scope = self.server.authorize(self, role, path, query, self._raw_body)
         if self.command in ("GET", "HEAD") and (body or self._form):
             raise HTTPError(400, "bad_request", "a GET takes no body; send its fields in the query")
-        # /health and /stats take no fields: a monitor's cache-busting query is not read at all
-        params = self._params("" if name in ("health", "stats") else query, headers, body)
+        # /health, /stats and /metrics take no fields: a monitor's cache-busting query (or a
+        # scraper's params) is not read at all
+        params = self._params("" if name in ("health", "stats", "metrics") else query, headers, body)
         in_path = m.groupdict()   # an intent's id, or a goal: never taken from a query or a body
         for field in _PATH_FIELDS.union(in_path):
             if field in params:
@@ -3055,8 +3231,11 @@ class Handler(BaseHTTPRequestHandler):
             return False   # reset, or closed on this side
 
     def _respond(self, status, value, extra=None):
-        body = b"" if value is None else (
-            value.text if isinstance(value, ClaimAnswer) else dumps(value)).encode("utf-8")
+        self.server.api.responses.add((status,))
+        if isinstance(value, Answer):
+            body, content_type = value.text.encode("utf-8"), value.content_type
+        else:
+            body, content_type = b"" if value is None else dumps(value).encode("utf-8"), "application/json"
         lines = ["HTTP/1.1 %d %s" % (status, STATUS_TEXT.get(status, "Unknown")),
                  "Date: " + _http_date()]
         if status != 204:   # RFC 9110 8.6: a 204 carries no Content-Length
@@ -3065,7 +3244,7 @@ class Handler(BaseHTTPRequestHandler):
                   "X-Content-Type-Options: nosniff",
                   "Cache-Control: no-store"]
         if value is not None:
-            lines.append("Content-Type: application/json")
+            lines.append("Content-Type: " + content_type)
         if self.server.tls:
             lines.append("Strict-Transport-Security: max-age=31536000")
         if self.close_connection or self.server.draining:
@@ -3183,6 +3362,7 @@ class Server(ThreadingHTTPServer):
             if not full:
                 self._active += 1
         if full:   # answered from the accept loop: no thread for it
+            self.api.responses.add((503,))
             try:
                 if self.tls is not None:
                     raise ValueError("no plain-text answer on a TLS connection")

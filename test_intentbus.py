@@ -172,6 +172,62 @@ def closed_within(sock, timeout):
     return False
 
 
+_SAMPLE_RE = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)\Z')
+_LABEL_RE = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"(?:,|\Z)')
+
+
+def parse_metrics(text):
+    """Prometheus's text format 0.0.4 read as a scraper does, checking it on the way: every
+    family has its # HELP and # TYPE before its samples, and is not split. Returns
+    {(name, ((label, value), ...) sorted): number}."""
+    if not text.endswith("\n"):
+        raise ValueError("the text does not end with a line feed")
+    samples, kinds, family, ended = {}, {}, None, set()
+    for line in text[:-1].split("\n"):
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            name = line.split(" ")[2]
+            if name != family:
+                if name in ended or name in kinds:
+                    raise ValueError("family %s is split" % name)
+                ended.add(family)
+                family = name
+            if line.startswith("# TYPE "):
+                kinds[name] = line.split(" ")[3]
+            continue
+        m = _SAMPLE_RE.match(line)
+        if not m or m.group(1) != family or family not in kinds:
+            raise ValueError("a sample out of place or malformed: %r" % line)
+        labels, rest = [], m.group(2) or ""
+        while rest:
+            label = _LABEL_RE.match(rest)
+            if not label:
+                raise ValueError("malformed labels: %r" % line)
+            value = re.sub(r"\\(.)", lambda e: "\n" if e.group(1) == "n" else e.group(1), label.group(2))
+            labels.append((label.group(1), value))
+            rest = rest[label.end():]
+        key = (family, tuple(sorted(labels)))
+        if key in samples:
+            raise ValueError("a sample given twice: %r" % line)
+        samples[key] = float(m.group(3))
+    return samples
+
+
+def metric(samples, name, **labels):
+    """One sample of parse_metrics' result, or None if it is not there."""
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+def counted(samples):
+    """The counters of COUNTED events that are above zero: {(event, namespace, goal): n}."""
+    found = {}
+    for (name, labels), value in samples.items():
+        m = re.match(r"intentbus_intents_(\w+)_total\Z", name)
+        if m and value:
+            labels = dict(labels)
+            found[m.group(1), labels["namespace"], labels["goal"]] = value
+    return found
+
+
 class Clock:
     def __init__(self, now=1000000.0):
         self.now = now
@@ -1357,6 +1413,9 @@ class Counting(RulesCase):
     """/metrics' figures at the rules layer: the events counted once their write commits, and
     the gauges, which are /stats' figures."""
 
+    def metrics(self, scope=intentbus.ROOT, q=None):
+        return parse_metrics(intentbus.exposition((q or self.q).metrics(scope)))
+
     def test_after_commit_runs_once_the_write_is_durable_and_never_for_an_undone_one(self):
         # Inline writes (admin commands, this store) ran the callback at once, inside the
         # transaction, even when the write then failed and was rolled back.
@@ -1371,6 +1430,193 @@ class Counting(RulesCase):
         with self.assertRaises(ValueError):
             self.store.write(undone)
         self.assertEqual((ran, self.store._read("SELECT count(*) FROM routes")), ([False], [(0,)]))
+
+    def test_each_event_counts_once_by_namespace_and_goal(self):
+        a_sub = intentbus.Scope("a-sub", "submit", "a")
+        expected = collections.Counter()
+
+        def check(**more):
+            for key, n in more.items():
+                event, namespace, goal = key.split("__")
+                expected[event, namespace, goal] += n
+            self.assertEqual(counted(self.metrics()), dict(expected))
+        kept = self.submit(goal="g", idempotency_key="k")
+        self.submit(goal="g", idempotency_key="k")   # a repeat creates nothing: not counted
+        once = self.submit(goal="g", max_attempts=1)
+        self.submit(goal="g")
+        self.q.submit([{"goal": "h", "priority": 5}], a_sub)
+        check(submitted__default__g=3, submitted__a__h=1)
+        # A claim over two namespaces' routes, cut to max: each intent under its own route.
+        first = self.claim(max=2)
+        self.assertEqual([j["goal"] for j in first], ["h", "g"])
+        check(claimed__default__g=1, claimed__a__h=1)
+        jobs = {j["id"]: j for j in first[1:] + self.claim(max=5)}
+        check(claimed__default__g=2)
+        self.q.fulfill(kept["id"], jobs.pop(kept["id"])["token"])
+        check(fulfilled__default__g=1)
+        self.q.fail(once["id"], jobs.pop(once["id"])["token"], "boom")   # its only attempt: dead
+        check(failed__default__g=1, dead__default__g=1)
+        [g] = jobs.values()
+        self.q.fail(g["id"], g["token"], "again")   # retried after its backoff
+        check(failed__default__g=1)
+        self.clock.advance(11)
+        self.q.tick()
+        self.assertEqual(self.claim(goals=["g"], lease=1)[0]["id"], g["id"])
+        self.clock.advance(2)
+        self.q.tick()   # its lease ends: attempt 2 of 3, open again
+        check(claimed__default__g=1, lease_expired__default__g=1)
+        h = first[0]
+        self.q.release(h["id"], h["token"])
+        check(released__a__h=1)
+        h = self.claim(goals=["h"])[0]
+        self.q.release(h["id"], h["token"], delay=60)
+        check(claimed__a__h=1, snoozed__a__h=1)
+        self.q.cancel(h["id"])
+        check(cancelled__a__h=1)
+        self.q.retry(once["id"])
+        self.assertEqual(self.q.retry_matching("cancelled"), 1)
+        check(redriven__default__g=1, redriven__a__h=1)
+        self.assertEqual(self.q.cancel_matching(all=True), 3)
+        check(cancelled__default__g=2, cancelled__a__h=1)
+        # A scope is shown its own namespace's and goals' counters only.
+        self.assertEqual(counted(self.metrics(intentbus.Scope("m", "monitor", "a"))),
+                         {k: n for k, n in expected.items() if k[1] == "a"})
+        self.assertEqual(counted(self.metrics(intentbus.Scope("m", "monitor", goals=["g"]))),
+                         {k: n for k, n in expected.items() if k[2] == "g"})
+        self.assertEqual(counted(self.metrics(intentbus.Scope("m", "monitor", "b"))), {})
+        # Every counter is shown, zeros too, for each goal known, so rates start from zero.
+        samples = self.metrics()
+        for event, _help in intentbus.COUNTED:
+            for namespace, goal in (("default", "g"), ("a", "h")):
+                self.assertIsNotNone(metric(samples, "intentbus_intents_%s_total" % event,
+                                            namespace=namespace, goal=goal), event)
+
+    def test_a_refused_write_counts_nothing(self):
+        Conflict, Invalid = intentbus.Conflict, intentbus.Invalid
+        done = self.submit(goal="g", idempotency_key="k")
+        job = self.claim()[0]
+        self.q.fulfill(job["id"], job["token"])
+        self.submit(goal="g")
+        held = self.claim()[0]
+        before = counted(self.metrics())
+        self.assertEqual(before, {("submitted", "default", "g"): 2, ("claimed", "default", "g"): 2,
+                                  ("fulfilled", "default", "g"): 1})
+        self.q.max_open = 1
+        refusals = [
+            (intentbus.LeaseLost, lambda: self.q.fulfill(held["id"], "stale")),
+            (intentbus.LeaseLost, lambda: self.q.fail(held["id"], "stale")),
+            (intentbus.LeaseLost, lambda: self.q.release(held["id"], "stale", delay=5)),
+            (Invalid, lambda: self.q.release(held["id"], held["token"], delay=-1)),
+            (intentbus.NotFound, lambda: self.q.fail("999", held["token"])),
+            (Conflict, lambda: self.q.cancel(done["id"])),
+            (Conflict, lambda: self.q.retry(held["id"])),
+            (Conflict, lambda: self.submit(goal="g", idempotency_key="k", payload=2)),
+            (intentbus.QuotaExceeded, lambda: self.submit(goal="g")),
+            (Invalid, lambda: self.q.submit([{"goal": "g"}, {"goal": "bad goal"}])),
+            (intentbus.Forbidden, lambda: self.q.submit([{"goal": "x"}], intentbus.Scope(
+                "s", "submit", "default", goals=["g"]))),
+        ]
+        for error, call in refusals:
+            with self.assertRaises(error):
+                call()
+        self.assertEqual(counted(self.metrics()), before)
+        # One batch fulfill: the stale item is refused, the good one counts.
+        results = self.q.fulfill_many([{"id": held["id"], "token": "stale"},
+                                       {"id": held["id"], "token": held["token"]}])
+        self.assertEqual([r["ok"] for r in results], [False, True])
+        self.assertEqual(counted(self.metrics())[("fulfilled", "default", "g")], 2)
+
+    def test_an_undone_write_counts_nothing_and_its_neighbours_once(self):
+        # An op that fails after changing the file undoes its whole transaction; the other ops
+        # of the batch run again in the next one. Counted as they ran, they counted twice.
+        store, q = self.with_writer()
+        gate, entered = threading.Event(), threading.Event()
+
+        def hold():
+            entered.set()
+            gate.wait(10)
+        holder = threading.Thread(target=store.write, args=(hold,))
+        holder.start()
+        self.assertTrue(entered.wait(10))
+        submitted = []
+        submit = threading.Thread(target=lambda: submitted.append(q.submit([{"goal": "g"}])))
+        submit.start()
+        self.assertTrue(eventually(lambda: len(store._pending) == 1))
+
+        def breaks():
+            store.add_route("default", "broken", "[]")
+            raise ValueError("after a change")
+        failed = []
+        breaker = threading.Thread(target=lambda: self.assertRaises(ValueError, store.write, breaks)
+                                   or failed.append(1))
+        breaker.start()
+        self.assertTrue(eventually(lambda: len(store._pending) == 2))
+        with contextlib.redirect_stderr(io.StringIO()):   # "write undone"
+            gate.set()
+            for thread in (holder, submit, breaker):
+                thread.join(10)
+        self.assertEqual((len(submitted), failed), (1, [1]))
+        self.assertEqual(counted(self.metrics(q=q)), {("submitted", "default", "g"): 1})
+        # And a batch that fails as a whole (here a bug before its commit) counts nothing.
+        store.before_commit.append(lambda: 1 / 0)
+        with contextlib.redirect_stderr(io.StringIO()):
+            with self.assertRaises(intentbus.StorageError):
+                q.submit([{"goal": "g"}])
+        store.before_commit.pop()
+        self.assertEqual(counted(self.metrics(q=q)), {("submitted", "default", "g"): 1})
+
+    def test_the_gauges_are_the_stats_figures_by_namespace_and_goal(self):
+        Scope = intentbus.Scope
+        b_sub = Scope("b-sub", "submit", "b")
+        self.submit(goal="g")
+        self.submit(goal="g")
+        self.q.submit([{"goal": "g"}, {"goal": "render", "requires": ["gpu"]}], b_sub)
+        self.q.claim({"worker": "phone", "goals": ["g"]}, Scope("w", "work", "default"))
+        self.clock.advance(1)
+        self.submit(goal="typo")
+        self.submit(goal="backup")
+        self.q.pause("backup")
+        self.clock.advance(4)
+        stats, samples = self.q.stats(), self.metrics()
+
+        def intents(namespace, goal):
+            return {s: metric(samples, "intentbus_intents", namespace=namespace, goal=goal, status=s)
+                    for s in intentbus.STATUSES}
+        zero = dict.fromkeys(intentbus.STATUSES, 0)
+        self.assertEqual(intents("default", "g"), dict(zero, open=1, claimed=1))
+        self.assertEqual(intents("b", "g"), dict(zero, open=1))   # /stats adds them up
+        self.assertEqual(stats["goals"]["g"], dict(zero, open=2, claimed=1))
+        self.assertEqual(intents("default", "backup"), dict(zero, open=1))
+        for (namespace, goal), n in {("default", "typo"): 1, ("b", "render"): 1, ("b", "g"): 1,
+                                     ("default", "g"): 0, ("default", "backup"): 0}.items():
+            self.assertEqual(metric(samples, "intentbus_intents_stranded", namespace=namespace,
+                                    goal=goal), n, goal)
+            self.assertEqual(metric(samples, "intentbus_goal_paused", namespace=namespace,
+                                    goal=goal), int(goal == "backup"))
+        self.assertEqual((metric(samples, "intentbus_oldest_claimable_age_seconds"),
+                          metric(samples, "intentbus_oldest_takeable_age_seconds")),
+                         (stats["oldest_claimable_age"], stats["oldest_takeable_age"]))
+        self.assertEqual((stats["oldest_claimable_age"], stats["oldest_takeable_age"]), (5.0, 5.0))
+        self.assertEqual([metric(samples, name, namespace=ns) for name in
+                          ("intentbus_workers_seen", "intentbus_workers_holding") for ns in ("default", "b")],
+                         [1, 0, 1, 0])
+        self.assertEqual(metric(samples, "intentbus_start_time_seconds"), 1000000.0)
+        # Another namespace's monitor: none of default's goals or workers, not even as a zero.
+        samples = self.metrics(Scope("b-mon", "monitor", "b"))
+        self.assertEqual({dict(labels).get("namespace") for _name, labels in samples} - {None}, {"b"})
+        self.assertEqual(metric(samples, "intentbus_workers_seen", namespace="b"), 0)
+        self.assertEqual(metric(samples, "intentbus_oldest_takeable_age_seconds"), 0)   # none: 0
+        # A goal-limited one: its goals only.
+        samples = self.metrics(Scope("g-mon", "monitor", goals=["g"]))
+        self.assertEqual({dict(labels).get("goal") for _name, labels in samples} - {None}, {"g"})
+
+    def test_the_text_format_escapes_what_it_must(self):
+        text = intentbus.exposition([("x_total", "counter", "a \\ back\nslash",
+                                      [((("goal", 'q"\\\n'),), 2), ((), 0.5)])])
+        self.assertEqual(text, '# HELP x_total a \\\\ back\\nslash\n# TYPE x_total counter\n'
+                               'x_total{goal="q\\"\\\\\\n"} 2\nx_total 0.5\n')
+        self.assertEqual(parse_metrics(text), {("x_total", (("goal", 'q"\\\n'),)): 2,
+                                               ("x_total", ()): 0.5})
 
 
 # =====================================================================================
@@ -1946,7 +2192,7 @@ class HTTPApi(ServerCase):
         # The README says they ignore a query string (monitors add cache-busting ones), but a
         # repeated or odd field was still parsed, and refused with 400.
         for query in ("?_=1", "?a=1&a=2", "?wait=x", "?%ff=%00"):
-            for path in ("/health", "/stats"):
+            for path in ("/health", "/stats", "/metrics"):
                 got, _, data = self.raw("GET", path + query)
                 self.assertEqual(got, 200, (path + query, data))
 
@@ -2240,6 +2486,142 @@ class Pausing(ServerCase):
         self.assertEqual(len(self.c.stats()["paused"]), 1)
 
 
+class MetricsEndpoint(BusCase):
+    """GET /metrics over real HTTP: Prometheus's text format, counters that move with the
+    queue's events (a controllable clock for leases), and each token's scope."""
+
+    def setUp(self):
+        BusCase.setUp(self)
+        self.clock = Clock(1.7e9)
+        self.srv = self.start(token=ROOT, clock=self.clock, auth_burst=1000)
+        self.c = self.client(self.srv, ROOT)
+
+    def test_counters_move_with_submit_claim_fulfill_fail_and_lease_expiry(self):
+        headers = {"Authorization": "Bearer " + ROOT}
+        status, got, text = self.raw("GET", "/metrics?_=1", headers=headers)   # a query is ignored
+        self.assertEqual((status, got["content-type"]), (200, "text/plain; version=0.0.4; charset=utf-8"))
+        samples = parse_metrics(text.decode("utf-8"))
+        self.assertEqual(counted(samples), {})
+        self.assertEqual(metric(samples, "intentbus_start_time_seconds"), 1.7e9)
+        status, got, body = self.raw("HEAD", "/metrics", headers=headers)
+        self.assertEqual((status, body, got["content-type"]), (200, b"", "text/plain; version=0.0.4; charset=utf-8"))
+        self.assertHardened(status, got, body, "HEAD /metrics")
+
+        self.c.submit_many([{"goal": "thumb", "payload": n} for n in range(2)])
+        self.c.submit("mail", lease=5)
+        done, broken = self.c.claim("phone", goals=["thumb"], max=2)
+        self.c.fulfill(done["id"], done["token"], "ok")
+        self.c.fail(broken["id"], broken["token"], "boom", retry=False)
+        self.refused(lambda: self.c.fulfill(done["id"], done["token"]), 409)   # refused: not counted
+        self.c.claim("pi", goals=["mail"])
+        self.clock.advance(6)
+        self.srv.sweeper.wakeup(0)
+
+        def expired():
+            samples = parse_metrics(self.c.metrics())
+            return metric(samples, "intentbus_intents_lease_expired_total",
+                          namespace="default", goal="mail") == 1 and samples
+        samples = eventually(expired)
+        self.assertTrue(samples)
+        self.assertEqual(counted(samples), {
+            ("submitted", "default", "thumb"): 2, ("submitted", "default", "mail"): 1,
+            ("claimed", "default", "thumb"): 2, ("claimed", "default", "mail"): 1,
+            ("fulfilled", "default", "thumb"): 1, ("failed", "default", "thumb"): 1,
+            ("dead", "default", "thumb"): 1, ("lease_expired", "default", "mail"): 1})
+        self.assertEqual(metric(samples, "intentbus_intents", namespace="default", goal="mail",
+                                status="open"), 1)   # attempt 1 of 3 expired: open again
+        self.assertEqual(metric(samples, "intentbus_http_responses_total", code="409"), 1)
+        self.assertEqual(metric(samples, "intentbus_http_responses_total", code="201"), 2)
+        self.assertEqual(metric(samples, "intentbus_workers_seen", namespace="default"), 2)
+
+    def test_each_token_sees_its_own_scope_and_only_monitors_and_admins_read_it(self):
+        a_sub = self.client(self.srv, self.token(self.srv, "a-sub", "submit", "A"))
+        a_sub.submit("a-goal")
+        self.c.submit("secret-goal")
+        self.c.submit("thumb")
+        a_mon = self.client(self.srv, self.token(self.srv, "a-mon", "monitor", "A"))
+        a_adm = self.client(self.srv, self.token(self.srv, "a-adm", "admin", "A"))
+        thumbs = self.client(self.srv, self.token(self.srv, "thumbs", "monitor", goals=["thumb"]))
+        everyone = self.client(self.srv, self.token(self.srv, "grafana", "monitor"))
+        for c in (a_mon, a_adm):
+            text = c.metrics()
+            self.assertNotIn("secret-goal", text)
+            self.assertNotIn("intentbus_http_responses_total", text)   # the whole server's traffic
+            samples = parse_metrics(text)
+            self.assertEqual(counted(samples), {("submitted", "A", "a-goal"): 1})
+            self.assertEqual({dict(labels).get("namespace") for _name, labels in samples} - {None}, {"A"})
+        samples = parse_metrics(thumbs.metrics())
+        self.assertEqual(counted(samples), {("submitted", "default", "thumb"): 1})
+        self.assertIsNone(metric(samples, "intentbus_http_responses_total", code="201"))
+        samples = parse_metrics(everyone.metrics())
+        self.assertEqual(set(counted(samples)), {("submitted", "A", "a-goal"),
+                                                 ("submitted", "default", "secret-goal"),
+                                                 ("submitted", "default", "thumb")})
+        self.assertEqual(metric(samples, "intentbus_http_responses_total", code="201"), 3)
+        for role in ("submit", "work"):
+            c = self.client(self.srv, self.token(self.srv, "a-" + role + "-2", role, "A"))
+            e = self.refused(c.metrics, 403, "monitor or admin")
+            self.assertEqual(e.code, "forbidden")
+        self.assertEqual(self.refused(self.client(self.srv).metrics, 401).code, "unauthorized")
+        self.assertEqual(self.refused(self.client(self.srv, "wrong").metrics, 401).code, "unauthorized")
+        self.assertEqual(metric(parse_metrics(self.c.metrics()), "intentbus_http_responses_total",
+                                code="403"), 2)
+
+    def test_a_refused_write_counts_nothing(self):
+        srv = self.start(db=os.path.join(self.dir, "quota.db"), token=ROOT, max_open=2)
+        c = self.client(srv, ROOT)
+        kept = c.submit("g", idempotency_key="k")
+        job = c.claim("w")[0]
+        before = counted(parse_metrics(c.metrics()))
+        self.assertEqual(before, {("submitted", "default", "g"): 1, ("claimed", "default", "g"): 1})
+        self.assertEqual(c.submit("g", idempotency_key="k")["id"], kept["id"])   # a repeat: 200
+        for call, status in ((lambda: c.fulfill(job["id"], "stale"), 409),
+                             (lambda: c.fail("12345", job["token"]), 404),
+                             (lambda: c.submit_many([{"goal": "g"}, {"goal": "bad goal"}]), 400),
+                             (lambda: c.submit_many([{"goal": "g"}, {"goal": "g"}]), 429),
+                             (lambda: c.release(job["id"], job["token"], delay=-1), 400),
+                             (lambda: c.retry(job["id"]), 409)):
+            with self.assertRaises(IntentBusError) as cm:
+                call()
+            self.assertEqual(cm.exception.status, status)
+        samples = parse_metrics(c.metrics())
+        self.assertEqual(counted(samples), before)
+        self.assertEqual([metric(samples, "intentbus_http_responses_total", code=code)
+                          for code in ("400", "404", "409", "429")], [2, 1, 2, 1])
+
+    def test_many_threads_count_every_event_and_answer_exactly_once(self):
+        threads, jobs = 16, 8
+        before = parse_metrics(self.c.metrics())
+        errors = []
+
+        def work(n):
+            try:
+                with Client(self.srv.url, ROOT) as c:
+                    goal = "t%d" % (n % 4)
+                    for _ in range(jobs):
+                        c.submit(goal, n)
+                        job = c.claim("w%d" % n, goals=[goal])[0]
+                        c.fulfill(job["id"], job["token"], n)
+            except Exception as e:   # reported below, with the counts
+                errors.append(repr(e))
+        pool = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
+        for thread in pool:
+            thread.start()
+        for thread in pool:
+            thread.join(60)
+        self.assertEqual(errors, [])
+        samples = parse_metrics(self.c.metrics())
+        per_goal = threads // 4 * jobs
+        self.assertEqual(counted(samples), {(event, "default", "t%d" % g): per_goal
+                                            for event in ("submitted", "claimed", "fulfilled")
+                                            for g in range(4)})
+        answers = {code: metric(samples, "intentbus_http_responses_total", code=code) -
+                   (metric(before, "intentbus_http_responses_total", code=code) or 0)
+                   for code in ("200", "201")}
+        # every claim and fulfill, and the first scrape (counted once it was answered)
+        self.assertEqual(answers, {"201": threads * jobs, "200": 2 * threads * jobs + 1})
+
+
 # =====================================================================================
 # worker.py's Client: the project's one HTTP client
 # =====================================================================================
@@ -2429,6 +2811,26 @@ class ClientConnections(unittest.TestCase):
                    {"url": "http://127.0.0.1:1", "token": "t", "sign_as": "name\n"}):
             with self.assertRaises(ValueError, msg=kw):
                 Client(**kw)
+
+    def test_metrics_is_text_and_its_errors_are_json_as_ever(self):
+        # GET /metrics answers text, which the JSON client refused as "not JSON"; an answer that
+        # is not text/plain (a captive portal's page) is still refused, and errors stay JSON.
+        text = b"# HELP x y\n# TYPE x gauge\nx 1\n"
+        f = self.fake([[b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(text), text),
+                        b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 6\r\n\r\n<html>",
+                        http_answer(403, {"error": {"code": "forbidden", "message": "needs monitor"}}),
+                        http_answer(200, {"ok": True})]])
+        c = self.client(f.url)
+        self.assertEqual(c.metrics(), text.decode())
+        with self.assertRaises(Unavailable) as cm:
+            c.metrics()
+        self.assertEqual(cm.exception.code, "bad_answer")
+        with self.assertRaises(IntentBusError) as cm:
+            c.metrics()
+        self.assertEqual((cm.exception.status, cm.exception.code, cm.exception.message),
+                         (403, "forbidden", "needs monitor"))
+        self.assertEqual(c.health(), {"ok": True})   # the next JSON answer on the same connection
 
     def test_an_answer_that_came_while_the_worker_was_frozen_is_read(self):
         # Android froze the worker for 40 s while a claim's answer (20 intents) came in: on
@@ -3781,7 +4183,7 @@ class Roles(ServerCase):
             with self.subTest(method=method, path=path):
                 self.assertEqual(allowed, method == "GET")
                 status, answer = mon.request(method, path, bodies.get(name, {}) if method == "POST"
-                                             else None, check=False)
+                                             else None, check=False, text=name == "metrics")
                 if allowed:
                     self.assertEqual(status, 200, answer)
                     status, _, data = self.raw("HEAD", path, headers={"Authorization": "Bearer " + secret})
@@ -3807,7 +4209,7 @@ class Roles(ServerCase):
             c = self.client(self.srv, token)
             calls = {
                 "submit": lambda: c.submit("g"), "get": lambda: c.get(job["id"]),
-                "list": c.list, "claim": c.claim, "stats": c.stats,
+                "list": c.list, "claim": c.claim, "stats": c.stats, "metrics": c.metrics,
                 "fulfill": lambda: c.fulfill(job["id"], job["token"]),
                 "fulfill_many": lambda: c.fulfill_many([{"id": job["id"], "token": job["token"]}]),
                 "fail": lambda: c.fail(job["id"], job["token"]),

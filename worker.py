@@ -311,6 +311,7 @@ def _quote(value):
 
 
 _MINIMAL = {"Prefer": "return=minimal"}
+_TEXT = {"Accept": "text/plain"}
 
 
 def _prefer(minimal):
@@ -421,12 +422,14 @@ class Client:
 
     # ----- the one request path ---------------------------------------------------------
 
-    def request(self, method, path, body=None, query=None, headers=None, timeout=None, check=True):
+    def request(self, method, path, body=None, query=None, headers=None, timeout=None, check=True,
+                text=False):
         """Send one request; return (status, decoded JSON or None).
 
         Raises Unavailable on network errors, timeouts, 5xx, 408 and 429. With check=True (the default)
         other 4xx answers raise IntentBusError / LeaseLost / NotFound; with check=False they are
-        returned as (status, error object)."""
+        returned as (status, error object). With text=True a 2xx answer must be text/plain, and
+        is returned as a string (GET /metrics); errors are JSON as ever."""
         target = self._prefix + path
         if query:
             pairs = []
@@ -454,6 +457,11 @@ class Client:
                 hdrs["Authorization"] = self._signature(method, target[len(self._prefix):], data)
         status, reply, raw = self._roundtrip(method, target, data, hdrs,
                                              self.timeout if timeout is None else timeout)
+        if text and 200 <= status < 300:
+            if not (reply.getheader("Content-Type") or "").lower().startswith("text/plain"):
+                raise Unavailable("the server's answer is not text/plain (a captive portal or proxy?)",
+                                  status, "bad_answer")
+            return status, raw.decode("utf-8", "replace")
         obj = None
         if raw:
             try:   # strict: NaN, Infinity or 1e999 from a proxy would crash a job later
@@ -680,6 +688,10 @@ class Client:
 
     def stats(self):
         return self.request("GET", "/stats")[1]
+
+    def metrics(self):
+        """GET /metrics: Prometheus's text format, as a string (a monitor or admin token)."""
+        return self.request("GET", "/metrics", headers=_TEXT, text=True)[1]
 
     def health(self):
         return self.request("GET", "/health")[1]
