@@ -53,12 +53,13 @@ MIN_SQLITE = (3, 24, 0)
 STATUSES = ("open", "claimed", "fulfilled", "dead", "cancelled")
 FINISHED = ("fulfilled", "dead", "cancelled")
 CANCELLABLE = ("open", "claimed")   # by one cancel or by a bulk one
-OUTCOMES = ("fulfilled", "failed", "lease_expired", "released", "snoozed", "cancelled")
+OUTCOMES = ("fulfilled", "failed", "lease_expired", "released", "snoozed", "cancelled", "expired")
 HISTORY_KEEP = 20
 MAX_LEASE_TOTAL = 12 * 3600.0   # a claim may be extended to at most 12 h in all, as in SQS
 MIN_LEASE = 0.1                 # a lease, as an intent, a claim, an extend or --lease gives it
 MAX_BACKOFF = 86400.0           # an intent's backoff base, or --backoff-base
 MAX_DELAY = 366 * 86400         # a submit's delay, or a release's (a snooze)
+MAX_EXPIRES_IN = 2 * MAX_DELAY  # so that the longest delay may still have an expiry after it
 ROLES = ("submit", "work", "monitor", "admin")
 
 
@@ -234,16 +235,24 @@ MIGRATIONS = [
     CREATE UNIQUE INDEX intents_unique ON intents (namespace, unique_key)
         WHERE unique_key IS NOT NULL AND status IN ('open', 'claimed');
     """,
+    # version 6: intents that must not run late (a doorbell chime): an open intent still
+    # unclaimed at expires_at ends dead. The index holds only open intents with an expiry, so
+    # the sweeper finds the next one without a scan, and a file that uses none pays nothing.
+    """
+    ALTER TABLE intents ADD COLUMN expires_at REAL;   -- NULL: never
+    CREATE INDEX intents_expiry ON intents (expires_at)
+        WHERE status = 'open' AND expires_at IS NOT NULL;
+    """,
 ]
 
 INTENT_COLUMNS = (
     "id, namespace, route, goal, payload, priority, requires, status, delayed, run_at, created_at, "
     "attempts, max_attempts, lease, backoff, worker, token, claimed_at, lease_expires_at, "
     "finished_at, result, error, history, idempotency_key, request_hash, submitted_by, claim_lease, "
-    "unique_key")
+    "unique_key, expires_at")
 UPDATABLE = frozenset(
     "status delayed run_at attempts worker token claimed_at lease_expires_at finished_at "
-    "result error history".split())
+    "result error history expires_at".split())
 
 PARK = object()   # returned by a write op that waits to be requeued (a long-polling claim)
 
@@ -759,12 +768,12 @@ class Storage:
         cur = self._wconn.execute(
             "INSERT INTO intents (namespace, route, goal, payload, priority, requires, status, "
             "delayed, run_at, created_at, max_attempts, lease, backoff, idempotency_key, "
-            "request_hash, submitted_by, unique_key) "
-            "VALUES (?, ?, ?, ?, ?, ?, 'open', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "request_hash, submitted_by, unique_key, expires_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, 'open', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (row["namespace"], row["route"], row["goal"], row["payload"], row["priority"],
              row["requires"], row["delayed"], row["run_at"], row["created_at"], row["max_attempts"],
              row["lease"], row["backoff"], row["idempotency_key"], row["request_hash"],
-             row["submitted_by"], row["unique_key"]))
+             row["submitted_by"], row["unique_key"], row["expires_at"]))
         return cur.lastrowid
 
     def intent_for_update(self, intent_id):
@@ -805,9 +814,9 @@ class Storage:
 
     def claimable(self, route, limit):
         """The best ready intents of one route, highest priority first, then first come:
-        (id, priority, goal, payload, requires, attempts, max_attempts, lease) rows."""
+        (id, priority, goal, payload, requires, attempts, max_attempts, lease, expires_at) rows."""
         return self._wconn.execute(
-            "SELECT id, priority, goal, payload, requires, attempts, max_attempts, lease "
+            "SELECT id, priority, goal, payload, requires, attempts, max_attempts, lease, expires_at "
             "FROM intents INDEXED BY intents_claim WHERE route = ? AND status = 'open' AND delayed = 0 "
             "ORDER BY priority DESC, id LIMIT ?", (route, limit)).fetchall()
 
@@ -862,8 +871,16 @@ class Storage:
             "WHERE status = 'open' AND delayed = 1 AND run_at <= ? "
             "ORDER BY run_at LIMIT ?", (now, limit)).fetchall()
 
+    def expired_open(self, now, limit):
+        """Open intents (ready, delayed or paused) whose expires_at has come: whole rows."""
+        return [dict(zip(_INTENT_KEYS, row)) for row in self._wconn.execute(
+            "SELECT %s FROM intents INDEXED BY intents_expiry "
+            "WHERE status = 'open' AND expires_at IS NOT NULL AND expires_at <= ? "
+            "ORDER BY expires_at LIMIT ?" % INTENT_COLUMNS, (now, limit)).fetchall()]
+
     def next_deadline(self):
-        """The earliest lease expiry, delayed run_at or end of a pause, or None."""
+        """The earliest lease expiry, delayed run_at, end of a pause or open intent's expiry,
+        or None."""
         conn = self._wconn
         # INDEXED BY: left to itself the planner picks intents_status and walks every open intent.
         lease = conn.execute("SELECT min(lease_expires_at) FROM intents INDEXED BY intents_lease "
@@ -871,7 +888,9 @@ class Storage:
         due = conn.execute("SELECT min(run_at) FROM intents INDEXED BY intents_delayed "
                            "WHERE status = 'open' AND delayed = 1").fetchone()[0]
         resume = conn.execute("SELECT min(until) FROM paused_goals").fetchone()[0]
-        times = [t for t in (lease, due, resume) if t is not None]
+        expiry = conn.execute("SELECT min(expires_at) FROM intents INDEXED BY intents_expiry "
+                              "WHERE status = 'open' AND expires_at IS NOT NULL").fetchone()[0]
+        times = [t for t in (lease, due, resume, expiry) if t is not None]
         return min(times) if times else None
 
     def matching_ids(self, statuses, goal, namespace, limit, after=0, goals=None):
@@ -1262,7 +1281,7 @@ def _only(body, allowed, what):
 
 
 SUBMIT_FIELDS = frozenset("goal payload priority requires delay run_at max_attempts lease backoff "
-                          "idempotency_key unique_key".split())
+                          "idempotency_key unique_key expires_in expires_at".split())
 CLAIM_FIELDS = frozenset("worker caps goals max wait lease".split())
 
 # The events /metrics counts from the server's start, by namespace and goal, as
@@ -1275,7 +1294,8 @@ COUNTED = (
     ("fulfilled", "Intents fulfilled."),
     ("failed", "Attempts a worker reported failed (a fail call), retried or not."),
     ("lease_expired", "Attempts whose lease ran out before the worker answered."),
-    ("dead", "Intents that went dead: attempts used up, or a fail without retry."),
+    ("dead", "Intents that went dead: attempts used up, a fail without retry, or expired."),
+    ("expired", "Open intents that reached their expiry unstarted, and went dead."),
     ("released", "Attempts given back at once (a release without a delay)."),
     ("snoozed", "Attempts given back with a delay (a release with a delay)."),
     ("cancelled", "Intents cancelled, one at a time or in bulk."),
@@ -1483,14 +1503,26 @@ class Queue:
         if delay is not None and run_at is not None:
             raise Invalid("give 'delay' or 'run_at', not both")
         spec["run_at"] = now + delay if delay is not None else max(now, run_at or now)
+        expires_in = _number(body, "expires_in", 0, MAX_EXPIRES_IN)
+        expires_at = _number(body, "expires_at", 0, 2 ** 40)
+        if expires_in is not None and expires_at is not None:
+            raise Invalid("give 'expires_in' or 'expires_at', not both")
+        spec["expires_at"] = now + expires_in if expires_in is not None else expires_at
+        if spec["expires_at"] is not None and spec["expires_at"] <= spec["run_at"]:
+            raise Invalid("'%s' puts the expiry at %.3f, not after the intent's run_at (%.3f): it "
+                          "could never run" % ("expires_in" if expires_in is not None else "expires_at",
+                                               spec["expires_at"], spec["run_at"]))
         spec["request_hash"] = None
         if spec["idempotency_key"] is not None:
             # What the client sent, so that a repeat with the same relative delay matches. A
-            # unique_key is added only when given: hashes kept from before it existed still match.
+            # unique_key or an expiry is added only when given: hashes kept from before
+            # they existed still match.
             sent = [goal, spec["payload"], spec["priority"], spec["requires"], delay, run_at,
                     spec["max_attempts"], body.get("lease"), body.get("backoff")]
             if spec["unique_key"] is not None:
                 sent.append(spec["unique_key"])
+            if spec["expires_at"] is not None:
+                sent += [expires_in, expires_at]
             spec["request_hash"] = hashlib.sha256(dumps(sent).encode()).hexdigest()
         return spec
 
@@ -1571,6 +1603,8 @@ class Queue:
                 earliest = row["run_at"] if earliest is None else min(earliest, row["run_at"])
             else:
                 self._became_ready(route)
+            if row["expires_at"] is not None:
+                earliest = row["expires_at"] if earliest is None else min(earliest, row["expires_at"])
         self._unfinished(namespace, len(new))
         if new:
             self._count([("submitted", namespace, row["goal"]) for row, _ in new])
@@ -1618,26 +1652,13 @@ class Queue:
 
     def _claim_now(self, request):
         now = self.clock()
-        routes = self._eligible_routes(request)
-        # Routes are never deleted, and goals come and go (report-2026-11-29): a claim looks only
-        # at routes that may have work, instead of one index probe per route ever seen. A route
-        # found empty is skipped until something makes work ready on it (_became_ready).
-        maybe = self._may_have_work
-        if maybe is None:
-            maybe = self._may_have_work = set(self._all_routes())
-            self._may_have_work_since = now
-        candidates, found_on = [], []
-        for route in routes:
-            if route.id in maybe:
-                found = self.store.claimable(route.id, request.max)
-                if found:
-                    found_on.append((route, found))
-                else:
-                    maybe.discard(route.id)
-                candidates.extend(found)
-        if len(routes) > 1:
-            candidates.sort(key=lambda c: (-c[1], c[0]))
-        candidates = candidates[:request.max]
+        candidates, found_on = self._candidates(request, now)
+        # The sweeper ends expired intents on time, but a claim may run before it does: those
+        # picked are ended here instead (with every other one due), and the claim looks again.
+        # Checked on the rows already read: no statement more for intents without an expiry.
+        while any(c[8] is not None and c[8] <= now for c in candidates):
+            self._expire_open(now)
+            candidates, found_on = self._candidates(request, now)
         claimed, claims = [], []
         tokens = _lease_tokens(len(candidates))
         for candidate in candidates:
@@ -1659,6 +1680,30 @@ class Queue:
             self._parked.append(request)
             return PARK
         return []
+
+    def _candidates(self, request, now):
+        """The best ready intents the claim may take, at most request.max (claimable rows), and
+        the routes they were found on ([(route, rows found)], for the counters)."""
+        routes = self._eligible_routes(request)
+        # Routes are never deleted, and goals come and go (report-2026-11-29): a claim looks only
+        # at routes that may have work, instead of one index probe per route ever seen. A route
+        # found empty is skipped until something makes work ready on it (_became_ready).
+        maybe = self._may_have_work
+        if maybe is None:
+            maybe = self._may_have_work = set(self._all_routes())
+            self._may_have_work_since = now
+        candidates, found_on = [], []
+        for route in routes:
+            if route.id in maybe:
+                found = self.store.claimable(route.id, request.max)
+                if found:
+                    found_on.append((route, found))
+                else:
+                    maybe.discard(route.id)
+                candidates.extend(found)
+        if len(routes) > 1:
+            candidates.sort(key=lambda c: (-c[1], c[0]))
+        return candidates[:request.max], found_on
 
     @staticmethod
     def _claimed_keys(found_on, taken):
@@ -1819,11 +1864,16 @@ class Queue:
         return (view or intent_view)(self.store.write(run))
 
     def _attempt_failed(self, row, now, outcome, error, retry=True):
-        """A failed attempt: back to open after a backoff while attempts remain, otherwise dead."""
+        """A failed attempt: back to open after a backoff while attempts remain, otherwise dead.
+        Past its expiry it is dead too: the attempt under way could finish, a new one may not."""
+        retry = retry and row["attempts"] < row["max_attempts"]
+        if retry and _past_expiry(row, now):
+            retry = False
+            error = "%s (not retried: the intent expired at %.3f)" % (error, row["expires_at"])
         changes = dict(error=error, token=None, lease_expires_at=None,
                        history=self._end_attempt(row, now, outcome, error))
         counted = [(outcome, row["namespace"], row["goal"])]   # failed, or lease_expired
-        if retry and row["attempts"] < row["max_attempts"]:
+        if retry:
             delay = min(self.backoff_max, row["backoff"] * 2 ** (row["attempts"] - 1))
             delay *= 0.75 + 0.5 * self.rng()        # jitter, so retries of a burst spread out
             changes.update(status="open", worker=None, run_at=now + delay, delayed=int(delay > 0))
@@ -1876,9 +1926,12 @@ class Queue:
                        lease_expires_at=None, run_at=now + delay, delayed=int(delay > 0),
                        history=history)
         self.store.update_intent(row["id"], **changes)
-        self._reopened(row, now, delay)
         self._count([(outcome, row["namespace"], row["goal"])])
         row.update(changes)
+        if _past_expiry(row, now):   # given back after its expiry: open no more, so never run
+            self._expire([row], now)
+        else:
+            self._reopened(row, now, delay)
         return row
 
     def _reopened(self, row, now, delay):
@@ -1889,6 +1942,33 @@ class Queue:
                 self.wakeup(now + delay)
         else:
             self._became_ready(self._all_routes()[row["route"]])
+        if row["expires_at"] is not None and self.wakeup:
+            self.wakeup(row["expires_at"])
+
+    def _expire_open(self, now):
+        """End the open intents whose expiry has come (the sweeper's, or a claim's, work)."""
+        self._expire(self.store.expired_open(now, 500), now)
+
+    def _expire(self, rows, now):
+        """Open intents past their expiry to dead: kept for inspection and redrive, as any
+        dead intent, with an `expired` history entry that names no worker."""
+        updates, counted = [], []
+        for row in rows:
+            error = ("expired at %.3f before %s was started" % (
+                row["expires_at"], "attempt %d" % (row["attempts"] + 1) if row["attempts"] else "it"))
+            changes = dict(status="dead", delayed=0, finished_at=now, error=error, worker=None,
+                           token=None, lease_expires_at=None,
+                           history=self._end_attempt(dict(row, worker=None, claimed_at=None), now,
+                                                     "expired", error))
+            self._unfinished(row["namespace"], -1)   # before the write: a reload must not see it
+            row.update(changes)
+            updates.append((row["id"], changes))
+            counted += [("expired", row["namespace"], row["goal"]), ("dead", row["namespace"], row["goal"])]
+        if updates:
+            self.store.update_intents(updates)
+            self._finished(*[i for i, _ in updates])
+            self.store.after_commit(lambda n=len(updates): log("intents expired", count=n))
+            self._count(counted)
 
     def release_undelivered(self, claimed, scope=ROOT):
         """A claim answer could not be written to the worker: give those intents straight back.
@@ -1957,27 +2037,35 @@ class Queue:
                 for key, holder in self.store.unfinished_by_unique_key(namespace, some).items()}
 
     def _redrive(self, row, now):
+        # An expiry that has passed is dropped: the admin asked for this one intent to run. One
+        # still to come is kept: the intent is still of no use after it.
+        expires_at = None if _past_expiry(row, now) else row["expires_at"]
         changes = dict(status="open", attempts=0, run_at=now, delayed=0, finished_at=None,
-                       worker=None, token=None, lease_expires_at=None, result=None)
+                       worker=None, token=None, lease_expires_at=None, result=None,
+                       expires_at=expires_at)
         self._unfinished(row["namespace"], +1)
         self.store.update_intent(row["id"], **changes)
-        self._became_ready(self._all_routes()[row["route"]])
         self._count([("redriven", row["namespace"], row["goal"])])
         row.update(changes)
+        self._reopened(row, now, 0)
         return row
 
     def retry_matching(self, status="dead", goal=None, scope=ROOT):
-        """Redrive every dead (or cancelled) intent, optionally of one goal. Returns {"count":
-        redriven, "skipped": left as they were, their unique key held by an unfinished intent}."""
+        """Redrive every dead (or cancelled) intent, optionally of one goal, except those past
+        their expiry (a sweep of the dead-letter queue must not run every stale doorbell chime of
+        the last month; one redrive of such an intent does run it) and those whose unique key an
+        unfinished intent holds. Returns {"count": the intents redriven, "skipped": those left
+        for their unique key, "expired": those left dead for their expiry}."""
         status = "dead" if status is None else status
         if status not in ("dead", "cancelled"):
             raise Invalid("'status' must be dead or cancelled")
         _name({"goal": goal}, "goal", NAME_RE)   # optional: None is any goal
 
         def redrive(rows, now):
-            held = self._unique_holders(rows)
+            fresh = [row for row in rows if not _past_expiry(row, now)]
+            held = self._unique_holders(fresh)
             count = 0
-            for row in rows:
+            for row in fresh:
                 if row["unique_key"] is not None:
                     key = (row["namespace"], row["unique_key"])
                     if key in held:
@@ -1985,9 +2073,9 @@ class Queue:
                     held[key] = row   # the oldest of several finished holders goes back
                 self._redrive(row, now)
                 count += 1
-            return count
-        count, seen = self._in_chunks([status], goal, scope, redrive)
-        return {"count": count, "skipped": seen - count}
+            return {"count": count, "skipped": len(fresh) - count, "expired": len(rows) - len(fresh)}
+        done = self._in_chunks([status], goal, scope, redrive)
+        return {"count": done["count"], "skipped": done["skipped"], "expired": done["expired"]}
 
     def cancel_matching(self, status=None, goal=None, all=None, scope=ROOT):
         """Cancel every open and claimed intent (or only those of `status`) of one goal, or with
@@ -2005,26 +2093,25 @@ class Queue:
             for row in rows:
                 self._cancel_now(row, now)
             self._finished(*[row["id"] for row in rows])
-            return len(rows)
-        return self._in_chunks([status] if status else list(CANCELLABLE), goal, scope, cancel)[0]
+            return {"count": len(rows)}
+        return self._in_chunks([status] if status else list(CANCELLABLE), goal, scope, cancel)["count"]
 
     def _in_chunks(self, statuses, goal, scope, act):
         """act(rows, now) on every intent of these statuses (and goal) the scope sees, BULK_CHUNK
         ids per transaction, so that claims are not held up behind one huge one. act returns how
-        many it changed. Returns (changed, seen)."""
-        total, seen_total, after = 0, 0, 0
+        many it changed, as {figure: count}. Returns those figures, summed over the chunks."""
+        totals, after = collections.Counter(), 0
         while True:
             def run():
                 ids = self.store.matching_ids(statuses, goal, scope.namespace, self.BULK_CHUNK,
                                               after, scope.goals)
                 rows = self.store.intents_for_update(ids)
                 seen = [rows[i] for i in ids if scope.sees(rows[i])]
-                return act(seen, self.clock()), len(seen), ids
-            count, seen, ids = self.store.write(run)
-            total += count
-            seen_total += seen
+                return act(seen, self.clock()), ids
+            done, ids = self.store.write(run)
+            totals.update(done)
             if len(ids) < self.BULK_CHUNK:
-                return total, seen_total
+                return totals
             after = ids[-1]
 
     # ----- pausing a goal: its intents wait, their attempts are not spent -----------------
@@ -2276,7 +2363,8 @@ class Queue:
     # ----- time-driven work: lease expiry, delayed intents, retention ------------------
 
     def tick(self):
-        """Expire leases and wake delayed intents that are due. Returns the next deadline or None."""
+        """Expire leases, end open intents past their expiry and wake delayed intents that are
+        due. Returns the next deadline or None."""
         def run():
             now = self.clock()
             if self._last_tick is not None and now < self._last_tick - 1.0:
@@ -2290,6 +2378,7 @@ class Queue:
                                                                          goal=g))
             for row in self.store.expired_leases(now, 500):
                 self._attempt_failed(row, now, "lease_expired", "lease expired (worker %s)" % row["worker"])
+            self._expire_open(now)   # before the delayed ones are made ready, so as not to wake any
             routes = self._all_routes()
             due = self.store.due_delayed(now, 1000)
             for intent_id, route in due:
@@ -2340,6 +2429,10 @@ class Queue:
             event.set()
 
 
+def _past_expiry(row, now):
+    return row["expires_at"] is not None and row["expires_at"] <= now
+
+
 def _age(now, then):
     """Seconds since then (never below zero: the wall clock may have stepped back), or None."""
     return None if then is None else max(0.0, now - then)
@@ -2382,8 +2475,8 @@ def _list_value(text):
 
 def claim_view(claimed):
     """What a worker gets for each intent it claimed (the one answer that carries the token)."""
-    (intent_id, priority, goal, payload, requires, attempts, max_attempts, _), token, lease, expires \
-        = claimed
+    (intent_id, priority, goal, payload, requires, attempts, max_attempts, _, _), token, lease, \
+        expires = claimed
     return {"id": str(intent_id), "goal": goal, "payload": json.loads(payload), "priority": priority,
             "requires": _list_value(requires), "attempt": attempts + 1, "max_attempts": max_attempts,
             "token": token, "lease": lease, "lease_expires_at": expires}
@@ -2396,8 +2489,8 @@ def claim_json(claimed):
     """claim_view as JSON text, the same text dumps() gives for it, with the id and token beside.
     The payload and requires are stored as that same compact JSON, so they go out as they are
     instead of being parsed and encoded again; for big payloads that is most of a claim's cost."""
-    (intent_id, priority, goal, payload, requires, attempts, max_attempts, _), token, lease, expires \
-        = claimed
+    (intent_id, priority, goal, payload, requires, attempts, max_attempts, _, _), token, lease, \
+        expires = claimed
     return ClaimJSON(intent_id, token, (
         '{"id":"%d","goal":%s,"payload":%s,"priority":%d,"requires":%s,"attempt":%d,'
         '"max_attempts":%d,"token":%s,"lease":%s,"lease_expires_at":%s}' % (
@@ -2422,12 +2515,13 @@ def intent_view(row):
         "result": None if row["result"] is None else json.loads(row["result"]),
         "error": row["error"], "history": _list_value(row["history"]),
         "idempotency_key": row["idempotency_key"], "unique_key": row["unique_key"],
-        "namespace": row["namespace"],
+        "namespace": row["namespace"], "expires_at": row["expires_at"],
     }
 
 
 class Sweeper:
-    """Expires leases and wakes delayed intents on time, even when no worker is calling."""
+    """Expires leases, ends open intents past their expiry and wakes delayed intents on time,
+    even when no worker is calling."""
 
     def __init__(self, queue, prune_every=60.0, max_sleep=0.5, every_minute=()):
         self.queue = queue
@@ -2657,7 +2751,7 @@ _PATH_FIELDS = frozenset(["id"])   # refused in a query on every route, not only
 _LISTS = {"requires", "caps", "goals"}
 _JSONISH = {"payload", "result"}
 _NUMBERS = {"priority", "delay", "run_at", "max_attempts", "lease", "backoff", "max", "wait", "limit",
-            "until", "duration"}
+            "until", "duration", "expires_in", "expires_at"}
 _BOOLS = {"retry", "all"}
 
 
@@ -3899,6 +3993,8 @@ def build_parser():
     submit.add_argument("--priority", type=int, default=0)
     submit.add_argument("--requires", nargs="*", default=[], metavar="CAP")
     submit.add_argument("--delay", type=duration)
+    submit.add_argument("--expires-in", type=duration,
+                        help="dead instead if still unclaimed this long from now (default: never)")
     submit.add_argument("--max-attempts", type=int)
     submit.add_argument("--lease", type=duration, help="default: INTENTBUS_LEASE, else %g"
                         % SERVE_DEFAULTS["lease"])
@@ -4015,6 +4111,8 @@ def admin(args):
                 print("redriven: %d" % done["count"] + (
                     ", skipped: %d (their unique key is held by an unfinished intent)" % done["skipped"]
                     if done["skipped"] else ""))
+                if done["expired"]:
+                    print("left dead, past their expiry: %d (redrive one with: retry ID)" % done["expired"])
             elif args.id:
                 _print_json(queue.retry(args.id))
             else:
@@ -4045,7 +4143,7 @@ def admin(args):
                     "requires": args.requires}
             if args.delay is not None:
                 body["delay"] = args.delay
-            for field in ("max_attempts", "lease", "backoff", "unique_key"):
+            for field in ("max_attempts", "lease", "backoff", "unique_key", "expires_in"):
                 if getattr(args, field) is not None:
                     body[field] = getattr(args, field)
             _created, intents = queue.submit([body], Scope(namespace=args.namespace))

@@ -670,7 +670,7 @@ class QueueRules(RulesCase):
         for _ in dead:
             c = self.claim(goals=["x"])[0]
             self.q.fail(c["id"], c["token"], "no")
-        self.assertEqual(self.q.retry_matching("dead", "x"), {"count": 3, "skipped": 0})
+        self.assertEqual(self.q.retry_matching("dead", "x"), {"count": 3, "skipped": 0, "expired": 0})
         self.assertEqual(self.q.list(status="open", goal="x")["intents"].__len__(), 3)
         with self.assertRaises(intentbus.Conflict):
             self.q.retry(dead[0]["id"])
@@ -1238,6 +1238,29 @@ class QueueRules(RulesCase):
         with self.assertRaisesRegex(intentbus.StorageError, "UNIQUE"):   # the index came with the column
             store.write(lambda: store.insert_intent(dict(store.get_intent(3), idempotency_key=None)))
 
+    def test_a_version_4_file_is_upgraded_with_no_intent_expiring(self):
+        # Version 6 added expires_at and its sweeper index. Intents from before never expire, and
+        # a key's repeat still matches: the hash of a submit without an expiry is unchanged.
+        old_hash = hashlib.sha256(intentbus.dumps(["g", "1", 0, [], None, None, 3, None, None])
+                                  .encode()).hexdigest()
+        store = self.upgraded(4, (
+            "INSERT INTO routes (id, namespace, goal, requires) VALUES (1, 'default', 'g', '[]')", ()), (
+            "INSERT INTO intents (namespace, route, goal, payload, priority, requires, status, "
+            "delayed, run_at, created_at, max_attempts, lease, backoff, idempotency_key, request_hash) "
+            "VALUES ('default', 1, 'g', '1', 0, '[]', 'open', 0, ?, ?, 3, 20, 10, 'k', ?)",
+            (self.clock.now, self.clock.now, old_hash)))
+        self.assertEqual(store.schema_version(), len(intentbus.MIGRATIONS))
+        self.assertEqual(store._read("SELECT name FROM sqlite_master WHERE name = 'intents_expiry'"),
+                         [("intents_expiry",)])
+        q = Queue(store, clock=self.clock)
+        self.assertEqual(q.get("1")["expires_at"], None)
+        self.assertEqual(q.submit([{"goal": "g", "payload": 1, "idempotency_key": "k"}])[1][0]["id"], "1")
+        new = q.submit([{"goal": "g", "expires_in": 5}])[1][0]
+        self.clock.advance(3600)
+        self.assertEqual(q.tick(), None)
+        self.assertEqual([c["id"] for c in q.claim({"worker": "w", "max": 5})], ["1"])
+        self.assertEqual(q.get(new["id"])["status"], "dead")
+
     def test_too_old_sqlite_is_named_at_start(self):
         saved = intentbus.sqlite3.sqlite_version_info
         try:
@@ -1369,14 +1392,14 @@ class UniqueKeys(RulesCase):
             self.q.retry(old["id"], scope=ops)
         self.assertIn("held by another unfinished intent", e.exception.message)
         self.assertNotIn(other["id"], e.exception.message)
-        self.assertEqual(self.q.retry_matching("dead"), {"count": 0, "skipped": 1})
-        self.assertEqual(self.q.retry_matching("cancelled"), {"count": 0, "skipped": 1})
+        self.assertEqual(self.q.retry_matching("dead"), {"count": 0, "skipped": 1, "expired": 0})
+        self.assertEqual(self.q.retry_matching("cancelled"), {"count": 0, "skipped": 1, "expired": 0})
         self.assertEqual([self.q.get(i["id"])["status"] for i in (old, new, other)],
                          ["dead", "cancelled", "open"])
         self.q.cancel(other["id"])
         # Three finished holders of u and none unfinished: the oldest goes back, the others stay.
-        self.assertEqual(self.q.retry_matching("cancelled"), {"count": 1, "skipped": 1})
-        self.assertEqual(self.q.retry_matching("dead"), {"count": 0, "skipped": 1})
+        self.assertEqual(self.q.retry_matching("cancelled"), {"count": 1, "skipped": 1, "expired": 0})
+        self.assertEqual(self.q.retry_matching("dead"), {"count": 0, "skipped": 1, "expired": 0})
         self.assertEqual([self.q.get(i["id"])["status"] for i in (old, new, other)],
                          ["dead", "open", "cancelled"])
         self.finish(new, "fulfilled")
@@ -1389,7 +1412,7 @@ class UniqueKeys(RulesCase):
             dead.append(self.submit(unique_key=key, max_attempts=1))
             self.finish(dead[-1], "dead")
         self.submit(unique_key="b")   # b is held now
-        self.assertEqual(self.q.retry_matching("dead"), {"count": 2, "skipped": 3})
+        self.assertEqual(self.q.retry_matching("dead"), {"count": 2, "skipped": 3, "expired": 0})
         self.assertEqual([self.q.get(i["id"])["status"] for i in dead],
                          ["open", "dead", "dead", "open", "dead"])
 
@@ -1474,7 +1497,7 @@ class Counting(RulesCase):
         self.q.cancel(h["id"])
         check(cancelled__a__h=1)
         self.q.retry(once["id"])
-        self.assertEqual(self.q.retry_matching("cancelled"), 1)
+        self.assertEqual(self.q.retry_matching("cancelled")["count"], 1)
         check(redriven__default__g=1, redriven__a__h=1)
         self.assertEqual(self.q.cancel_matching(all=True), 3)
         check(cancelled__default__g=2, cancelled__a__h=1)
@@ -1619,6 +1642,195 @@ class Counting(RulesCase):
                                                ("x_total", ()): 0.5})
 
 
+class Expiring(RulesCase):
+    """expires_in / expires_at: an intent still open at its expiry ends dead, never run late."""
+
+    def dead_by_expiry(self, intent_id, entries=1):
+        """The intent, checked to have ended dead by its expiry just now, kept in full."""
+        v = self.q.get(intent_id)
+        self.assertEqual((v["status"], v["finished_at"], len(v["history"])), ("dead", self.clock.now, entries))
+        last = v["history"][-1]
+        self.assertEqual((last["outcome"], last["worker"], last["start"], last["end"], last["error"]),
+                         ("expired", None, None, self.clock.now, v["error"]))
+        self.assertIn("expired at %.3f before" % v["expires_at"], v["error"])
+        return v
+
+    def test_an_unclaimed_intent_ends_dead_at_its_expiry_and_is_kept(self):
+        i = self.submit(goal="chime", payload={"room": "hall"}, expires_in=60)
+        at = self.submit(goal="chime", expires_at=self.clock.now + 30)
+        plain = self.submit(goal="chime")
+        self.assertEqual((i["expires_at"], at["expires_at"], plain["expires_at"]),
+                         (self.clock.now + 60, self.clock.now + 30, None))
+        self.assertEqual(self.q.tick(), self.clock.now + 30)   # the sweeper sleeps until the first
+        self.clock.advance(29.9)
+        self.q.tick()
+        self.assertEqual(self.q.get(at["id"])["status"], "open")
+        self.clock.advance(0.1)
+        self.q.tick()
+        v = self.dead_by_expiry(at["id"])
+        self.assertIn("before it was started", v["error"])
+        self.assertEqual(self.q.tick(), i["expires_at"])
+        self.clock.advance(30)
+        self.q.tick()
+        v = self.dead_by_expiry(i["id"])
+        self.assertEqual((v["payload"], v["attempts"]), ({"room": "hall"}, 0))
+        self.assertEqual([x["id"] for x in self.q.list(status="dead")["intents"]], [i["id"], at["id"]])
+        self.assertEqual(self.q.stats()["counts"]["dead"], 2)
+        self.assertEqual([c["id"] for c in self.claim(max=5)], [plain["id"]])   # never the expired
+        self.q.keep_dead = 100   # kept as long as any dead intent (--keep-dead), then pruned
+        self.clock.advance(69)
+        self.assertEqual(self.q.prune(), 0)
+        self.clock.advance(2)
+        self.assertEqual(self.q.prune(), 1)
+
+    def test_delayed_snoozed_and_paused_intents_end_dead_at_their_expiry_too(self):
+        late = self.submit(goal="a", delay=10, expires_in=20)
+        snoozed = self.submit(goal="b", expires_in=20)
+        self.q.release(snoozed["id"], self.claim(goals=["b"])[0]["token"], delay=100)
+        self.q.pause("c")
+        paused = self.submit(goal="c", expires_in=20)
+        self.clock.advance(20)
+        self.q.tick()
+        self.dead_by_expiry(late["id"])
+        self.assertEqual([h["outcome"] for h in self.dead_by_expiry(snoozed["id"], 2)["history"]],
+                         ["snoozed", "expired"])
+        self.dead_by_expiry(paused["id"])
+        self.q.resume("c")
+        self.assertEqual(self.claim(max=5), [])
+
+    def test_one_waiting_out_a_retrys_backoff_ends_dead_at_its_expiry(self):
+        i = self.submit(max_attempts=3, backoff=10, expires_in=5)
+        v = self.q.fail(i["id"], self.claim()[0]["token"], "chime offline")
+        self.assertEqual((v["status"], v["run_at"]), ("open", self.clock.now + 10))   # retried as usual
+        self.clock.advance(5)
+        self.q.tick()
+        v = self.dead_by_expiry(i["id"], 2)
+        self.assertIn("before attempt 2 was started", v["error"])
+        self.assertEqual([(h["outcome"], h["attempt"]) for h in v["history"]], [("failed", 1), ("expired", 1)])
+        self.clock.advance(5)
+        self.q.tick()
+        self.assertEqual(self.claim(), [])   # its backoff ran out: still dead, never claimed
+
+    def test_a_claimed_intent_keeps_its_lease_past_its_expiry_but_is_not_retried(self):
+        done, failed, lost, given = (self.submit(goal=g, expires_in=10, max_attempts=3, lease=30)
+                                     for g in ("done", "failed", "lost", "given"))
+        jobs = {j["goal"]: j for j in self.claim(max=4)}
+        self.clock.advance(20)
+        self.q.tick()
+        self.assertEqual(self.q.get(done["id"])["status"], "claimed")   # the work already started
+        self.q.extend(done["id"], jobs["done"]["token"])
+        self.assertEqual(self.q.fulfill(done["id"], jobs["done"]["token"], 1)["status"], "fulfilled")
+        v = self.q.fail(failed["id"], jobs["failed"]["token"], "no answer")
+        self.assertEqual((v["status"], v["attempts"], v["finished_at"], v["history"][-1]["outcome"]),
+                         ("dead", 1, self.clock.now, "failed"))
+        self.assertEqual(v["error"], "no answer (not retried: the intent expired at %.3f)" % v["expires_at"])
+        v = self.q.release(given["id"], jobs["given"]["token"])   # given back: open no more
+        self.assertEqual([h["outcome"] for h in v["history"]], ["released", "expired"])
+        self.assertEqual((v["status"], v["attempts"]), ("dead", 0))
+        self.clock.advance(10)   # the lease of "lost" ends
+        self.q.tick()
+        v = self.q.get(lost["id"])
+        self.assertEqual((v["status"], v["history"][-1]["outcome"]), ("dead", "lease_expired"))
+        self.assertIn("not retried: the intent expired", v["error"])
+        self.assertEqual(self.claim(max=5), [])
+
+    def test_no_claim_gets_an_intent_past_its_expiry_even_before_the_sweeper_runs(self):
+        stale = [self.submit(priority=5, expires_in=10) for _ in range(3)]
+        fresh = self.submit(priority=0, expires_in=100)
+        self.clock.advance(10)   # no tick: the sweeper has not run yet
+        self.assertEqual([c["id"] for c in self.claim()], [fresh["id"]])   # the claim looked again
+        for i in stale:   # ended by the claim, in its transaction, as the sweeper would have
+            self.dead_by_expiry(i["id"])
+        self.submit(expires_in=1)
+        self.clock.advance(1)
+        self.assertEqual(self.claim(max=5), [])
+        self.assertEqual(self.q.stats()["counts"], {"open": 0, "claimed": 1, "fulfilled": 0, "dead": 4,
+                                                    "cancelled": 0})
+
+    def test_a_parked_claim_woken_with_an_expired_intent_ahead_takes_the_next(self):
+        store, q = self.with_writer()
+        q.pause("h")
+        stale, fresh = q.submit([{"goal": "h", "expires_in": 1}, {"goal": "h", "expires_in": 50}])[1]
+        got = {}
+        t = threading.Thread(target=lambda: got.update(claim=q.claim({"worker": "w", "wait": 20})))
+        t.start()
+        self.assertTrue(eventually(lambda: q._parked, 5))
+        self.clock.advance(1)
+        q.resume("h")   # wakes the claim, which finds the first past its expiry, then the second
+        t.join(25)
+        self.assertEqual([c["id"] for c in got["claim"]], [fresh["id"]])
+        self.assertEqual(q.get(stale["id"])["status"], "dead")
+
+    def test_a_claim_pays_nothing_for_expiries_nobody_set(self):
+        for _ in range(3):
+            self.submit()
+        looked = []
+        expired_open = self.store.expired_open
+        self.store.expired_open = lambda now, limit: looked.append(now) or expired_open(now, limit)
+        self.assertEqual(len(self.claim(max=3)), 3)
+        self.assertEqual(looked, [])
+
+    def test_a_redrive_of_one_runs_it_and_a_bulk_redrive_leaves_the_expired_dead(self):
+        failed = self.submit(goal="chime", expires_in=100, max_attempts=1)
+        self.q.fail(failed["id"], self.claim()[0]["token"], "bulb broken")
+        plain = self.submit(goal="chime", max_attempts=1)
+        self.q.fail(plain["id"], self.claim()[0]["token"], "bulb broken")
+        expired = self.submit(goal="chime", expires_in=10)
+        self.clock.advance(10)
+        self.q.tick()
+        self.assertEqual(self.q.retry_matching("dead", "chime"), {"count": 2, "skipped": 0, "expired": 1})
+        self.assertEqual(self.q.get(expired["id"])["status"], "dead")
+        v = self.q.get(failed["id"])   # an expiry still to come is kept
+        self.assertEqual((v["status"], v["expires_at"]), ("open", failed["expires_at"]))
+        v = self.q.retry(expired["id"])   # one redrive: the admin asked for this one to run
+        self.assertEqual((v["status"], v["expires_at"], v["attempts"], v["finished_at"]), ("open", None, 0, None))
+        self.assertEqual(v["history"][-1]["outcome"], "expired")   # its past is kept
+        self.assertEqual({c["id"] for c in self.claim(max=5)}, {expired["id"], failed["id"], plain["id"]})
+        self.clock.advance(90)   # failed's expiry passes while it is claimed: not retried
+        self.assertEqual(self.q.retry_matching("dead"), {"count": 0, "skipped": 0, "expired": 0})
+        cancelled = self.submit(expires_in=5)
+        self.q.cancel(cancelled["id"])
+        self.clock.advance(5)
+        self.assertEqual(self.q.retry_matching("cancelled"), {"count": 0, "skipped": 0, "expired": 1})
+        self.assertEqual(self.q.retry(cancelled["id"])["expires_at"], None)
+
+    def test_bad_expiries_are_refused_and_change_nothing(self):
+        now = self.clock.now
+        cases = [({"expires_in": 10, "expires_at": now + 10}, "not both"),
+                 ({"expires_in": -1}, "'expires_in' must be between"),
+                 ({"expires_at": -1}, "'expires_at' must be between"),
+                 ({"expires_in": "1h"}, "'expires_in' must be a number"),
+                 ({"expires_at": True}, "'expires_at' must be a number"),
+                 ({"expires_in": float("nan")}, "'expires_in' must be a number"),
+                 ({"expires_in": intentbus.MAX_EXPIRES_IN + 1}, "'expires_in' must be between"),
+                 ({"expires_in": 0}, "'expires_in' puts the expiry at"),
+                 ({"expires_at": now}, "'expires_at' puts the expiry at"),
+                 ({"expires_at": now - 60}, "could never run"),
+                 ({"delay": 60, "expires_in": 60}, "not after the intent's run_at"),
+                 ({"run_at": now + 60, "expires_at": now + 30}, "could never run")]
+        for fields, words in cases:
+            with self.subTest(fields=fields):
+                with self.assertRaises(intentbus.Invalid) as cm:
+                    self.q.submit([{"goal": "ok"}, dict(fields, goal="g")])
+                self.assertIn(words, cm.exception.message)
+        self.assertEqual(self.q.list()["intents"], [])
+        v = self.submit(delay=60, expires_in=60.5)
+        self.assertEqual((v["run_at"], v["expires_at"]), (now + 60, now + 60.5))
+
+    def test_an_idempotent_repeat_must_carry_the_same_expiry(self):
+        a = self.submit(idempotency_key="k", expires_in=30)
+        created, [again] = self.q.submit([{"goal": "g", "idempotency_key": "k", "expires_in": 30}])
+        self.assertEqual((created, again["id"]), (False, a["id"]))
+        for other in ({}, {"expires_in": 31}, {"expires_at": a["expires_at"]}):
+            with self.assertRaises(intentbus.Conflict):
+                self.q.submit([dict(other, goal="g", idempotency_key="k")])
+        # A key used before expiries existed still matches its repeat: its hash is the same.
+        b = self.submit(idempotency_key="old", payload=1)
+        old_hash = hashlib.sha256(intentbus.dumps(["g", "1", 0, [], None, None, 3, None, None])
+                                  .encode()).hexdigest()
+        self.assertEqual(self.store.get_intent(int(b["id"]))["request_hash"], old_hash)
+
+
 # =====================================================================================
 # Queue rules under concurrency: a seeded soak
 # =====================================================================================
@@ -1669,6 +1881,8 @@ class ConcurrentSoak(TempDirCase):
                 "max_attempts": rng.choice([1, 2, 3]), "backoff": rng.choice([0, 1])}
         if rng.random() < 0.2:
             body["delay"] = rng.choice([0.5, 3])
+        if rng.random() < 0.3:   # due to end while open, in a backoff or claimed: never claimed late
+            body["expires_in"] = body.get("delay", 0) + rng.choice([0.25, 1, 3])
         return body
 
     def operate(self, rng, n):
@@ -1748,6 +1962,9 @@ class ConcurrentSoak(TempDirCase):
             want = "open" if retry and answer["attempts"] < answer["max_attempts"] else "dead"
         else:
             answer, want = q.release(job["id"], job["token"]), "open"
+        expires = answer["expires_at"]
+        if want == "open" and expires is not None and expires <= answer["history"][-1]["end"]:
+            want = "dead"   # past its expiry: never open again
         if answer["status"] != want:
             self.errors.append("%s of intent %s left it %s" % (action, job["id"], answer["status"]))
         if mine and answer["history"][-1]["end"] >= job["lease_expires_at"]:
@@ -1776,6 +1993,7 @@ class ConcurrentSoak(TempDirCase):
                 self.assertLess(r["attempts"], r["max_attempts"], where)
                 self.assertIsNone(r["worker"], where)
                 self.assertEqual(bool(r["delayed"]), r["run_at"] > now, where)   # ready when due
+                self.assertTrue(r["expires_at"] is None or r["expires_at"] > now, where)   # swept
             if status == "claimed":
                 self.assertGreater(r["lease_expires_at"], now, where)   # expired ones were swept
                 self.assertIn(r["token"], self.tokens[i], where)        # a claim's answer carried it
@@ -1784,12 +2002,18 @@ class ConcurrentSoak(TempDirCase):
             if status == "dead":
                 self.assertTrue(r["error"], where)
                 self.assertEqual(history[-1]["error"], r["error"], where)   # the last error is kept
-            attempts = history + ([{"worker": r["worker"], "attempt": r["attempts"],
-                                    "start": r["claimed_at"]}] if status == "claimed" else [])
-            for a in attempts:   # each attempt's worker could take it
+            if status == "dead" and history and history[-1]["outcome"] == "expired":   # ended open
+                self.assertEqual(history[-1]["end"], r["finished_at"], where)
+                self.assertGreaterEqual(r["finished_at"], r["expires_at"], where)
+            attempts = [h for h in history if h["outcome"] != "expired"] + (
+                [{"worker": r["worker"], "attempt": r["attempts"], "start": r["claimed_at"]}]
+                if status == "claimed" else [])
+            for a in attempts:   # each attempt's worker could take it, before the expiry
                 _, caps, goals = a["worker"].split("@")
                 self.assertLessEqual(set(json.loads(r["requires"])), set(caps.split(".")), where)
                 self.assertIn(goals, ("any", r["goal"]), where)
+                if r["expires_at"] is not None:   # a redrive keeps only an expiry still to come
+                    self.assertLess(a["start"], r["expires_at"], where)
             for a, b in zip(attempts, attempts[1:]):   # one attempt at a time, none lost
                 self.assertGreaterEqual(b["start"], a["end"], where)
                 follows = {"failed": a["attempt"] + 1, "lease_expired": a["attempt"] + 1,
@@ -2062,11 +2286,12 @@ class HTTPApi(ServerCase):
         # and came back as a 503 "try again", which clients would retry for ever.
         json_h = {"Content-Type": "application/json"}
         nulls = dict.fromkeys("payload priority requires delay run_at max_attempts lease backoff "
-                              "idempotency_key unique_key".split())
+                              "idempotency_key unique_key expires_in expires_at".split())
         got, _, data = self.raw("POST", "/intents", json.dumps(dict(nulls, goal="g")).encode(), json_h)
         self.assertEqual(got, 201, data)
         intent = json.loads(data)
-        self.assertEqual((intent["priority"], intent["max_attempts"], intent["requires"]), (0, 3, []))
+        self.assertEqual((intent["priority"], intent["max_attempts"], intent["requires"], intent["expires_at"]),
+                         (0, 3, [], None))
         got, _, data = self.raw("POST", "/claim", json.dumps(dict.fromkeys(
             "worker caps goals max wait lease".split())).encode(), json_h)
         self.assertEqual(got, 200, data)
@@ -2343,7 +2568,7 @@ class UniqueKeysOverHTTP(ServerCase):
                          "unique key 'sync' is held by unfinished intent " + new["id"])
         self.assertEqual(e.code, "conflict")
         self.assertEqual(self.c.request("POST", "/intents/retry", {"status": "dead"})[1],
-                         {"count": 0, "skipped": 1})
+                         {"count": 0, "skipped": 1, "expired": 0})
         self.assertEqual(self.c.retry_all("dead"), 0)
         out = cli("retry", "--all-dead", "--db", self.db)
         self.assertEqual((out.returncode, out.stdout.strip()), (0, "redriven: 0, skipped: 1 (their unique "
@@ -2620,6 +2845,148 @@ class MetricsEndpoint(BusCase):
                    for code in ("200", "201")}
         # every claim and fulfill, and the first scrape (counted once it was answered)
         self.assertEqual(answers, {"201": threads * jobs, "200": 2 * threads * jobs + 1})
+
+
+class ExpiringOverHTTP(BusCase):
+    """expires_in / expires_at over HTTP, on a server whose clock the test moves."""
+
+    def setUp(self):
+        BusCase.setUp(self)
+        self.clock = Clock(time.time())
+        self.srv = self.start(clock=self.clock, backoff_base=5)
+        self.c = self.client(self.srv)
+
+    def status(self, intent_id):
+        return self.c.get(intent_id)["status"]
+
+    def test_submit_shows_the_expiry_and_bad_ones_are_400s_that_change_nothing(self):
+        now = self.clock.now
+        i = self.c.submit("chime", {"room": "hall"}, expires_in=60)
+        self.assertEqual((i["expires_at"], self.c.get(i["id"])["expires_at"]), (now + 60, now + 60))
+        self.assertEqual(self.c.submit("chime", run_at=now + 10, expires_at=now + 20)["expires_at"], now + 20)
+        self.assertIsNone(self.c.submit("chime")["expires_at"])
+        many = self.c.submit_many([{"goal": "chime", "expires_in": 5}, {"goal": "chime", "expires_at": now + 9}])
+        self.assertEqual([m["expires_at"] for m in many], [now + 5, now + 9])
+        status, _, data = self.raw("POST", "/intents?goal=porch-light&expires_in=3600")   # curl style
+        self.assertEqual((status, json.loads(data)["expires_at"]), (201, now + 3600), data)
+        before = self.c.list()["intents"]
+        json_h = {"Content-Type": "application/json"}
+        for body, words in (({"expires_in": 5, "expires_at": now + 5}, "not both"),
+                            ({"expires_in": -5}, "'expires_in' must be between"),
+                            ({"expires_in": "5m"}, "'expires_in' must be a number"),
+                            ({"expires_at": now - 1}, "could never run"),
+                            ({"delay": 30, "expires_in": 10}, "not after the intent's run_at")):
+            with self.subTest(body=body):
+                got, headers, answer = self.raw("POST", "/intents", json.dumps(dict(body, goal="g")).encode(),
+                                                json_h)
+                self.assertEqual((got, json.loads(answer)["error"]["code"]), (400, "invalid"), answer)
+                self.assertIn(words, json.loads(answer)["error"]["message"])
+                self.assertHardened(got, headers, answer)
+        for query in ("expires_in=soon", "expires_in=1e999", "expires_at=-1"):
+            got, _, answer = self.raw("POST", "/intents?goal=g&" + query)
+            self.assertEqual(got, 400, (query, answer))
+        self.refused(lambda: self.c.submit_many([{"goal": "ok"}, {"goal": "g", "expires_in": 0}]), 400,
+                     "'expires_in'")
+        self.assertEqual(self.c.list()["intents"], before)
+
+    def test_the_sweeper_ends_open_intents_on_time_with_no_worker_calling(self):
+        backoff = self.c.submit("chime", expires_in=30, max_attempts=3)
+        self.c.fail(backoff["id"], self.c.claim("phone")[0]["token"], "chime offline")
+        i = self.c.submit("chime", expires_in=30)
+        self.assertEqual(self.status(backoff["id"]), "open")
+        self.clock.advance(30)
+        self.assertTrue(eventually(lambda: self.status(i["id"]) == "dead" == self.status(backoff["id"])))
+        v = self.c.get(i["id"], wait=1)
+        self.assertEqual((v["history"][-1]["outcome"], v["finished_at"] >= v["expires_at"]), ("expired", True))
+        self.assertIn("before it was started", v["error"])
+        self.assertEqual([v["id"] for v in self.c.list(status="dead")["intents"]], [backoff["id"], i["id"]])
+        self.assertEqual(self.c.stats()["counts"]["dead"], 2)
+
+    def test_a_claim_between_two_sweeps_gets_nothing_past_its_expiry(self):
+        self.srv.sweeper.stop()   # no sweep at all: only the claim path stands between
+        stale = self.c.submit("chime", priority=9, expires_in=10)
+        fresh = self.c.submit("chime", expires_in=60)
+        self.clock.advance(10)
+        self.assertEqual([j["id"] for j in self.c.claim("phone", max=1)], [fresh["id"]])
+        self.assertEqual(self.status(stale["id"]), "dead")
+
+    def test_a_claimed_intent_may_be_fulfilled_after_its_expiry_but_a_failure_is_final(self):
+        done, failed = (self.c.submit("chime", expires_in=10, max_attempts=3, lease=600)["id"] for _ in range(2))
+        jobs = {j["id"]: j for j in self.c.claim("phone", max=2)}
+        self.clock.advance(20)
+        self.assertEqual(self.c.extend(done, jobs[done]["token"])["status"], "claimed")
+        self.assertEqual(self.c.fulfill(done, jobs[done]["token"], "rang")["status"], "fulfilled")
+        v = self.c.fail(failed, jobs[failed]["token"], "timeout")
+        self.assertEqual((v["status"], v["attempts"]), ("dead", 1))
+        self.assertIn("not retried", v["error"])
+
+    def test_redrives_one_by_one_and_in_bulk(self):
+        i = self.c.submit("chime", expires_in=5)
+        self.clock.advance(5)
+        self.assertTrue(eventually(lambda: self.status(i["id"]) == "dead"))
+        status, _, data = self.raw("POST", "/intents/retry?status=dead")
+        self.assertEqual((status, json.loads(data)), (200, {"count": 0, "skipped": 0, "expired": 1}))
+        self.assertEqual(self.c.retry_all("dead"), 0)
+        v = self.c.retry(i["id"])
+        self.assertEqual((v["status"], v["expires_at"]), ("open", None))
+        self.assertEqual([j["id"] for j in self.c.claim("phone")], [i["id"]])
+
+    def test_admin_commands_submit_with_an_expiry_and_redrive_as_the_api_does(self):
+        db = os.path.join(self.dir, "admin.db")
+        out = cli("submit", "chime", "--expires-in", "1h", "--db", db)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        v = json.loads(out.stdout)
+        self.assertAlmostEqual(v["expires_at"] - v["created_at"], 3600, places=3)
+        out = cli("submit", "chime", "--expires-in", "0", "--db", db)
+        self.assertEqual((out.returncode, out.stdout), (1, ""))
+        self.assertIn("'expires_in'", out.stderr)
+        store = Storage(db)   # an intent that expired 90 s ago, written on a clock of that time
+        store.migrate()
+        q = Queue(store, clock=Clock(time.time() - 100))
+        old = q.submit([{"goal": "chime", "expires_in": 10}])[1][0]
+        q.clock.advance(10)
+        q.tick()
+        store.close()
+        out = cli("retry", "--all-dead", "--db", db)
+        self.assertEqual((out.returncode, out.stdout), (0, "redriven: 0\nleft dead, past their expiry: 1 "
+                                                           "(redrive one with: retry ID)\n"), out.stderr)
+        out = cli("retry", old["id"], "--db", db)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual((json.loads(out.stdout)["status"], json.loads(out.stdout)["expires_at"]), ("open", None))
+
+    def test_many_threads_never_claim_an_intent_past_its_expiry(self):
+        self.srv.sweeper.stop()   # the claims alone must keep to the expiries
+        now = self.clock.now
+        self.c.submit_many([{"goal": "race", "payload": n, "expires_at": now + 1 + n % 20} for n in range(400)])
+        claimed, lock, stop = [], threading.Lock(), threading.Event()
+
+        def racer():
+            client = Client(self.srv.url)
+            while not stop.is_set():
+                jobs = client.claim("r", goals=["race"], max=random.choice([1, 3]))
+                with lock:
+                    claimed.extend(jobs)
+                for job in jobs:
+                    client.fulfill(job["id"], job["token"])
+            client.close()
+        threads = [threading.Thread(target=racer) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for _ in range(22):
+            self.clock.advance(1)
+            time.sleep(0.01)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        self.assertEqual(self.c.claim("last", goals=["race"], max=100), [])
+        intents = [self.c.get(i["id"]) for i in self.c.list(limit=1000)["intents"]]
+        self.assertEqual(len(intents), 400)
+        for v in intents:
+            self.assertIn(v["status"], ("fulfilled", "dead"), v)
+            starts = [h["start"] for h in v["history"] if h["outcome"] != "expired"]
+            self.assertTrue(all(start < v["expires_at"] for start in starts), v)   # never claimed late
+        self.assertEqual(len(claimed), len({j["id"] for j in claimed}))
+        self.assertEqual(len(claimed), sum(v["status"] == "fulfilled" for v in intents))
 
 
 # =====================================================================================

@@ -590,14 +590,15 @@ class Client:
 
     def submit(self, goal, payload=None, *, priority=None, requires=None, delay=None, run_at=None,
                max_attempts=None, lease=None, backoff=None, idempotency_key=None, unique_key=None,
-               minimal=False):
+               expires_in=None, expires_at=None, minimal=False):
         """The new intent (or, with minimal=True, only its id and status). With unique_key, the
         answer's "created" is False when an unfinished intent holding the key was answered."""
         body = {"goal": goal}
         for key, value in (("payload", payload), ("priority", priority), ("requires", requires),
                            ("delay", delay), ("run_at", run_at), ("max_attempts", max_attempts),
                            ("lease", lease), ("backoff", backoff),
-                           ("idempotency_key", idempotency_key), ("unique_key", unique_key)):
+                           ("idempotency_key", idempotency_key), ("unique_key", unique_key),
+                           ("expires_in", expires_in), ("expires_at", expires_at)):
             if value is not None:
                 body[key] = list(value) if key == "requires" else value
         return self.request("POST", "/intents", body, headers=_prefer(minimal))[1]
