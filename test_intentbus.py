@@ -1830,6 +1830,35 @@ class Expiring(RulesCase):
                                   .encode()).hexdigest()
         self.assertEqual(self.store.get_intent(int(b["id"]))["request_hash"], old_hash)
 
+    def test_an_expiry_frees_its_unique_key_counts_and_a_bulk_redrive_says_why_each_stayed(self):
+        # The three features meet: an expired holder frees its unique_key, /metrics counts the
+        # expiry, and a bulk redrive tells the expired from the held apart.
+        chime = self.submit(goal="chime", unique_key="chime", expires_in=5)
+        self.assertEqual(self.submit(goal="chime", unique_key="chime")["id"], chime["id"])
+        self.clock.advance(6)
+        self.q.tick()
+        self.dead_by_expiry(chime["id"])
+        samples = parse_metrics(intentbus.exposition(self.q.metrics()))
+        self.assertEqual(counted(samples), {("submitted", "default", "chime"): 1,
+                                            ("expired", "default", "chime"): 1,
+                                            ("dead", "default", "chime"): 1})
+        again = self.submit(goal="chime", unique_key="chime")   # the key is free: a new one
+        self.assertEqual((again["created"], again["status"]), (True, "open"))
+        sync = self.submit(goal="sync", unique_key="sync", max_attempts=1)
+        job = self.claim(goals=["sync"])[0]
+        self.q.fail(job["id"], job["token"], "no network", retry=False)
+        self.submit(goal="sync", unique_key="sync")   # holds the dead one's key now
+        self.assertEqual(self.q.retry_matching("dead"), {"count": 0, "skipped": 1, "expired": 1})
+        self.assertEqual([self.q.get(i)["status"] for i in (chime["id"], sync["id"])], ["dead", "dead"])
+        # Redriving the expired one alone would clear its expiry, but its key is held: refused.
+        with self.assertRaisesRegex(intentbus.Conflict, "held by unfinished intent %s" % again["id"]):
+            self.q.retry(chime["id"])
+        self.assertEqual(self.q.get(chime["id"])["expires_at"], chime["expires_at"])
+        out = cli("retry", "--all-dead", "--db", self.db)
+        self.assertEqual(out.stdout.splitlines(), [
+            "redriven: 0, skipped: 1 (their unique key is held by an unfinished intent)",
+            "left dead, past their expiry: 1 (redrive one with: retry ID)"])
+
 
 # =====================================================================================
 # Queue rules under concurrency: a seeded soak
