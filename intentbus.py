@@ -1551,6 +1551,7 @@ class Queue:
         seen = self.store.intents_by_idempotency_key(namespace, keys) if keys else {}
         uniques = [spec["unique_key"] for spec in specs if spec["unique_key"] is not None]
         holders = self.store.unfinished_by_unique_key(namespace, uniques) if uniques else {}
+        stale = _drop_stale_holders(holders, now)   # ended below, once every check has passed
         for spec in specs:
             key = spec["idempotency_key"]
             existing = None
@@ -1591,9 +1592,10 @@ class Queue:
             new.append((row, spec["requires"]))
         if new and self.max_open is not None:
             self._unfinished(namespace, 0)
-            if self._open_counts[namespace] + len(new) > self.max_open:
+            if self._open_counts[namespace] - len(stale) + len(new) > self.max_open:
                 raise QuotaExceeded("namespace '%s' would have more than %d unfinished intents "
                                     "(--max-open)" % (namespace, self.max_open))
+        self._expire(stale, now)   # before the inserts: the unique index frees their keys
         earliest = None
         for row, requires in new:
             route = self._route_for(namespace, row["goal"], requires)
@@ -2016,25 +2018,31 @@ class Queue:
             if row["status"] not in ("dead", "cancelled"):
                 raise Conflict("intent %s is %s; only dead or cancelled intents can be retried"
                                % (intent_id, row["status"]))
-            holder = self._unique_holders([row]).get((row["namespace"], row["unique_key"]))
+            now = self.clock()
+            holder = self._unique_holders([row], now).get((row["namespace"], row["unique_key"]))
             if holder is not None:
                 # The holder's id only to a caller who may see it (as a submit's unique key).
                 raise Conflict("intent %s cannot be retried: its unique key '%s' is held by %s; "
                                "retry it once that one is finished" % (
                                    intent_id, row["unique_key"], "unfinished intent %s" % holder["id"]
                                    if scope.sees(holder) else "another unfinished intent"))
-            return intent_view(self._redrive(row, self.clock()))
+            return intent_view(self._redrive(row, now))
         return self.store.write(run)
 
-    def _unique_holders(self, rows):
+    def _unique_holders(self, rows, now):
         """{(namespace, unique key): the open or claimed intent holding it} for the keys of rows;
-        no query when none of rows has a unique key."""
+        no query when none of rows has a unique key. An open holder past its expiry is ended
+        here (the sweeper may not have come yet) and holds its key no more."""
         keys = collections.defaultdict(list)
         for row in rows:
             if row["unique_key"] is not None:
                 keys[row["namespace"]].append(row["unique_key"])
-        return {(namespace, key): holder for namespace, some in keys.items()
-                for key, holder in self.store.unfinished_by_unique_key(namespace, some).items()}
+        held = {}
+        for namespace, some in keys.items():
+            holders = self.store.unfinished_by_unique_key(namespace, some)
+            self._expire(_drop_stale_holders(holders, now), now)
+            held.update(((namespace, key), holder) for key, holder in holders.items())
+        return held
 
     def _redrive(self, row, now):
         # An expiry that has passed is dropped: the admin asked for this one intent to run. One
@@ -2063,7 +2071,7 @@ class Queue:
 
         def redrive(rows, now):
             fresh = [row for row in rows if not _past_expiry(row, now)]
-            held = self._unique_holders(fresh)
+            held = self._unique_holders(fresh, now)
             count = 0
             for row in fresh:
                 if row["unique_key"] is not None:
@@ -2431,6 +2439,15 @@ class Queue:
 
 def _past_expiry(row, now):
     return row["expires_at"] is not None and row["expires_at"] <= now
+
+
+def _drop_stale_holders(holders, now):
+    """Take out of {unique key: holder} the open holders past their expiry (ended by the sweeper
+    soon, or by the caller now), and return them. A claimed one keeps its key: it is at work."""
+    stale = [h for h in holders.values() if h["status"] == "open" and _past_expiry(h, now)]
+    for holder in stale:
+        del holders[holder["unique_key"]]
+    return stale
 
 
 def _age(now, then):

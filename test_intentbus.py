@@ -1860,6 +1860,41 @@ class Expiring(RulesCase):
             "left dead, past their expiry: 1 (redrive one with: retry ID)"])
 
 
+    def test_a_holder_past_its_expiry_is_ended_by_the_submit_or_redrive_that_meets_it(self):
+        # The sweeper ends an expired holder on time, but a submit or a redrive may come first
+        # (a cron line at the very second the last chime expires): the holder must not answer
+        # it, nor refuse the redrive; it ends then, as a claim would end it, and frees its key.
+        self.q.max_open = 1   # the holder is no longer counted against the quota either
+        chime = self.submit(goal="chime", unique_key="chime", expires_in=5)
+        self.clock.advance(5)
+        again = self.submit(goal="chime", unique_key="chime")
+        self.assertEqual((again["created"], again["status"]), (True, "open"))
+        self.assertNotEqual(again["id"], chime["id"])
+        self.dead_by_expiry(chime["id"])
+        self.assertEqual(counted(parse_metrics(intentbus.exposition(self.q.metrics()))),
+                         {("submitted", "default", "chime"): 2, ("expired", "default", "chime"): 1,
+                          ("dead", "default", "chime"): 1})
+        self.q.cancel(again["id"])
+        self.q.max_open = None
+        sync = self.submit(goal="sync", unique_key="sync", max_attempts=1)
+        job = self.claim(goals=["sync"])[0]
+        self.q.fail(job["id"], job["token"], "no network", retry=False)
+        late = self.submit(goal="sync", unique_key="sync", expires_in=5)   # holds the key now
+        self.clock.advance(5)
+        self.assertEqual(self.q.retry(sync["id"])["status"], "open")
+        self.dead_by_expiry(late["id"])
+        self.q.cancel(sync["id"])
+        late = self.submit(goal="sync", unique_key="sync", expires_in=5)
+        self.clock.advance(5)
+        self.assertEqual(self.q.retry_matching("cancelled"), {"count": 2, "skipped": 0, "expired": 0})
+        self.dead_by_expiry(late["id"])
+        self.assertEqual(self.q.get(sync["id"])["status"], "open")
+        # A claimed holder past its expiry is still at work: it keeps its key.
+        job = self.claim(goals=["sync"])[0]
+        self.clock.advance(1)
+        self.assertEqual(self.submit(goal="sync", unique_key="sync")["id"], job["id"])
+
+
 # =====================================================================================
 # Queue rules under concurrency: a seeded soak
 # =====================================================================================
