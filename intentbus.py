@@ -1508,10 +1508,12 @@ class Queue:
         if expires_in is not None and expires_at is not None:
             raise Invalid("give 'expires_in' or 'expires_at', not both")
         spec["expires_at"] = now + expires_in if expires_in is not None else expires_at
+        spec["never_runs"] = None   # refused by _submit_now, unless an idempotent repeat (below)
         if spec["expires_at"] is not None and spec["expires_at"] <= spec["run_at"]:
-            raise Invalid("'%s' puts the expiry at %.3f, not after the intent's run_at (%.3f): it "
-                          "could never run" % ("expires_in" if expires_in is not None else "expires_at",
-                                               spec["expires_at"], spec["run_at"]))
+            spec["never_runs"] = (
+                "'%s' puts the expiry at %.3f, not after the intent's run_at (%.3f): it could "
+                "never run" % ("expires_in" if expires_in is not None else "expires_at",
+                               spec["expires_at"], spec["run_at"]))
         spec["request_hash"] = None
         if spec["idempotency_key"] is not None:
             # What the client sent, so that a repeat with the same relative delay matches. A
@@ -1566,6 +1568,10 @@ class Queue:
                     raise Conflict("idempotency key '%s' was used for a different intent%s" % (
                         key, " (id %s)" % existing["id"] if existing.get("id") else ""),
                         code="idempotency_conflict")
+            # An expiry not after the run_at is refused, but for a repeat that creates nothing:
+            # a client's retry sent once its expires_at has passed answers the intent it made.
+            if existing is None and spec["never_runs"] is not None:
+                raise Invalid(spec["never_runs"])
             # An idempotent repeat answers its own intent whatever its state; only then is the
             # unique key looked at: while an unfinished intent holds it, that one is the answer.
             unique = spec["unique_key"]

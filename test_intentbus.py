@@ -1830,6 +1830,27 @@ class Expiring(RulesCase):
                                   .encode()).hexdigest()
         self.assertEqual(self.store.get_intent(int(b["id"]))["request_hash"], old_hash)
 
+    def test_an_idempotent_repeat_sent_after_its_expires_at_answers_its_intent(self):
+        # A client that timed out retries its submit with the same key and body: by then an
+        # expires_at it gave may have passed. The repeat creates nothing, so it is no "could
+        # never run" 400: it answers the intent made (as a repeat does once a run_at passed).
+        body = {"goal": "chime", "idempotency_key": "k", "expires_at": self.clock.now + 5}
+        first = self.submit(**body)
+        later = {"goal": "chime", "idempotency_key": "k2", "run_at": self.clock.now + 5,
+                 "expires_at": self.clock.now + 10}
+        second = self.submit(**later)
+        self.clock.advance(20)
+        for sent, made in ((body, first), (later, second)):
+            created, [again] = self.q.submit([dict(sent)])
+            self.assertEqual((created, again["id"]), (False, made["id"]))
+        # A new intent with that body is still refused, and so is one a unique key would answer.
+        for fresh in (dict(body, idempotency_key="k3"), dict(body, idempotency_key=None)):
+            with self.assertRaisesRegex(intentbus.Invalid, "could never run"):
+                self.q.submit([fresh])
+        self.submit(goal="chime", unique_key="u")
+        with self.assertRaisesRegex(intentbus.Invalid, "could never run"):
+            self.q.submit([dict(body, idempotency_key=None, unique_key="u")])
+
     def test_an_expiry_frees_its_unique_key_counts_and_a_bulk_redrive_says_why_each_stayed(self):
         # The three features meet: an expired holder frees its unique_key, /metrics counts the
         # expiry, and a bulk redrive tells the expired from the held apart.
