@@ -3886,7 +3886,8 @@ def duration_text(seconds):
     for unit, size in (("d", 86400), ("h", 3600)):
         if seconds >= size and seconds % size == 0:
             return "%d%s" % (seconds // size, unit)
-    return "%gs" % seconds
+    # Exact, so that it reads back as the same value (%g kept 6 digits: 1234567 was 1.23457e+06)
+    return "%ss" % ("%d" % seconds if seconds == int(seconds) else repr(float(seconds)))
 
 
 # (flag, type, help). Defaults come from SERVE_DEFAULTS; each flag reads INTENTBUS_<NAME> too.

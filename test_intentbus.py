@@ -3554,6 +3554,13 @@ class ServerLifecycle(BusCase):
         self.assertIn("(default: 7d; INTENTBUS_KEEP_DONE)", text)
         self.assertIn("(default: 1h; INTENTBUS_BACKOFF_MAX)", text)
 
+    def test_help_shows_a_duration_that_reads_back_as_the_same_value(self):
+        # %g kept 6 digits: INTENTBUS_KEEP_DONE=1234567 showed as "1.23457e+06s", another value.
+        for seconds, text in ((1234567.0, "1234567s"), (0.25, "0.25s"), (86400.0 * 400, "400d"),
+                              (3600.0 * 25, "25h"), (90.0, "90s"), (1e-7, "1e-07s"), (0.0, "0s")):
+            self.assertEqual(intentbus.duration_text(seconds), text)
+            self.assertEqual(intentbus.duration(text), seconds)
+
     def test_yes_no_variables_refuse_what_they_do_not_understand(self):
         # Found by an audit: INTENTBUS_ONCE=off (or False) made worker.py run --once, and
         # INTENTBUS_ACCESS_LOG=ture quietly meant "no access log".
