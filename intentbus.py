@@ -3479,10 +3479,10 @@ class Server(ThreadingHTTPServer):
             if not full:
                 self._active += 1
         if full:   # answered from the accept loop: no thread for it
-            self.api.responses.add((503,))
             try:
                 if self.tls is not None:
                     raise ValueError("no plain-text answer on a TLS connection")
+                self.api.responses.add((503,))   # only an answer given (over TLS: none)
                 request.setblocking(False)
                 body = b'{"error":{"code":"unavailable","message":"too many connections"}}'
                 request.send(b"HTTP/1.1 503 Service Unavailable\r\nDate: %s\r\n"

@@ -6573,6 +6573,17 @@ class TLS(unittest.TestCase):
         self.assertEqual(status, 200)
         self.assertIn(version, ("TLSv1.2", "TLSv1.3"))
 
+    def test_a_connection_refused_unanswered_is_no_503_in_metrics(self):
+        # Over TLS a connection past --max-connections is closed without an answer (no plain
+        # text on a TLS socket): /metrics counted it as a 503 answer given all the same.
+        httpd = self.srv.httpd
+        mine, theirs = socket.socketpair()
+        with unittest.mock.patch.object(httpd.config, "max_connections", 0):
+            httpd.process_request(mine, ("127.0.0.1", 1))
+        self.assertEqual(theirs.recv(100), b"")   # closed, nothing written
+        theirs.close()
+        self.assertNotIn(503, httpd.api.responses.snapshot())
+
     def test_refused_without_trusting_the_certificate_and_no_fallback(self):
         before = self.count()
         for kwargs in ({}, {"ca_file": self.other_cert}):
