@@ -1546,7 +1546,8 @@ class Queue:
         return created, views
 
     def _submit_now(self, specs, namespace, scope, now):
-        # Every check first (idempotency, unique keys, quota), then every insert: a refusal
+        # Every check first (idempotency, an expiry that could never run, unique keys, quota),
+        # then every change (holders past their expiry ended, then the inserts): a refusal
         # changes nothing. Returns (created any, rows, [whether this item created its row]).
         rows, new, made = [], [], []
         keys = [spec["idempotency_key"] for spec in specs if spec["idempotency_key"] is not None]
