@@ -1113,7 +1113,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
 CAP_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}\Z")
 WORKER_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,128}\Z")
 KEY_RE = re.compile(r"[\x21-\x7e]{1,256}\Z")
-KEY_WHAT = "1-256 printable ASCII characters"
+KEY_WHAT = "1-256 printable ASCII characters, without spaces"
 MAX_INT = 2 ** 53    # the largest integer every JSON reader represents exactly
 MAX_ERROR = 8192
 

@@ -2569,6 +2569,20 @@ class HTTPApi(ServerCase):
 class UniqueKeysOverHTTP(ServerCase):
     """unique_key over HTTP: curl's form fields, worker.Client, many threads, redrives, the CLI."""
 
+    def test_a_key_with_a_space_is_refused_saying_so(self):
+        # Found walking through the README: "sync photos" was refused as "must be 1-256
+        # printable ASCII characters", though a space is one; keys take no space.
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        for body in (b"goal=sync-photos&unique_key=sync+photos",
+                     b"goal=sync-photos&idempotency_key=nightly%20run"):
+            got, _, data = self.raw("POST", "/intents", body, form)
+            self.assertEqual(got, 400, data)
+            self.assertIn("printable ASCII characters, without spaces", json.loads(data)["error"]["message"])
+        out = cli("submit", "sync-photos", "--unique-key", "sync photos", "--db", self.db)
+        self.assertEqual(out.returncode, 1)
+        self.assertIn("'unique_key' must be 1-256 printable ASCII characters, without spaces", out.stderr)
+        self.assertEqual(self.c.list()["intents"], [])
+
     def test_one_at_a_time_from_a_cron_line(self):
         form = {"Content-Type": "application/x-www-form-urlencoded"}
         got, _, data = self.raw("POST", "/intents", b"goal=sync-photos&unique_key=sync-photos", form)
