@@ -1963,8 +1963,10 @@ class Queue:
         dead intent, with an `expired` history entry that names no worker."""
         updates, counted = [], []
         for row in rows:
-            error = ("expired at %.3f before %s was started" % (
-                row["expires_at"], "attempt %d" % (row["attempts"] + 1) if row["attempts"] else "it"))
+            # "again" for one given back (released or snoozed): its history shows it started
+            error = ("expired at %.3f before %s was started%s" % (
+                row["expires_at"], "attempt %d" % (row["attempts"] + 1) if row["attempts"] else "it",
+                " again" if _given_back(row["history"]) else ""))
             changes = dict(status="dead", delayed=0, finished_at=now, error=error, worker=None,
                            token=None, lease_expires_at=None,
                            history=self._end_attempt(dict(row, worker=None, claimed_at=None), now,
@@ -2446,6 +2448,13 @@ class Queue:
 
 def _past_expiry(row, now):
     return row["expires_at"] is not None and row["expires_at"] <= now
+
+
+def _given_back(history):
+    """Whether an intent's last attempt was given back (a release or a snooze): started, then
+    open again with its attempt unspent. history is the stored JSON text."""
+    start = history.rfind('{"attempt":')
+    return start >= 0 and json.loads(history[start:-1])["outcome"] in ("released", "snoozed")
 
 
 def _drop_stale_holders(holders, now):

@@ -1734,6 +1734,32 @@ class Expiring(RulesCase):
         self.assertIn("not retried: the intent expired", v["error"])
         self.assertEqual(self.claim(max=5), [])
 
+    def test_one_given_back_and_then_expired_says_it_started_once(self):
+        # Found walking through the README: a release after the expiry, or a snooze that outlived
+        # it, said "expired at T before it was started" beside a history showing it started.
+        released, snoozed, refailed = (self.submit(goal=g, expires_in=10, backoff=1)
+                                       for g in ("released", "snoozed", "refailed"))
+        self.q.fail(refailed["id"], self.claim(goals=["refailed"])[0]["token"], "first")
+        self.clock.advance(2)
+        self.q.tick()   # its backoff ran out: ready again
+        jobs = {j["goal"]: j for j in self.claim(max=3)}
+        self.q.release(snoozed["id"], jobs["snoozed"]["token"], delay=100)
+        self.q.release(refailed["id"], jobs["refailed"]["token"], delay=100)
+        self.clock.advance(8)
+        v = self.q.release(released["id"], jobs["released"]["token"])
+        self.assertEqual((v["status"], [h["outcome"] for h in v["history"]]), ("dead", ["released", "expired"]))
+        self.assertEqual(v["error"], "expired at %.3f before it was started again" % v["expires_at"])
+        self.q.tick()
+        v = self.dead_by_expiry(snoozed["id"], 2)
+        self.assertEqual(v["error"], "expired at %.3f before it was started again" % v["expires_at"])
+        v = self.dead_by_expiry(refailed["id"], 3)
+        self.assertEqual(v["error"], "expired at %.3f before attempt 2 was started again" % v["expires_at"])
+        never = self.submit(goal="never", expires_in=1)   # never started: no "again"
+        self.clock.advance(1)
+        self.q.tick()
+        self.assertEqual(self.dead_by_expiry(never["id"])["error"],
+                         "expired at %.3f before it was started" % never["expires_at"])
+
     def test_no_claim_gets_an_intent_past_its_expiry_even_before_the_sweeper_runs(self):
         stale = [self.submit(priority=5, expires_in=10) for _ in range(3)]
         fresh = self.submit(priority=0, expires_in=100)
