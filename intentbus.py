@@ -1289,7 +1289,8 @@ CLAIM_FIELDS = frozenset("worker caps goals max wait lease".split())
 # Queue._count() where its write is made. An admin command writes the file from a process of its
 # own, so the server counts none of its changes.
 COUNTED = (
-    ("submitted", "Intents submitted (an idempotent repeat creates none and is not counted)."),
+    ("submitted", "Intents created by submits (an idempotent repeat, or a submit answered by its "
+                  "unique_key's holder, creates none: not counted)."),
     ("claimed", "Attempts started: intents a claim handed to a worker."),
     ("fulfilled", "Intents fulfilled."),
     ("failed", "Attempts a worker reported failed (a fail call), retried or not."),

@@ -1454,6 +1454,17 @@ class Counting(RulesCase):
             self.store.write(undone)
         self.assertEqual((ran, self.store._read("SELECT count(*) FROM routes")), ([False], [(0,)]))
 
+    def test_a_submit_answered_by_a_unique_keys_holder_is_not_counted_and_help_says_so(self):
+        # Found walking through the README: a cron line's every-5-minutes submits, answered by
+        # the key's holder, are not counted, but the help named only the idempotent repeat.
+        for _ in range(3):
+            self.submit(goal="sync", unique_key="sync")
+        self.assertEqual(counted(self.metrics()), {("submitted", "default", "sync"): 1})
+        text = intentbus.exposition(self.q.metrics(intentbus.ROOT))
+        self.assertIn("# HELP intentbus_intents_submitted_total Intents created by submits (an "
+                      "idempotent repeat, or a submit answered by its unique_key's holder, creates "
+                      "none: not counted).\n", text)
+
     def test_each_event_counts_once_by_namespace_and_goal(self):
         a_sub = intentbus.Scope("a-sub", "submit", "a")
         expected = collections.Counter()
