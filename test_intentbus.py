@@ -2995,6 +2995,24 @@ class ExpiringOverHTTP(BusCase):
     def status(self, intent_id):
         return self.c.get(intent_id)["status"]
 
+    def test_a_worker_that_snoozes_past_the_expiry_says_the_intent_is_dead(self):
+        # Found walking through the README: the server ended the intent dead (given back past
+        # its expiry), and the worker logged "snoozed 1 for 60s (attempt given back)".
+        logged = []
+        w = worker.Worker(self.srv.url, None, wait=0, log=logged.append)
+
+        @w.handler("chime")
+        def chime(payload):
+            self.clock.advance(10)   # the chime's 5 s run out while the handler waits
+            raise worker.Snooze(60)
+
+        i = self.c.submit("chime", expires_in=5)["id"]
+        self.assertEqual(w.run(once=True, install_signals=False), 0)
+        v = self.c.get(i)
+        self.assertEqual((v["status"], [h["outcome"] for h in v["history"]]), ("dead", ["snoozed", "expired"]))
+        line = [x for x in logged if x.startswith("snoozed")]
+        self.assertEqual(line, ["snoozed %s: dead, past its expiry (%s)" % (i, v["error"])])
+
     def test_submit_shows_the_expiry_and_bad_ones_are_400s_that_change_nothing(self):
         now = self.clock.now
         i = self.c.submit("chime", {"room": "hall"}, expires_in=60)

@@ -1588,13 +1588,16 @@ class Worker:
                 if kind == "fail":   # a lone surrogate (from a handler's exception) is not UTF-8
                     text = error[:8000].encode("utf-8", "replace").decode("utf-8")
                     return client.fail(job.id, job.token, text, retry, minimal=True)
-                if kind == "snooze":
-                    answer = client.release(job.id, job.token, delay)
-                    job.snoozed = True
+                answer = client.release(job.id, job.token, delay if kind == "snooze" else None)
+                job.snoozed = kind == "snooze"
+                if isinstance(answer, dict) and answer.get("status") == "dead":
+                    # given back past the intent's expiry: the server ended it, never to run late
+                    self.log("%s %s: dead, past its expiry (%s)" % (
+                        "snoozed" if job.snoozed else "released", job.id, _one_line(str(answer.get("error")))))
+                elif job.snoozed:
                     self.log("snoozed %s for %gs (attempt given back)" % (job.id, delay))
-                    return answer
-                answer = client.release(job.id, job.token)
-                self.log("released %s" % job.id)
+                else:
+                    self.log("released %s" % job.id)
                 return answer
             except (LeaseLost, NotFound) as e:
                 if tries > 1 and "expired" not in e.message:
