@@ -3612,8 +3612,13 @@ class Server(ThreadingHTTPServer):
             if wait:
                 raise HTTPError(429, "rate_limited", "too many failed authentications",
                                 {"Retry-After": str(int(math.ceil(wait)))})
-            raise HTTPError(401, "unauthorized", "missing or wrong token",
-                            {"WWW-Authenticate": "Bearer"})
+            message = "missing or wrong token"
+            scheme = auth.split(None, 1)[0].lower() if auth.strip() else ""
+            if scheme and scheme not in ("bearer", "intentbus-hmac") and not secret:
+                # Prometheus' basic_auth, or a token without its scheme: say what is wanted
+                message = "the Authorization header must be 'Bearer <token>'%s" % (
+                    ", not Basic (a Prometheus basic_auth)" if scheme == "basic" else "")
+            raise HTTPError(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})
         if scope.role not in ROLE_RANK[role]:
             raise HTTPError(403, "forbidden", "this endpoint needs the %s role; the token has %s"
                             % (_roles_text(ROLE_RANK[role]), scope.role))

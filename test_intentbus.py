@@ -9,6 +9,7 @@ cannot send. No timed assertions: time-dependent rules use a controllable clock,
 leases with bounded polling loops.
 """
 
+import base64
 import collections
 import contextlib
 import email.utils
@@ -2856,6 +2857,23 @@ class MetricsEndpoint(BusCase):
         self.clock = Clock(1.7e9)
         self.srv = self.start(token=ROOT, clock=self.clock, auth_burst=1000)
         self.c = self.client(self.srv, ROOT)
+
+    def test_a_scrape_with_basic_auth_or_no_scheme_is_told_what_the_header_must_be(self):
+        # Found walking through the README: Prometheus' basic_auth (or a token sent as
+        # "Authorization: TOKEN") was answered "missing or wrong token", as if the token were wrong.
+        mon = self.token(self.srv, "prometheus", "monitor")
+        basic = "Basic " + base64.b64encode(("prometheus:" + mon).encode()).decode()
+        for auth, words in ((basic, "must be 'Bearer <token>', not Basic (a Prometheus basic_auth)"),
+                            (mon, "must be 'Bearer <token>'"),
+                            ("Bearer wrong-token", "missing or wrong token"), ("Bearer ", "missing or wrong token")):
+            status, got, body = self.raw("GET", "/metrics", headers={"Authorization": auth})
+            self.assertEqual((status, got.get("www-authenticate")), (401, "Bearer"), body)
+            error = json.loads(body)["error"]
+            self.assertEqual(error["code"], "unauthorized")
+            self.assertIn(words, error["message"])
+            self.assertNotIn(mon, error["message"])
+        status, _, _ = self.raw("GET", "/metrics", headers={"Authorization": "Bearer " + mon})
+        self.assertEqual(status, 200)
 
     def test_counters_move_with_submit_claim_fulfill_fail_and_lease_expiry(self):
         headers = {"Authorization": "Bearer " + ROOT}
