@@ -1114,6 +1114,7 @@ CAP_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}\Z")
 WORKER_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,128}\Z")
 KEY_RE = re.compile(r"[\x21-\x7e]{1,256}\Z")
 KEY_WHAT = "1-256 printable ASCII characters, without spaces"
+MAX_TIME = 2 ** 40   # the latest Unix time taken (run_at, expires_at, a pause's until)
 MAX_INT = 2 ** 53    # the largest integer every JSON reader represents exactly
 MAX_ERROR = 8192
 
@@ -1235,6 +1236,16 @@ def _number(body, field, low, high, default=None, integer=False):
         raise Invalid("'%s' must be %s" % (field, "an integer" if integer else "a number"))
     if not low <= value <= high:
         raise Invalid("'%s' must be between %s and %s, not %s" % (field, low, high, value))
+    return value
+
+
+def _unix_time(body, field):
+    """A Unix time in seconds; one in milliseconds (JavaScript's Date.now()) is refused saying so."""
+    value = _number(body, field, -math.inf, math.inf)
+    if value is not None and not 0 <= value <= MAX_TIME:
+        raise Invalid("'%s' must be between 0 and %d, not %s%s" % (
+            field, MAX_TIME, value, ": a Unix time in seconds, not milliseconds"
+            if MAX_TIME < value <= MAX_TIME * 1000 else ""))
     return value
 
 
@@ -1500,12 +1511,12 @@ class Queue:
             "unique_key": _name(body, "unique_key", KEY_RE, what=KEY_WHAT),
         }
         delay = _number(body, "delay", 0, MAX_DELAY)
-        run_at = _number(body, "run_at", 0, 2 ** 40)
+        run_at = _unix_time(body, "run_at")
         if delay is not None and run_at is not None:
             raise Invalid("give 'delay' or 'run_at', not both")
         spec["run_at"] = now + delay if delay is not None else max(now, run_at or now)
         expires_in = _number(body, "expires_in", 0, MAX_EXPIRES_IN)
-        expires_at = _number(body, "expires_at", 0, 2 ** 40)
+        expires_at = _unix_time(body, "expires_at")
         if expires_in is not None and expires_at is not None:
             raise Invalid("give 'expires_in' or 'expires_at', not both")
         spec["expires_at"] = now + expires_in if expires_in is not None else expires_at
@@ -2141,7 +2152,7 @@ class Queue:
         end). Returns the pause as /stats shows it, without its counts."""
         namespace, goal = self._goal_in_scope(goal, namespace, scope)
         duration = _number({"duration": duration}, "duration", 0, MAX_DELAY)
-        until = _number({"until": until}, "until", 0, 2 ** 40)
+        until = _unix_time({"until": until}, "until")
         if duration is not None and until is not None:
             raise Invalid("give 'duration' or 'until', not both")
         now = self.clock()

@@ -3013,6 +3013,20 @@ class ExpiringOverHTTP(BusCase):
     def status(self, intent_id):
         return self.c.get(intent_id)["status"]
 
+    def test_a_time_in_milliseconds_is_refused_saying_so(self):
+        # Found walking through the README: expires_at=Date.now() (milliseconds) was refused as
+        # "must be between 0 and 1099511627776, not 1795977117000", which did not say why.
+        ms = int(self.clock.now * 1000)
+        for query in ("goal=chime&expires_at=%d" % ms, "goal=chime&run_at=%d" % ms):
+            got, _, data = self.raw("POST", "/intents?" + query)
+            self.assertEqual(got, 400, data)
+            self.assertIn("a Unix time in seconds, not milliseconds", json.loads(data)["error"]["message"])
+        self.refused(lambda: self.c.pause("chime", until=ms), 400, "'until'", "not milliseconds")
+        got, _, data = self.raw("POST", "/intents?goal=chime&expires_at=1e300")   # no guess there
+        self.assertEqual(got, 400)
+        self.assertNotIn("milliseconds", json.loads(data)["error"]["message"])
+        self.assertEqual((self.c.list()["intents"], self.c.stats()["paused"]), ([], []))
+
     def test_a_worker_that_snoozes_past_the_expiry_says_the_intent_is_dead(self):
         # Found walking through the README: the server ended the intent dead (given back past
         # its expiry), and the worker logged "snoozed 1 for 60s (attempt given back)".
