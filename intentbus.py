@@ -2575,6 +2575,7 @@ class Sweeper:
         self.max_sleep = max_sleep
         self._cv = threading.Condition()
         self._next = 0.0
+        self._asked = math.inf   # the earliest tick asked for since the current sweep began
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="intentbus-sweeper", daemon=True)
         queue.wakeup = self.wakeup
@@ -2591,6 +2592,7 @@ class Sweeper:
     def wakeup(self, when):
         """Ask for a tick no later than `when` (a clock time)."""
         with self._cv:
+            self._asked = min(self._asked, when)   # kept for a sweep under way: see _loop
             if when < self._next:
                 self._next = when
                 self._cv.notify()
@@ -2620,10 +2622,15 @@ class Sweeper:
     def _loop(self):
         last_prune = 0.0
         while True:
+            with self._cv:
+                self._asked = math.inf
             deadline, last_prune = self.sweep(last_prune)
             now = self.queue.clock()
             with self._cv:
-                self._next = min(now + self.max_sleep, deadline if deadline is not None else now + 60)
+                # A wakeup asked while the sweep ran (a submit committed after the tick read the
+                # next deadline) was dropped here: the sweeper slept up to max_sleep past it.
+                self._next = min(now + self.max_sleep, deadline if deadline is not None else now + 60,
+                                 self._asked)
                 # Each wait is at most max_sleep of monotonic time: measured on the wall clock, a
                 # step back of a year made it a year's sleep (no expiry, prune or checkpoint).
                 while not self._stop and self.queue.clock() < self._next:

@@ -7376,6 +7376,29 @@ class LongRunning(BusCase):
         self.assertEqual(eventually(lambda: c.get(intent["id"])["status"] == "open"), True)
         self.assertEqual(c.get(intent["id"])["history"][0]["outcome"], "lease_expired")
 
+    def test_a_wakeup_asked_while_a_sweep_runs_is_not_lost(self):
+        # Found as a flaky ExpiringOverHTTP test: a submit that committed after the tick had read
+        # the next deadline asked for a wakeup that the end of the sweep then overwrote, so the
+        # sweeper slept up to half a second past the expiry (for ever, on a clock that stands).
+        clock = Clock()
+        store = intentbus.open_storage(self.db)
+        self.addCleanup(store.close)
+        q = intentbus.Queue(store, clock=clock)
+        sweeper = intentbus.Sweeper(q)
+        calls = []
+
+        def tick():
+            calls.append(clock.now)
+            if len(calls) == 1:   # a submit with expires_in=5, then 5 s pass, during this tick
+                q.wakeup(clock.now + 5)
+                clock.advance(5)
+            return None
+        q.tick = tick
+        sweeper.start()
+        self.addCleanup(sweeper.stop)
+        self.assertTrue(eventually(lambda: len(calls) >= 2))
+        self.assertEqual(calls[1], calls[0] + 5)
+
     def test_a_full_database_still_prunes_when_the_tick_cannot_be_written(self):
         # A lease expiry writes a longer row; on a full file it fails every half second, and the
         # prune (which frees the space) came after it in the same try: the file stayed full.
