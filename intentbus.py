@@ -2476,8 +2476,8 @@ def _past_expiry(row, now):
 def _given_back(history):
     """Whether an intent's last attempt was given back (a release or a snooze): started, then
     open again with its attempt unspent. history is the stored JSON text."""
-    start = history.rfind('{"attempt":')
-    return start >= 0 and json.loads(history[start:-1])["outcome"] in ("released", "snoozed")
+    entries = _list_value(history)
+    return bool(entries) and entries[-1].get("outcome") in ("released", "snoozed")
 
 
 def _drop_stale_holders(holders, now):
