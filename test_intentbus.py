@@ -4317,6 +4317,32 @@ class LibraryMode(WorkerCase):
         self.assertNotIn("got through", logged[-1])
         w.claim_client.close()
 
+    def test_a_snooze_resent_after_a_network_error_keeps_its_delay(self):
+        # _deliver's reconnect wait was kept in the same variable as the snooze's delay: the
+        # try after a dropped connection asked the server for the reconnect wait (under a
+        # second) instead of the hour the handler asked for, and logged "snoozed 1 for 0.05s".
+        logged = []
+        w = worker.Worker(self.url, None, wait=0, log=logged.append)
+
+        class Flaky:
+            timeout = 30.0
+
+            def __init__(self):
+                self.sent = []
+
+            def release(self, id, token, delay=None):
+                self.sent.append(delay)
+                if len(self.sent) == 1:
+                    raise Unavailable("connection reset", None, "network")
+                return {"id": id, "status": "open"}
+        job = worker.Job({"id": "1", "token": "t", "lease": 30}, None, time.monotonic())
+        flaky = Flaky()
+        with unittest.mock.patch.object(worker.Backoff, "next", lambda self, retry_after=None: 0.0):
+            self.assertEqual(w._deliver(job, flaky, "snooze", delay=3600), {"id": "1", "status": "open"})
+        self.assertEqual(flaky.sent, [3600, 3600])
+        self.assertIn("snoozed 1 for 3600s (attempt given back)", logged)
+        w.claim_client.close()
+
     def test_a_python_handler_snoozes_without_spending_an_attempt(self):
         logged = []
         w = worker.Worker(self.url, None, wait=0, log=logged.append)

@@ -1613,9 +1613,10 @@ class Worker:
                     self.log("gave up on %s of %s: the lease ends in under %.1fs (%s)"
                              % (kind, job.id, margin, e))
                     return None
-                delay = min(backoff.next(e.retry_after), max(0.05, left / 2.0))
-                self.log("cannot %s %s (%s); reconnecting in %.1fs" % (kind, job.id, e, delay))
-                time.sleep(delay)
+                # not `delay`: that is the snooze's, sent again on the next try
+                wait = min(backoff.next(e.retry_after), max(0.05, left / 2.0))
+                self.log("cannot %s %s (%s); reconnecting in %.1fs" % (kind, job.id, e, wait))
+                time.sleep(wait)
             except IntentBusError as e:
                 if kind == "fulfill":   # e.g. 413 result too large: fail it instead, for good
                     kind, error, retry = "fail", "the server refused the result: %s" % e.message, False
