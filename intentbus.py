@@ -1326,9 +1326,13 @@ class Counters:
         self._counts = collections.Counter()
 
     def add(self, keys):
-        """One more for each key (a key may come more than once: a claim of 50 of one goal)."""
+        """One more for each key (a key may come more than once: a claim of 50 of one goal).
+        keys is a list or tuple."""
         with self._lock:
-            self._counts.update(keys)   # counted in C, not a Python loop per key
+            if len(keys) == 1:   # most: an HTTP answer, a fulfill, one submit
+                self._counts[keys[0]] += 1   # Counter.update costs about 2x this for one key
+            else:
+                self._counts.update(keys)   # counted in C, not a Python loop per key
 
     def snapshot(self):
         with self._lock:
