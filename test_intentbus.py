@@ -72,6 +72,16 @@ def eventually(check, timeout=10.0, interval=0.02):
     return value
 
 
+def in_threads(target, count, timeout=60.0):
+    """Run target(n) for n in range(count), each on a thread of its own, and wait for them all
+    (each join bounded by timeout)."""
+    threads = [threading.Thread(target=target, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -2357,11 +2367,7 @@ class HTTPApi(ServerCase):
                     return
                 with lock:
                     claimed.extend(j["id"] for j in jobs)
-        threads = [threading.Thread(target=racer) for _ in range(40)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        in_threads(lambda _n: racer(), 40, timeout=120)
         self.assertEqual(len(claimed), 2000)
         self.assertEqual(len(set(claimed)), 2000)
 
@@ -2683,11 +2689,7 @@ class UniqueKeysOverHTTP(ServerCase):
                 errors.append(repr(e))
             finally:
                 c.close()
-        workers = [threading.Thread(target=submit, args=(n,)) for n in range(threads)]
-        for t in workers:
-            t.start()
-        for t in workers:
-            t.join(60)
+        in_threads(submit, threads)
         self.assertEqual(errors, [])
         self.assertEqual(len(answers), threads * rounds)
         made = [a for a in answers if a[2]]
@@ -2995,11 +2997,7 @@ class MetricsEndpoint(BusCase):
                         c.fulfill(job["id"], job["token"], n)
             except Exception as e:   # reported below, with the counts
                 errors.append(repr(e))
-        pool = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
-        for thread in pool:
-            thread.start()
-        for thread in pool:
-            thread.join(60)
+        in_threads(work, threads)
         self.assertEqual(errors, [])
         samples = parse_metrics(self.c.metrics())
         per_goal = threads // 4 * jobs
@@ -6338,11 +6336,7 @@ class Fuzz(BusCase):
                             headers.get("cache-control") != "no-store" or \
                             not REQUEST_ID_RE.match(headers.get("x-request-id", "")):
                         problems.append(("headers", block[:300], data[:120]))
-        threads = [threading.Thread(target=fuzz, args=(self.SEED + n,)) for n in range(self.THREADS)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(self.LIMIT + 30)
+        in_threads(lambda n: fuzz(self.SEED + n), self.THREADS, timeout=self.LIMIT + 30)
         sent, answered = counts["sent"], counts["answered"]
         self.assertGreater(answered, sent // 2, "the fuzz got hardly any answers (%d of %d)" % (answered, sent))
         self.assertEqual(problems[:5], [], "%d problems in %d requests" % (len(problems), sent))
