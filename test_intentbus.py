@@ -9,6 +9,7 @@ cannot send. No timed assertions: time-dependent rules use a controllable clock,
 leases with bounded polling loops.
 """
 
+import argparse
 import base64
 import collections
 import contextlib
@@ -3664,6 +3665,52 @@ class ServerLifecycle(BusCase):
         # durations in the units one types, not 604800.0 beside "(e.g. 7d)"
         self.assertIn("(default: 7d; INTENTBUS_KEEP_DONE)", text)
         self.assertIn("(default: 1h; INTENTBUS_BACKOFF_MAX)", text)
+
+    def test_the_cpu_setting_takes_auto_off_or_a_cpu_number(self):
+        for raw, want in (("auto", "auto"), ("OFF", "off"), (" 3 ", "3"), ("007", "7")):
+            self.assertEqual(intentbus.cpu_setting(raw), want)
+        for raw in ("x", "-1", "1.5", "", "0,1"):
+            with self.assertRaises(argparse.ArgumentTypeError, msg=raw):
+                intentbus.cpu_setting(raw)
+        p = cli("serve", "--db", self.db, "--port", "0", env={"INTENTBUS_CPU": "fast"})
+        self.assertEqual(p.returncode, 1)
+        self.assertEqual(p.stderr.strip(), "intentbus: INTENTBUS_CPU='fast' is not valid")
+        before = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        self.assertEqual(intentbus.pin_to_cpu("off"), "any")   # and this process is left alone
+        self.assertEqual(os.sched_getaffinity(0) if before is not None else None, before)
+
+    @unittest.skipUnless(hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) > 1,
+                         "needs Linux and two CPUs")
+    def test_serve_keeps_every_thread_on_one_cpu_unless_told_otherwise(self):
+        # Why it exists: a server spread over two CPUs spent a quarter of its time handing the GIL
+        # from one to the other (README, Performance). Every thread must be on the CPU, the
+        # writer and the connection threads included, so the process is pinned before any starts.
+        allowed = sorted(os.sched_getaffinity(0))
+        for flags, want in (([], str(allowed[-1])), (["--cpu", str(allowed[0])], str(allowed[0])),
+                            (["--cpu", "off"], "any")):
+            p = subprocess.Popen([PY, SCRIPT, "serve", "--db", self.db, "--port", "0"] + flags,
+                                 stderr=subprocess.PIPE, text=True)
+            try:
+                line = p.stderr.readline()
+                self.assertIn(" cpu=%s" % want, line)
+                c = Client(line.split("listening on ")[1].split()[0])
+                c.claim("w", wait=0)   # a connection thread exists
+                threads = os.listdir("/proc/%d/task" % p.pid)
+                self.assertGreater(len(threads), 3)
+                for tid in threads:
+                    self.assertEqual(os.sched_getaffinity(int(tid)),
+                                     set(allowed) if want == "any" else {int(want)}, flags)
+                c.close()
+                p.send_signal(signal.SIGTERM)
+                self.assertEqual(p.wait(20), 0)
+            finally:
+                if p.poll() is None:
+                    p.kill()
+                p.communicate(timeout=10)
+        p = cli("serve", "--db", self.db, "--port", "0", "--cpu", "4096")
+        self.assertEqual(p.returncode, 1)
+        self.assertEqual(p.stderr.strip(), "intentbus: --cpu 4096 is not one this process may use "
+                                           "(%s); also read from INTENTBUS_CPU" % ",".join(map(str, allowed)))
 
     def test_help_shows_a_duration_that_reads_back_as_the_same_value(self):
         # %g kept 6 digits: INTENTBUS_KEEP_DONE=1234567 showed as "1.23457e+06s", another value.
