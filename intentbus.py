@@ -3957,26 +3957,29 @@ def pin_to_cpu(setting):
     Performance). Other processes are moved off that CPU by the kernel as usual."""
     if setting == "off":
         return "any"
+    also = " (also read from INTENTBUS_CPU)"
     if not hasattr(os, "sched_setaffinity"):   # not Linux
         if setting == "auto":
             return "any"
-        raise SystemExit("intentbus: --cpu %s needs Linux (sched_setaffinity); use --cpu off" % setting)
-    allowed = os.sched_getaffinity(0)
-    if setting == "auto":
-        if len(allowed) < 2:
-            return "any"
-        cpu = max(allowed)   # CPU 0 takes more interrupts; on phones the high ones are the big cores
-    else:
-        cpu = int(setting)
-        if cpu not in allowed:
-            raise SystemExit("intentbus: --cpu %d is not one this process may use (%s); also read "
-                             "from INTENTBUS_CPU" % (cpu, ",".join(map(str, sorted(allowed)))))
+        raise SystemExit("intentbus: --cpu %s needs Linux (sched_setaffinity); use --cpu off%s"
+                         % (setting, also))
     try:
+        allowed = os.sched_getaffinity(0)
+        if setting == "auto":
+            if len(allowed) < 2:
+                return "any"
+            cpu = max(allowed)   # CPU 0 takes more interrupts; on phones the high ones are the big cores
+        else:
+            cpu = int(setting)
+            if cpu not in allowed:
+                raise SystemExit("intentbus: --cpu must be auto, off or a CPU this process may use "
+                                 "(%s), not %d%s" % (",".join(map(str, sorted(allowed))), cpu, also))
         os.sched_setaffinity(0, {cpu})
-    except OSError as e:   # a cpuset (Android, containers) may refuse it
+    except OSError as e:   # a cpuset (Android, containers) or a seccomp filter may refuse it
         if setting != "auto":
-            raise SystemExit("intentbus: cannot run on CPU %d: %s" % (cpu, e.strerror))
-        log("not kept on one CPU", cpu=cpu, error=e.strerror)
+            raise SystemExit("intentbus: --cpu %s: the system refused it (%s); use --cpu off%s"
+                             % (setting, e.strerror, also))
+        log("not kept on one CPU (--cpu auto)", error=e.strerror)
         return "any"
     return str(cpu)
 

@@ -14,6 +14,7 @@ import base64
 import collections
 import contextlib
 import email.utils
+import errno
 import functools
 import hashlib
 import http.client
@@ -3709,8 +3710,27 @@ class ServerLifecycle(BusCase):
                 p.communicate(timeout=10)
         p = cli("serve", "--db", self.db, "--port", "0", "--cpu", "4096")
         self.assertEqual(p.returncode, 1)
-        self.assertEqual(p.stderr.strip(), "intentbus: --cpu 4096 is not one this process may use "
-                                           "(%s); also read from INTENTBUS_CPU" % ",".join(map(str, allowed)))
+        self.assertEqual(p.stderr.strip(), "intentbus: --cpu must be auto, off or a CPU this process "
+                                           "may use (%s), not 4096 (also read from INTENTBUS_CPU)"
+                         % ",".join(map(str, allowed)))
+
+    def test_a_system_that_refuses_cpu_affinity_stops_only_a_chosen_cpu_in_one_line(self):
+        # Found by a review: sched_getaffinity was outside the try, so where a seccomp filter
+        # refuses it the default (auto) ended in a traceback, and an explicit --cpu's refusal
+        # named neither the flag nor its variable.
+        def refused(*args):
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+        for get, set_ in ((refused, lambda pid, cpus: None), (lambda pid: {0, 1}, refused)):
+            with unittest.mock.patch.object(os, "sched_getaffinity", get, create=True), \
+                    unittest.mock.patch.object(os, "sched_setaffinity", set_, create=True), \
+                    contextlib.redirect_stderr(io.StringIO()) as err:
+                self.assertEqual(intentbus.pin_to_cpu("auto"), "any")
+                self.assertIn("not kept on one CPU (--cpu auto) error=%s" % os.strerror(errno.EPERM),
+                              err.getvalue())
+                with self.assertRaises(SystemExit) as cm:
+                    intentbus.pin_to_cpu("1")
+                self.assertEqual(cm.exception.code, "intentbus: --cpu 1: the system refused it (%s); "
+                                 "use --cpu off (also read from INTENTBUS_CPU)" % os.strerror(errno.EPERM))
 
     def test_help_shows_a_duration_that_reads_back_as_the_same_value(self):
         # %g kept 6 digits: INTENTBUS_KEEP_DONE=1234567 showed as "1.23457e+06s", another value.
