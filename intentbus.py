@@ -3942,19 +3942,43 @@ def duration_text(seconds):
 def cpu_setting(text):
     """--cpu: 'auto', 'off' or a CPU number."""
     text = str(text).strip().lower()
-    if text in ("auto", "off") or text.isdigit():
-        return text if not text.isdigit() else str(int(text))
+    if text.isascii() and text.isdigit():
+        return str(int(text))
+    if text in ("auto", "off"):
+        return text
     raise argparse.ArgumentTypeError("%r is not auto, off or a CPU number" % text)
 
 
+def cpu_speed(cpu):
+    """(capacity, highest clock) of a CPU as Linux reports them, 0 where it does not: on hybrid
+    chips the fast cores are the high numbers on a phone but the low ones on an Intel P/E part."""
+    speed = []
+    for name in ("cpu_capacity", "cpufreq/cpuinfo_max_freq"):
+        try:
+            with open("/sys/devices/system/cpu/cpu%d/%s" % (cpu, name)) as f:
+                speed.append(int(f.read()))
+        except (OSError, ValueError):
+            speed.append(0)
+    return tuple(speed)
+
+
+def auto_cpu(allowed, speed=cpu_speed):
+    """The CPU --cpu auto takes: the fastest, and of those the highest-numbered (CPU 0 often
+    takes more of the machine's interrupts)."""
+    return max(allowed, key=lambda cpu: (speed(cpu), cpu))
+
+
 def pin_to_cpu(setting):
-    """Keep this process, and the threads it starts later, on one CPU; return which ("any" if
-    none). Why: only one of its threads runs Python at a time (the GIL), and they hand it over
-    at every socket read, SQLite statement and lock. Spread over two CPUs, each hand-over wakes
-    the other CPU (an interrupt, a VM exit on a virtual machine) while the thread that let go
-    waits to win it back; on one CPU the woken thread simply runs when the other blocks. On a
-    2-vCPU VM this took the heavy preset from about 1,000 to 1,500 jobs/s (README,
-    Performance). Other processes are moved off that CPU by the kernel as usual."""
+    """Keep the calling thread, and so every thread it starts later, on one CPU; return which
+    ("any" if none). Call it before the server starts a thread: Linux pins one thread, and
+    threads inherit it when they start.
+
+    Why: only one of the server's threads runs Python at a time (the GIL), and they hand it
+    over at every socket read, SQLite statement and lock. Spread over two CPUs, each hand-over
+    wakes the other CPU (an interrupt, a VM exit on a virtual machine) while the thread that let
+    go waits to win it back; on one CPU the woken thread simply runs when the other blocks. On
+    a 2-vCPU VM this took the heavy preset from about 900 to 1,300 jobs/s (README, Performance).
+    Other processes are moved off that CPU by the kernel as usual."""
     if setting == "off":
         return "any"
     also = " (also read from INTENTBUS_CPU)"
@@ -3968,7 +3992,7 @@ def pin_to_cpu(setting):
         if setting == "auto":
             if len(allowed) < 2:
                 return "any"
-            cpu = max(allowed)   # CPU 0 takes more interrupts; on phones the high ones are the big cores
+            cpu = auto_cpu(allowed)
         else:
             cpu = int(setting)
             if cpu not in allowed:
