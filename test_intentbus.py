@@ -3340,6 +3340,30 @@ class ClientConnections(unittest.TestCase):
         self.assertEqual(c.health(), {"n": 2})     # the first connection died: sent again once
         self.assertEqual(f.connections, 2)
 
+    def test_a_request_goes_out_in_one_send_head_and_body_together(self):
+        # http.client sends the head and the body apart: two packets with TCP_NODELAY, and a
+        # server thread woken for the head often had to wait again for the body.
+        sent = []
+
+        class Sock:
+            def sendall(self, data):
+                sent.append(bytes(data))
+        for cls in (worker._HTTPConnection, worker._HTTPSConnection):
+            del sent[:]
+            conn = cls("127.0.0.1", 1)
+            conn.sock = Sock()
+            conn.request("POST", "/intents", b'{"goal":"g"}', {"Content-Type": "application/json"})
+            self.assertEqual(len(sent), 1, cls)
+            self.assertTrue(sent[0].startswith(b"POST /intents HTTP/1.1\r\n"))
+            self.assertIn(b"\r\nContent-Length: 12\r\n", sent[0])
+            self.assertTrue(sent[0].endswith(b'\r\n\r\n{"goal":"g"}'), sent[0])
+            del sent[:]
+            conn._HTTPConnection__state = http.client._CS_IDLE   # no answer was read
+            conn.request("GET", "/health")
+            self.assertEqual(len(sent), 1)
+            self.assertTrue(sent[0].endswith(b"\r\n\r\n"))
+            conn.sock = None
+
     def test_retry_after_is_honoured_up_to_the_backoff_cap(self):
         # One 503 with "Retry-After: 900" from a proxy or captive portal must not park a phone
         # worker for a quarter of an hour.

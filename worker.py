@@ -267,20 +267,31 @@ class _Response(http.client.HTTPResponse):
             self.will_close = True
 
 
-class _HTTPConnection(http.client.HTTPConnection):
+class _OneSend:
+    """A request's head and body in one send: http.client sends them apart, so the server was
+    often woken for the head, then again for the body (with TCP_NODELAY, two packets)."""
     response_class = _Response
 
     def connect(self):
         super().connect()
         _nodelay(self.sock)
 
+    def _send_output(self, message_body=None, encode_chunked=False):
+        if isinstance(message_body, bytes) and not encode_chunked:
+            self._buffer.extend((b"", message_body))
+            message = b"\r\n".join(self._buffer)
+            del self._buffer[:]
+            self.send(message)
+        else:
+            super()._send_output(message_body, encode_chunked)
 
-class _HTTPSConnection(http.client.HTTPSConnection):
-    response_class = _Response
 
-    def connect(self):
-        super().connect()
-        _nodelay(self.sock)
+class _HTTPConnection(_OneSend, http.client.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_OneSend, http.client.HTTPSConnection):
+    pass
 
 
 def _nodelay(sock):
