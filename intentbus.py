@@ -4037,8 +4037,9 @@ SERVE_FLAGS = [
     ("--tls-key", str, "the private key of --tls-cert (PEM)"),
     ("--trust-proxy", bool, "take the client address from X-Forwarded-For (behind Caddy or nginx)"),
     ("--access-log", bool, "log every request (off: only errors)"),
-    ("--cpu", cpu_setting, "run the server on one CPU: auto (the highest-numbered it may use, "
-                           "if it may use two or more), a CPU number, or off"),
+    ("--cpu", cpu_setting, "run the server on one CPU: auto (the fastest it may use, of those "
+                           "the highest-numbered; only if it may use two or more), a CPU "
+                           "number, or off"),
 ]
 
 

@@ -3714,6 +3714,19 @@ class ServerLifecycle(BusCase):
             self.assertEqual(intentbus.auto_cpu(set(speeds), speeds.__getitem__), want)
         self.assertEqual(len(intentbus.cpu_speed(0)), 2)   # read from sysfs, or zeros without it
 
+    def test_help_and_readme_say_auto_takes_the_fastest_cpu_as_it_does(self):
+        # Found by a review: auto_cpu came to take the fastest CPU first, but --help and the
+        # README's flag table still said "the highest-numbered", an efficiency core on an Intel
+        # hybrid chip (where auto does not go), against the README's own Performance section.
+        text = " ".join(cli("serve", "--help").stdout.split())
+        flag = text[text.index("--cpu CPU "):]
+        self.assertIn("the fastest", flag[:300])
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            row = [line for line in f if line.startswith("| `--cpu` |")]
+        self.assertEqual(len(row), 1)
+        self.assertIn("fastest", row[0])
+        self.assertNotIn("takes the highest-numbered CPU", row[0])
+
     @unittest.skipUnless(hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) > 1,
                          "needs Linux and two CPUs")
     def test_serve_keeps_every_thread_on_one_cpu_unless_told_otherwise(self):
