@@ -3962,10 +3962,28 @@ def cpu_speed(cpu):
     return tuple(speed)
 
 
-def auto_cpu(allowed, speed=cpu_speed):
-    """The CPU --cpu auto takes: the fastest, and of those the highest-numbered (CPU 0 often
-    takes more of the machine's interrupts)."""
-    return max(allowed, key=lambda cpu: (speed(cpu), cpu))
+def current_cpu():
+    """The CPU this process last ran on (/proc/self/stat), or None."""
+    try:
+        with open("/proc/self/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[36])   # field 39, "processor"
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def auto_cpu(allowed, speed=cpu_speed, current=None):
+    """The CPU --cpu auto takes: one of the fastest; the one the kernel started this process on
+    if it is one of them (servers in several containers, or beside something pinned by hand,
+    then spread as the kernel spread them), otherwise the highest-numbered (CPU 0 often takes
+    more of the machine's interrupts)."""
+    fastest = max(speed(cpu) for cpu in allowed)
+    if current in allowed and speed(current) == fastest:
+        return current
+    return max(cpu for cpu in allowed if speed(cpu) == fastest)
+
+
+def _android():
+    return sys.platform == "android" or "ANDROID_ROOT" in os.environ   # Termux: linux + ANDROID_ROOT
 
 
 def pin_to_cpu(setting):
@@ -3990,9 +4008,11 @@ def pin_to_cpu(setting):
     try:
         allowed = os.sched_getaffinity(0)
         if setting == "auto":
-            if len(allowed) < 2:
+            if len(allowed) < 2 or _android() or not getattr(sys, "_is_gil_enabled", lambda: True)():
+                # Android's scheduler places an app by energy and rewrites its CPUs when it goes
+                # to the background; a free-threaded Python has no GIL to hand over.
                 return "any"
-            cpu = auto_cpu(allowed)
+            cpu = auto_cpu(allowed, current=current_cpu())
         else:
             cpu = int(setting)
             if cpu not in allowed:
@@ -4037,9 +4057,9 @@ SERVE_FLAGS = [
     ("--tls-key", str, "the private key of --tls-cert (PEM)"),
     ("--trust-proxy", bool, "take the client address from X-Forwarded-For (behind Caddy or nginx)"),
     ("--access-log", bool, "log every request (off: only errors)"),
-    ("--cpu", cpu_setting, "run the server on one CPU: auto (the fastest it may use, of those "
-                           "the highest-numbered; only if it may use two or more), a CPU "
-                           "number, or off"),
+    ("--cpu", cpu_setting, "run the server on one CPU: auto (the fastest it may use: the one it "
+                           "started on if it is one of them, else the highest-numbered; not on "
+                           "Android, nor with one CPU), a CPU number, or off"),
 ]
 
 
