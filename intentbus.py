@@ -3995,7 +3995,7 @@ def pin_to_cpu(setting):
     over at every socket read, SQLite statement and lock. Spread over two CPUs, each hand-over
     wakes the other CPU (an interrupt, a VM exit on a virtual machine) while the thread that let
     go waits to win it back; on one CPU the woken thread simply runs when the other blocks. On
-    a 2-vCPU VM this took the heavy preset from about 900 to 1,300 jobs/s (README, Performance).
+    a 2-vCPU VM this took the heavy preset from 900-980 to 1,300-1,460 jobs/s (README, Performance).
     Other processes are moved off that CPU by the kernel as usual."""
     if setting == "off":
         return "any"

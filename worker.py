@@ -268,8 +268,8 @@ class _Response(http.client.HTTPResponse):
 
 
 class _OneSend:
-    """A request's head and body in one send: http.client sends them apart, so the server was
-    often woken for the head, then again for the body (with TCP_NODELAY, two packets)."""
+    """A request's head and body in one send: http.client sends them apart (two packets with
+    TCP_NODELAY), and a server's thread woken for the head may have to wait again for the body."""
     response_class = _Response
 
     def connect(self):
