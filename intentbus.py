@@ -3976,10 +3976,11 @@ def auto_cpu(allowed, speed=cpu_speed, current=None):
     if it is one of them (servers in several containers, or beside something pinned by hand,
     then spread as the kernel spread them), otherwise the highest-numbered (CPU 0 often takes
     more of the machine's interrupts)."""
-    fastest = max(speed(cpu) for cpu in allowed)
-    if current in allowed and speed(current) == fastest:
+    speeds = {cpu: speed(cpu) for cpu in allowed}   # read once: two sysfs files per CPU
+    fastest = max(speeds.values())
+    if speeds.get(current) == fastest:
         return current
-    return max(cpu for cpu in allowed if speed(cpu) == fastest)
+    return max(cpu for cpu, value in speeds.items() if value == fastest)
 
 
 def _android():
