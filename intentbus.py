@@ -536,14 +536,16 @@ class Storage:
             raise op.error
         return op.value
 
-    def enqueue(self, op):
-        """Queue a write. If no transaction is under way, the caller runs this one itself:
-        handing every write to the writer thread costs two thread switches, which dominate a
-        lone write. Under load the writer thread carries on while writes keep arriving."""
+    def enqueue(self, op, *more):
+        """Queue a write (and more, run after it in the same transaction). If no transaction is
+        under way, the caller runs this one itself: handing every write to the writer thread
+        costs two thread switches, which dominate a lone write. Under load the writer thread
+        carries on while writes keep arriving."""
         with self._cv:
             if self._stopping:
                 raise StorageError("the server is shutting down")
             self._pending.append(op)
+            self._pending.extend(more)
             if self._leading:
                 return op
             self._leading = True
@@ -1202,7 +1204,7 @@ class SeenWorker:
 
 class ClaimRequest:
     __slots__ = ("worker", "caps", "goals", "max", "lease", "deadline", "namespace", "op", "alive",
-                 "revocable")
+                 "revocable", "wait")
 
     def __init__(self, worker, caps, goals, max_count, lease, deadline, namespace, alive=None,
                  revocable=False):
@@ -1216,6 +1218,7 @@ class ClaimRequest:
         self.deadline = deadline
         self.namespace = namespace
         self.op = None
+        self.wait = 0
 
     def accepts(self, route):
         return (not route.paused and (self.namespace is None or route.namespace == self.namespace)
@@ -1295,6 +1298,7 @@ SUBMIT_FIELDS = frozenset("goal payload priority requires delay run_at max_attem
                           "idempotency_key unique_key expires_in expires_at".split())
 TIMING_FIELDS = frozenset("delay run_at expires_in expires_at".split())
 CLAIM_FIELDS = frozenset("worker caps goals max wait lease".split())
+FULFIL_AND_CLAIM_FIELDS = CLAIM_FIELDS | {"fulfill"}
 
 # The events /metrics counts from the server's start, by namespace and goal, as
 # intentbus_intents_<event>_total: (event, its # HELP). A new event is one line here and one
@@ -1655,6 +1659,51 @@ class Queue:
         view(claimed) for each: claim_view unless given (claim_json: the same as JSON text).
         alive, if given, says whether the claimant is still there to take what a long poll finds."""
         _only(body, CLAIM_FIELDS, "a claim")
+        request = self._claim_request(body, scope, alive)
+        if request is None:
+            return []
+        if not self.store.has_writer:   # admin commands and storage tests: no long polling
+            return [(view or claim_view)(c) for c in self.store.write(lambda: self._claim_now(request))]
+        request.op = _Op(lambda: self._claim_now(request))
+        self.store.enqueue(request.op)
+        return self._claimed(request, view)
+
+    def fulfill_and_claim(self, body, scope=ROOT, view=None, alive=None):
+        """Acknowledge finished intents and claim more in one request: one round trip per job
+        instead of two (50-300 ms each on a phone's link), and a third fewer requests for the
+        server. The fulfils commit before the claim waits, in the same transaction as its first
+        look; their outcomes come with its answer. Returns (outcomes as fulfill_many's, claimed)."""
+        _only(body, FULFIL_AND_CLAIM_FIELDS, "a claim")
+        checked = self._checked_fulfils(body["fulfill"], "'fulfill'", 0)
+        request = self._claim_request(body, scope, alive)   # every check before any change
+        if not self.store.has_writer:
+            def run():
+                outcomes = self._fulfil_outcomes(checked, scope)
+                return outcomes, self._claim_now(request) if request else []
+            outcomes, claimed = self.store.write(run)
+            return outcomes, [(view or claim_view)(c) for c in claimed]
+        fulfils = _Op(lambda: self._fulfil_outcomes(checked, scope))
+        if request is None:   # shutting down: the fulfils still count (or are refused, 503)
+            self.store.enqueue(fulfils)
+        else:
+            request.op = _Op(lambda: self._claim_now(request))
+            self.store.enqueue(fulfils, request.op)   # one batch, the fulfils first
+        fulfils.wait()
+        if fulfils.error is not None:
+            if request is not None:
+                self._withdraw(request)
+            raise fulfils.error
+        if request is None:
+            return fulfils.value, []
+        try:
+            return fulfils.value, self._claimed(request, view)
+        except StorageError:
+            # Only a later transaction (the claim parked, then woke) can fail apart from the
+            # fulfils; they are committed, and their outcomes must reach the worker.
+            return fulfils.value, []
+
+    def _claim_request(self, body, scope, alive):
+        """The checked ClaimRequest of a claim's body, or None while the server shuts down."""
         worker = _name(body, "worker", WORKER_RE, "anonymous",
                        what="1-128 characters of A-Z a-z 0-9 _ . : @ -")
         caps = _names(body, "caps", CAP_RE, 64, "1-64 characters of A-Z a-z 0-9 _ . : -")
@@ -1667,17 +1716,20 @@ class Queue:
                 raise Forbidden("this token may claim only goals %s" % ", ".join(sorted(scope.goals)))
             goals = goals or sorted(scope.goals)
         if self.closing:
-            return []
+            return None
         now = self.clock()
         request = ClaimRequest(worker, caps, goals, max_count, lease, now + wait, scope.namespace, alive,
                                revocable=scope is not ROOT)
         self._seen(scope.namespace, worker, caps, goals or None, now)
-        if not self.store.has_writer:   # admin commands and storage tests: no long polling
+        if not self.store.has_writer:
             request.deadline = now
-            return [(view or claim_view)(c) for c in self.store.write(lambda: self._claim_now(request))]
-        op = request.op = _Op(lambda: self._claim_now(request))
-        self.store.enqueue(op)
-        if not op.wait(wait) and self.store.cancel(op):
+        request.wait = wait
+        return request
+
+    def _claimed(self, request, view):
+        """Wait for a queued claim (a long poll: until it finds intents or its wait ends)."""
+        op = request.op
+        if not op.wait(request.wait) and self.store.cancel(op):
             return []
         op.wait()
         if op.error is not None:
@@ -1685,6 +1737,15 @@ class Queue:
         if op.value is PARK:   # the wait ran out while the claim was queued or running: it found nothing
             return []
         return [(view or claim_view)(c) for c in op.value]   # built here, off the writer thread
+
+    def _withdraw(self, request):
+        """Take back a queued claim whose caller will not answer it: whatever it took goes back."""
+        op = request.op
+        if self.store.cancel(op):
+            return
+        op.wait()
+        if op.error is None and op.value not in (None, PARK) and op.value:
+            self.release_undelivered([(c[0][0], c[1]) for c in op.value])
 
     def _claim_now(self, request):
         now = self.clock()
@@ -1869,20 +1930,27 @@ class Queue:
 
     def fulfill_many(self, items, scope=ROOT):
         """Acknowledge many claims in one transaction; each item succeeds or fails on its own."""
-        if not isinstance(items, list) or not 1 <= len(items) <= 1000:
-            raise Invalid("'intents' must be a list of 1 to 1000 {id, token, result} objects")
+        checked = self._checked_fulfils(items, "'intents'", 1)
+        return self.store.write(lambda: self._fulfil_outcomes(checked, scope))
+
+    def _checked_fulfils(self, items, field, least):
+        """[(id, token, result text)] of a list of {id, token, result}; Invalid or TooLarge for
+        the whole list, before anything changes."""
+        if not isinstance(items, list) or not least <= len(items) <= 1000:
+            raise Invalid("%s must be a list of %d to 1000 {id, token, result} objects" % (field, least))
         checked = []
         for item in items:
             if not isinstance(item, dict) or not set(item) <= {"id", "token", "result"}:
-                raise Invalid("each item of 'intents' must be an object with id, token and result")
+                raise Invalid("each item of %s must be an object with id, token and result" % field)
             checked.append((item.get("id"), item.get("token"),
                             _json_size(item.get("result"), "result", self.max_result)))
+        return checked
 
-        def run():
-            return [{"id": str(intent_id), "ok": True, "status": "fulfilled"} if error is None else
-                    {"id": str(intent_id), "ok": False, "error": {"code": error.code, "message": error.message}}
-                    for (intent_id, _, _), (_, error) in zip(checked, self._fulfill_now(checked, scope))]
-        return self.store.write(run)
+    def _fulfil_outcomes(self, checked, scope):
+        return [{"id": str(intent_id), "ok": True, "status": "fulfilled", "finished_at": row["finished_at"]}
+                if error is None else
+                {"id": str(intent_id), "ok": False, "error": {"code": error.code, "message": error.message}}
+                for (intent_id, _, _), (row, error) in zip(checked, self._fulfill_now(checked, scope))]
 
     def fail(self, intent_id, token, error=None, retry=True, scope=ROOT, view=None):
         if error is not None and not isinstance(error, str):
@@ -2906,9 +2974,10 @@ class ClaimAnswer(Answer):
     """A claim's answer, already JSON (see claim_json), and what was claimed: the handler gives
     the intents back at once if the answer cannot be delivered."""
 
-    def __init__(self, claimed):
+    def __init__(self, claimed, outcomes=None):
         self.claimed = [(c.id, c.token) for c in claimed]
-        self.text = '{"intents":[' + ",".join(c.text for c in claimed) + "]}"
+        self.text = '{"intents":[' + ",".join(c.text for c in claimed) + "]" + (
+            "}" if outcomes is None else ',"results":%s}' % dumps(outcomes))
 
 
 class MetricsAnswer(Answer):
@@ -2964,6 +3033,9 @@ class Api:
         return 200, self.queue.get(params["id"], params.get("wait"), scope, alive)
 
     def claim(self, scope, params, body, alive=None):
+        if isinstance(body, dict) and "fulfill" in body:   # always 200: the outcomes are the answer's
+            outcomes, claimed = self.queue.fulfill_and_claim(body, scope, claim_json, alive)
+            return 200, ClaimAnswer(claimed, outcomes)
         claimed = self.queue.claim(body, scope, claim_json, alive)
         return (200, ClaimAnswer(claimed)) if claimed else (204, None)
 

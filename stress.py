@@ -576,33 +576,57 @@ def _answered(ok, t_answer, retried):
 
 
 def worker_loop(client, cfg, name, sink, stop, rng=None, work=None):
-    """One worker: claim -> (work) -> fulfill / fail / abandon, until stop is set.
+    """One worker: claim -> (work) -> fulfill / fail / abandon, until stop is set. Unless
+    cfg["separate_acks"], the fulfils ride on the next claim (Client.fulfill_and_claim).
 
-    cfg keys: goal, batch, claim_wait, lease, work_ms, fail_rate, crash_rate.
-    work: optional callable(job) replacing the --work-ms sleep (tests use it)."""
+    cfg keys: goal, batch, claim_wait, lease, work_ms, fail_rate, crash_rate, separate_acks,
+    server_clock. work: optional callable(job) replacing the --work-ms sleep (tests use it)."""
     rng = rng or random.Random()
     seq = 0
     delay = 0.0
+    riding = []   # [(base, id, token)]: fulfils to send with the next claim
     while not stop.is_set():
         seq += 1
         key = "%s#%d" % (name, seq)
         t0 = time.time()
         try:
-            jobs = client.claim(worker=name, caps=WORKER_CAPS, goals=[cfg["goal"]],
-                                max=cfg["batch"], wait=cfg["claim_wait"], lease=cfg.get("lease"))
+            if riding:
+                outcomes, jobs = client.fulfill_and_claim(
+                    _fulfil_items(riding, name), worker=name, caps=WORKER_CAPS, goals=[cfg["goal"]],
+                    max=cfg["batch"], wait=cfg["claim_wait"], lease=cfg.get("lease"))
+            else:
+                jobs = client.claim(worker=name, caps=WORKER_CAPS, goals=[cfg["goal"]],
+                                    max=cfg["batch"], wait=cfg["claim_wait"], lease=cfg.get("lease"))
         except Exception as e:  # Unavailable (server restarting, overloaded) or anything else
             sink.err("claim", e, t0)
+            if riding:   # perhaps done: sent again on their own, a refusal may only mean that
+                _fulfil_apart(client, name, riding, sink, stop, sent_before=True)
+                riding = []
             delay = backoff_delay(delay, e)
             stop.wait(delay)
             continue
         t1 = time.time()
         delay = 0.0
+        if riding:
+            # The claim's answer may come a long poll after the fulfils were done: on the same
+            # machine, the server's finished_at is when each was (throughput, end-to-end).
+            _record_outcomes(riding, True, outcomes, t0, t1, False, sink, "claim",
+                             server_clock=cfg.get("server_clock"))
+            riding = []
         sink.add("claim", (name, key, t0, t1, cfg["claim_wait"], len(jobs)))
         if jobs:
-            _handle_jobs(client, cfg, name, key, t0, t1, jobs, sink, stop, rng, work)
+            riding = _handle_jobs(client, cfg, name, key, t0, t1, jobs, sink, stop, rng, work)
+    if riding:   # stopping: the last fulfils go on their own
+        _fulfil_apart(client, name, riding, sink, stop)
+
+
+def _fulfil_items(to_fulfill, name):
+    return [{"id": id_, "token": token, "result": {"by": name}} for _, id_, token in to_fulfill]
 
 
 def _handle_jobs(client, cfg, name, key, t0, t1, jobs, sink, stop, rng, work):
+    """Work the claimed jobs and fail or abandon some. Returns the fulfils for the next claim
+    to carry (none with cfg["separate_acks"]: they are sent here)."""
     to_fulfill = []
     for job in jobs:
         id_ = str(job["id"])
@@ -625,31 +649,50 @@ def _handle_jobs(client, cfg, name, key, t0, t1, jobs, sink, stop, rng, work):
             sink.add("run", base + ("fail", ts, _answered(ok, ta, retried), ok, status))
             continue
         to_fulfill.append((base, id_, job["token"]))
-    if not to_fulfill:
-        return
-    if cfg["batch"] > 1:
-        items = [{"id": id_, "token": token, "result": {"by": name}} for _, id_, token in to_fulfill]
+    if not to_fulfill or not cfg.get("separate_acks"):
+        return to_fulfill
+    _fulfil_apart(client, name, to_fulfill, sink, stop)
+    return []
+
+
+def _fulfil_apart(client, name, to_fulfill, sink, stop, sent_before=False):
+    """Fulfil on their own: one request for many (fulfill_many), or one for one. sent_before:
+    they went with a claim that got no answer, so they may already be done."""
+    if len(to_fulfill) > 1:
+        items = _fulfil_items(to_fulfill, name)
         ok, answer, ts, ta, retried = _acknowledge(lambda: client.fulfill_many(items), stop,
                                                    sink, "fulfill_many")
-        outcome = {}
-        if ok:
-            for res in answer:
-                if res.get("ok"):
-                    outcome[str(res.get("id"))] = (True, res.get("status") or "fulfilled")
-                else:
-                    code = (res.get("error") or {}).get("code") or "error"
-                    outcome[str(res.get("id"))] = (False, code)
-                    sink.add("err", (ta, "fulfill_many item %s" % code))
-        for base, id_, _ in to_fulfill:
-            item_ok, status = outcome.get(id_, (False, answer if not ok else "missing"))
-            sink.add("run", base + ("fulfill", ts, _answered(item_ok, ta, retried), item_ok, status))
-    else:
-        for base, id_, token in to_fulfill:
-            ok, answer, ts, ta, retried = _acknowledge(
-                lambda: client.fulfill(id_, token, result={"by": name}, minimal=True), stop, sink,
-                "fulfill")
-            status = answer.get("status") if ok and isinstance(answer, dict) else answer
-            sink.add("run", base + ("fulfill", ts, _answered(ok, ta, retried), ok, status))
+        _record_outcomes(to_fulfill, ok, answer, ts, ta, retried or sent_before, sink, "fulfill_many")
+        return
+    for base, id_, token in to_fulfill:
+        ok, answer, ts, ta, retried = _acknowledge(
+            lambda: client.fulfill(id_, token, result={"by": name}, minimal=True), stop, sink,
+            "fulfill")
+        status = answer.get("status") if ok and isinstance(answer, dict) else answer
+        sink.add("run", base + ("fulfill", ts, _answered(ok, ta, retried or sent_before), ok, status))
+
+
+def _record_outcomes(to_fulfill, ok, answer, ts, ta, retried, sink, op, server_clock=False):
+    """A run per fulfil, from per-item outcomes (fulfill_many's, or a claim's). server_clock: an
+    acknowledged item's time is the server's finished_at (the server runs on this machine)."""
+    outcome = {}
+    if ok:
+        for res in answer:
+            if res.get("ok"):
+                done = res.get("finished_at")
+                outcome[str(res.get("id"))] = (True, res.get("status") or "fulfilled",
+                                               done if server_clock and _is_time(done) else ta)
+            else:
+                code = (res.get("error") or {}).get("code") or "error"
+                outcome[str(res.get("id"))] = (False, code, ta)
+                sink.add("err", (ta, "%s item %s" % (op, code)))
+    for base, id_, _ in to_fulfill:
+        item_ok, status, t_ack = outcome.get(id_, (False, answer if not ok else "missing", ta))
+        sink.add("run", base + ("fulfill", ts, _answered(item_ok, t_ack, retried), item_ok, status))
+
+
+def _is_time(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 def producer_loop(client, cfg, job_numbers, sink, stop, deadline, rate=None, gap=None):
@@ -1680,7 +1723,10 @@ def parse_args(argv=None):
     g.add_argument("--fail-rate", type=float, default=0.0, help="probability a worker reports failure")
     g.add_argument("--crash-rate", type=float, default=0.0,
                    help="probability a worker abandons a claimed job silently (lease expiry)")
-    g.add_argument("--batch", type=int, default=1, help="claim up to N at once, acknowledge with fulfill_many")
+    g.add_argument("--batch", type=int, default=1, help="claim up to N at once")
+    g.add_argument("--separate-acks", action="store_true",
+                   help="fulfil in requests of their own (fulfill_many for a batch), as before "
+                        "0.4.0; by default the fulfils ride on the next claim")
     g.add_argument("--submit-batch", type=int, default=1, help="submit N jobs per request (arrays)")
     g.add_argument("--rate", type=float, default=0.0, help="total submit rate, jobs/s (0: as fast as possible)")
     g.add_argument("--claim-wait", type=float, help="long-poll seconds per claim (default 1; 25 with --wakeup)")
@@ -1776,6 +1822,7 @@ def make_config(args):
         "procs": max(1, args.procs or min(4, args.workers)),
         "producer_procs": max(1, args.producer_procs or (1 if args.producers <= 4 else 2)),
         "batch": args.batch, "submit_batch": args.submit_batch, "rate": args.rate,
+        "separate_acks": args.separate_acks, "server_clock": not args.url,
         "claim_wait": args.claim_wait if args.claim_wait is not None else (25.0 if args.wakeup else 1.0),
         "lease": args.lease if args.lease else (chaos_lease(args.work_ms, args.batch) if chaos else None),
         "backoff": args.backoff, "max_attempts": args.max_attempts,

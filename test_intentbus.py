@@ -7058,6 +7058,9 @@ class FakeClient:
                 out.append({"id": item["id"], "ok": False, "error": {"code": "lease_lost"}})
         return out
 
+    def fulfill_and_claim(self, fulfill, worker=None, caps=(), goals=(), max=1, wait=0, lease=None):
+        return self.fulfill_many(fulfill), self.claim(worker, caps, goals, max, wait, lease)
+
     def fail(self, id, token, error="", retry=True, minimal=False):
         return self.bus.fail(id, token, error)
 
@@ -7164,10 +7167,11 @@ class LosesAcksKeepsKeys(LosesAcksAndIgnoresKeys):
 # ----- driving the real harness loops against a fake -----------------------------------------
 
 def run_against(bus, jobs=40, workers=3, fail_rate=0.0, crash_rate=0.0, batch=1, submit_batch=1,
-                max_attempts=3, lease=None, work=None, timeout=10.0):
+                max_attempts=3, lease=None, work=None, timeout=10.0, separate_acks=False):
     cfg = {"run_id": "t1", "goal": "g", "batch": batch, "submit_batch": submit_batch,
            "claim_wait": 0.05, "lease": lease, "backoff": 0.0, "max_attempts": max_attempts,
-           "work_ms": 0, "fail_rate": fail_rate, "crash_rate": crash_rate}
+           "work_ms": 0, "fail_rate": fail_rate, "crash_rate": crash_rate,
+           "separate_acks": separate_acks}
     psink, wsink = stress.Sink(), stress.Sink()
     stop = threading.Event()
     threads = [threading.Thread(target=stress.worker_loop,
@@ -7197,16 +7201,23 @@ def run_against(bus, jobs=40, workers=3, fail_rate=0.0, crash_rate=0.0, batch=1,
 
 class HarnessAgainstFakes(unittest.TestCase):
     def test_clean_fake_passes(self):
-        v, submits, runs, _ = run_against(FakeBus(), jobs=60)
-        self.assertEqual((v["lost"], v["fulfilled_twice"], v["double_run"], v["duplicates"]), (0, 0, 0, 0))
-        self.assertEqual(v["fulfilled"], 60)
-        self.assertEqual(len(submits), 60)
-        self.assertTrue(v["ok"])
+        for separate in (False, True):   # fulfils riding on the next claim, or on their own
+            with self.subTest(separate_acks=separate):
+                v, submits, runs, _ = run_against(FakeBus(), jobs=60, separate_acks=separate)
+                self.assertEqual((v["lost"], v["fulfilled_twice"], v["double_run"], v["duplicates"]),
+                                 (0, 0, 0, 0))
+                self.assertEqual(v["fulfilled"], 60)
+                self.assertEqual(len(submits), 60)
+                self.assertEqual(sum(r.end == "fulfill" and r.end_ok for r in runs), 60)
+                self.assertTrue(v["ok"])
 
     def test_clean_fake_batches_pass(self):
-        v, _, runs, _ = run_against(FakeBus(), jobs=100, batch=10, submit_batch=25)
-        self.assertTrue(v["ok"], v["examples"])
-        self.assertEqual(v["fulfilled"], 100)
+        for separate in (False, True):
+            with self.subTest(separate_acks=separate):
+                v, _, runs, _ = run_against(FakeBus(), jobs=100, batch=10, submit_batch=25,
+                                            separate_acks=separate)
+                self.assertTrue(v["ok"], v["examples"])
+                self.assertEqual(v["fulfilled"], 100)
 
     def test_injected_failures_and_crashes_are_not_lost(self):
         v, _, runs, _ = run_against(FakeBus(), jobs=80, fail_rate=0.4, crash_rate=0.1,
@@ -7256,20 +7267,24 @@ class HarnessAgainstFakes(unittest.TestCase):
     def test_dropping_valid_leases_is_caught(self):
         # Found by an audit: a lease_lost answer counted as an injected failure, so a server
         # that dropped every valid lease passed with all its jobs "dead after injected failures".
-        v, submits, runs, _ = run_against(DropsValidLeases(), jobs=10)
-        self.assertEqual(v["valid_lease_refused"], 10)
-        self.assertEqual(v["dead_ok"], 0)
-        self.assertEqual(v["lost"], 10)
-        self.assertFalse(v["ok"])
+        for separate in (True, False):
+            with self.subTest(separate_acks=separate):
+                v, submits, runs, _ = run_against(DropsValidLeases(), jobs=10, separate_acks=separate)
+                self.assertEqual(v["valid_lease_refused"], 10)
+                self.assertEqual(v["dead_ok"], 0)
+                self.assertEqual(v["lost"], 10)
+                self.assertFalse(v["ok"])
         # Against a server on another machine the clocks differ: the check is not made there.
         finals = {s.id: {"status": "dead", "attempts": 3, "max_attempts": 3} for s in submits}
         self.assertTrue(stress.verify(submits, runs, finals, same_clock=False)["ok"])
 
     def test_a_refusal_after_a_lost_answer_is_not_blamed_on_the_server(self):
-        v, _, runs, _ = run_against(LosesAFulfillAck(), jobs=10)
-        self.assertTrue(v["ok"], v["examples"])
-        self.assertEqual((v["valid_lease_refused"], v["fulfilled"]), (0, 10))
-        self.assertEqual([r.end_status for r in runs if r.id == "5"], ["lease_lost"])
+        for separate in (False, True):   # riding: the claim's answer is lost, with the outcome
+            with self.subTest(separate_acks=separate):
+                v, _, runs, _ = run_against(LosesAFulfillAck(), jobs=10, separate_acks=separate)
+                self.assertTrue(v["ok"], v["examples"])
+                self.assertEqual((v["valid_lease_refused"], v["fulfilled"]), (0, 10))
+                self.assertEqual([r.end_status for r in runs if r.id == "5"], ["lease_lost"])
 
     def test_ignored_idempotency_key_is_caught(self):
         v, _, _, events = run_against(LosesAcksAndIgnoresKeys(), jobs=10)
