@@ -4771,6 +4771,96 @@ class LibraryMode(WorkerCase):
         t.join(10)
         self.assertFalse(t.is_alive())
 
+    def counting(self, name):
+        """Calls of Client.<name>, counted (each a list of its fulfil ids, or [])."""
+        calls, real = [], getattr(Client, name)
+
+        def counted(client, *args, **kwargs):
+            items = args[0] if name == "fulfill_and_claim" else [{"id": args[0]}] if args else []
+            calls.append([item["id"] for item in items])
+            return real(client, *args, **kwargs)
+        patcher = unittest.mock.patch.object(Client, name, counted)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        return calls
+
+    def test_a_fulfil_goes_with_the_next_claim(self):
+        # A worker whose slots are all busy waits to claim; a slot that finishes then hands its
+        # fulfil to that claim instead of sending it alone: one round trip per job, not two.
+        logged = []
+        w = worker.Worker(self.url, None, wait=1, log=logged.append)
+        riding, alone = self.counting("fulfill_and_claim"), self.counting("fulfill")
+        ids = [self.c.submit("ride", n, priority=-n)["id"] for n in range(3)]
+
+        @w.handler("ride")
+        def ride(payload):
+            # the claim loop waits for this slot (concurrency 1): the fulfil can go with its claim
+            self.assertTrue(eventually(lambda: w._claim_waiting))
+            if payload == 2:
+                w.stop()   # stopping: the last fulfil goes alone, at once
+            return {"n": payload}
+        self.assertEqual(w.run(install_signals=False), 0)
+        self.assertEqual(riding, [[ids[0]], [ids[1]]])
+        self.assertEqual(alone, [[ids[2]]])
+        for n, intent_id in enumerate(ids):
+            v = self.c.get(intent_id)
+            self.assertEqual((v["status"], v["result"], v["attempts"]), ("fulfilled", {"n": n}, 1))
+        self.assertEqual((w.completed, w.failures), (3, 0))
+        self.assertEqual([line for line in logged if "lease lost" in line or "refused" in line], [])
+
+    def test_a_fulfil_on_a_long_poll_cut_by_stop_is_known_done(self):
+        # The fulfil commits before the claim that carries it waits; stop() then cuts that long
+        # poll, its answer lost. Sent again, the fulfil is refused "(it is fulfilled)": done.
+        logged = []
+        w = worker.Worker(self.url, None, wait=20, log=logged.append)
+        alone = self.counting("fulfill")
+        i = self.c.submit("cut", "x")
+
+        @w.handler("cut")
+        def cut(payload):
+            self.assertTrue(eventually(lambda: w._claim_waiting))
+            return "done"
+        t = threading.Thread(target=lambda: w.run(install_signals=False))
+        t.start()
+        self.assertTrue(eventually(lambda: self.c.get(i["id"])["status"] == "fulfilled"))
+        w.stop()   # the claim carrying the fulfil long-polls an empty queue
+        t.join(10)
+        self.assertFalse(t.is_alive())
+        self.assertEqual(alone, [[i["id"]]])
+        self.assertEqual((w.completed, w.failures), (1, 0))
+        self.assertIn("fulfill %s: an earlier try got through" % i["id"], logged)
+        v = self.c.get(i["id"])
+        self.assertEqual((v["status"], v["result"], v["attempts"]), ("fulfilled", "done", 1))
+
+    def test_a_server_that_takes_no_fulfils_with_a_claim_gets_them_apart(self):
+        # A server before 0.4.0 refuses the field (400 "unknown field 'fulfill' in a claim"):
+        # the worker fulfils apart from then on, and carries on claiming.
+        logged = []
+        w = worker.Worker(self.url, None, wait=1, log=logged.append)
+        alone = self.counting("fulfill")
+        refused = []
+
+        def old_server(client, *args, **kwargs):
+            refused.append(1)
+            raise IntentBusError("unknown field 'fulfill' in a claim", 400, "invalid")
+        patcher = unittest.mock.patch.object(Client, "fulfill_and_claim", old_server)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        ids = [self.c.submit("old", n, priority=-n)["id"] for n in range(3)]
+
+        @w.handler("old")
+        def old(payload):
+            self.assertTrue(eventually(lambda: w._claim_waiting))
+            if payload == 2:
+                w.stop()
+            return payload
+        self.assertEqual(w.run(install_signals=False), 0)
+        self.assertEqual(refused, [1])   # once: then no more fulfils ride
+        self.assertEqual(alone, [[x] for x in ids])
+        self.assertTrue(all(self.c.get(x)["status"] == "fulfilled" for x in ids))
+        self.assertEqual((w.completed, w.failures), (3, 0))
+        self.assertTrue(any("takes no fulfils with a claim" in line for line in logged))
+
 
 # =====================================================================================
 # Security: roles and scoped tokens

@@ -915,6 +915,9 @@ class _Command:
         return " ".join(shlex.quote(a) for a in self.argv)
 
 
+RIDING = "riding"   # _run_job: the fulfil went to the claim loop, to go with its next claim
+
+
 class Worker:
     """Claims intents for the goals it has handlers for, and runs them.
 
@@ -957,6 +960,12 @@ class Worker:
         self._free = 0
         self._jobs = {}
         self._queue = []
+        # Fulfils handed to the claim loop, to go with its next claim: a slot hands one over
+        # only while that loop waits for a free slot, so it goes at once (never a long poll late)
+        self._riding = []
+        self._unsettled = 0          # handed over, their outcome not yet known
+        self._claim_waiting = False  # the claim loop waits for a free slot
+        self._ride = True            # False once the server refused a claim's fulfils (before 0.4.0)
         self.failures = 0           # jobs that did not end fulfilled (for --once)
         self.completed = 0
         self.exit_code = 0
@@ -1075,6 +1084,8 @@ class Worker:
     def _run(self, once, install_signals):
         self._free = self.concurrency
         self._queue = []
+        self._riding = []
+        self._unsettled = 0
         self.failures = self.completed = self.exit_code = 0
         previous = {}
         if install_signals and threading.current_thread() is threading.main_thread():
@@ -1186,7 +1197,7 @@ class Worker:
     def _wait_idle(self, limit):
         deadline = None if limit is None else time.monotonic() + limit
         with self._cv:
-            while self._free < self.concurrency or self._queue:
+            while self._free < self.concurrency or self._queue or self._unsettled:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
@@ -1202,16 +1213,22 @@ class Worker:
     def _claim_loop(self, once):
         backoff = Backoff()
         outage = None
+        acks = []   # [(job, result, took)]: fulfils sent with this claim
         try:
             while not self.stopping.is_set():
                 with self._cv:
                     while self._free <= 0 and not self.stopping.is_set():
+                        self._claim_waiting = True
                         self._cv.wait()
+                    self._claim_waiting = False
                     free = self._free
+                    acks, self._riding = self._riding, []
                 if self.stopping.is_set():
                     return
                 goals = sorted(self.current_handlers())
                 if not goals:
+                    self._fulfil_apart(acks)
+                    acks = []
                     if not self._no_handlers_logged:
                         self.log("no handlers left in %s; waiting for some" % self.handlers_dir)
                         self._no_handlers_logged = True
@@ -1221,10 +1238,22 @@ class Worker:
                 self._no_handlers_logged = False
                 sent = time.monotonic()
                 try:
-                    intents = self.claim_client.claim(
-                        worker=self.name, caps=self.caps, goals=goals, max=min(free, 100),
-                        wait=self.wait, lease=self.lease)
+                    if acks:
+                        outcomes, intents = self.claim_client.fulfill_and_claim(
+                            [{"id": job.id, "token": job.token, "result": result}
+                             for job, result, _ in acks],
+                            worker=self.name, caps=self.caps, goals=goals, max=min(free, 100),
+                            wait=self.wait, lease=self.lease)
+                        self._settle(acks, outcomes)
+                        acks = []
+                    else:
+                        intents = self.claim_client.claim(
+                            worker=self.name, caps=self.caps, goals=goals, max=min(free, 100),
+                            wait=self.wait, lease=self.lease)
                 except Unavailable as e:
+                    # The fulfils may have been done: sent again apart, "it is fulfilled" says so
+                    self._fulfil_apart(acks, sent_before=True)
+                    acks = []
                     if self.stopping.is_set():
                         return
                     if once:
@@ -1239,6 +1268,14 @@ class Worker:
                         return
                     continue
                 except IntentBusError as e:
+                    if acks:   # perhaps refused for them: a result too large, a server before 0.4.0
+                        if e.status == 400 and "fulfill" in e.message:
+                            self._ride = False
+                            self.log("the server takes no fulfils with a claim (%s); fulfilling "
+                                     "apart" % e.message)
+                        self._fulfil_apart(acks)
+                        acks = []
+                        continue
                     if e.code == "tls" and not once:   # e.g. a captive portal on public Wi-Fi
                         delay = backoff.next()
                         outage = outage or time.monotonic()
@@ -1283,6 +1320,55 @@ class Worker:
             self.log("claim loop crashed: %s" % traceback.format_exc().strip().replace("\n", " | "))
             self.exit_code = 2
             self.stop()
+        finally:   # stopping: what was handed over, and not sent or not answered, goes apart
+            with self._cv:
+                acks, self._riding = acks + self._riding, []
+            self._fulfil_apart(acks, sent_before=True)
+
+    def _hand_over(self, job, result):
+        """Give a fulfil to the claim loop if it waits for a free slot: it is about to claim,
+        and the fulfil goes with that claim instead of costing a round trip of its own."""
+        with self._cv:
+            if not (self._claim_waiting and self._ride) or self.stopping.is_set():
+                return False
+            self._riding.append((job, result, time.monotonic() - job.started))
+            self._unsettled += 1
+            return True
+
+    def _settle(self, acks, outcomes):
+        """The outcomes of fulfils that went with a claim (one per item, in order)."""
+        done = 0
+        for (job, _, _), outcome in zip(acks, outcomes):
+            if outcome.get("ok"):
+                done += 1
+                continue
+            error = outcome.get("error") if isinstance(outcome.get("error"), dict) else {}
+            self.log("lease lost on %s; its fulfill was refused: %s" % (
+                job.id, _one_line(str(error.get("message") or error.get("code") or "refused"))))
+        with self._cv:
+            self.completed += done
+            self.failures += len(acks) - done
+            self._unsettled -= len(acks)
+            self._cv.notify_all()
+
+    def _fulfil_apart(self, acks, sent_before=False):
+        """Deliver handed-over fulfils one by one (the claim that carried them failed, or none
+        will be sent). sent_before: they went with a claim whose answer was lost, so may be done."""
+        if not acks:
+            return
+        client = self._client()
+        try:
+            done = 0
+            for job, result, _ in acks:
+                answer = self._deliver(job, client, "fulfill", result=result, sent_before=sent_before)
+                done += isinstance(answer, dict) and answer.get("status") == "fulfilled"
+        finally:
+            client.close()
+            with self._cv:
+                self.completed += done
+                self.failures += len(acks) - done
+                self._unsettled -= len(acks)
+                self._cv.notify_all()
 
     def _slot(self):
         client = self._client()
@@ -1310,9 +1396,9 @@ class Worker:
                 with self._cv:
                     self._jobs.pop(job.id, None)
                     self._free += 1
-                    if ok:
+                    if ok is True:
                         self.completed += 1
-                    elif ok is not None:   # None: snoozed
+                    elif ok is False:   # None: snoozed; RIDING: counted once its outcome is known
                         self.failures += 1
                     self._cv.notify_all()
         finally:
@@ -1322,7 +1408,8 @@ class Worker:
 
     def _run_job(self, job, client):
         """Run one claimed intent and report it. Returns True if it was fulfilled, None if it
-        was snoozed (neither done nor failed), False otherwise."""
+        was snoozed (neither done nor failed), RIDING if its fulfil went to the claim loop (to
+        go with the next claim), False otherwise."""
         if self.stopping.is_set():
             self._deliver(job, client, "release")
             return False
@@ -1354,6 +1441,9 @@ class Worker:
             self._deliver(job, client, "snooze", delay=value)
             return None if job.snoozed else False   # snoozed: neither done nor failed (--once)
         if kind == "fulfill":
+            if self._hand_over(job, value):
+                self.log("done %s in %.2fs" % (job.id, took))   # a refusal is logged when it comes
+                return RIDING
             answer = self._deliver(job, client, "fulfill", result=value)
             if isinstance(answer, dict) and answer.get("status") == "fulfilled":
                 self.log("done %s in %.2fs" % (job.id, took))
@@ -1609,10 +1699,11 @@ class Worker:
             box["error"] = (text, code != EXIT_NO_RETRY)
         return self._outcome(job, box)
 
-    def _deliver(self, job, client, kind, result=None, error=None, retry=True, delay=None):
+    def _deliver(self, job, client, kind, result=None, error=None, retry=True, delay=None,
+                 sent_before=False):
         """fulfill / fail / release / snooze (a release with a delay), retried on network
         trouble until the lease would run out. Returns the server's answer, or None if it could
-        not be delivered."""
+        not be delivered. sent_before: an earlier request that carried it got no answer."""
         backoff = Backoff()
         tries = 0
         saved = client.timeout
@@ -1637,7 +1728,11 @@ class Worker:
                     self.log("released %s" % job.id)
                 return answer
             except (LeaseLost, NotFound) as e:
-                if tries > 1 and "expired" not in e.message:
+                if kind == "fulfill" and (tries > 1 or sent_before) and \
+                        e.message.endswith("(it is fulfilled)"):
+                    self.log("fulfill %s: an earlier try got through" % job.id)
+                    return {"id": job.id, "status": "fulfilled"}
+                if (tries > 1 or sent_before) and "expired" not in e.message:
                     self.log("%s %s: %s (an earlier try probably got through)" % (kind, job.id, e))
                 else:
                     self.log("lease lost on %s; its %s was refused: %s" % (job.id, kind, e.message))
