@@ -1453,10 +1453,11 @@ def report_text(res):
     out = []
     srv = res["server"]
     out.append("Intent Bus stress: %s, %d workers in %d processes, %d jobs from %d producers, "
-               "batch %d, submit-batch %d, work %g ms, sync %s" % (
+               "batch %d, submit-batch %d, work %g ms, sync %s, acks %s" % (
                    cfg["preset"] or "custom", cfg["workers"], min(cfg["procs"], cfg["workers"]),
                    cfg["jobs"], 1 if cfg["wakeup"] else cfg["producers"], cfg["batch"],
-                   cfg["submit_batch"], cfg["work_ms"], cfg["sync"] if srv.get("started") else "(server's)"))
+                   cfg["submit_batch"], cfg["work_ms"], cfg["sync"] if srv.get("started") else "(server's)",
+                   "separate" if cfg.get("separate_acks") else "with claims"))
     out.append("server %s%s; run %s, %.1f s, status: %s" % (
         cfg["url"], " (started by stress.py)" if srv.get("started") else "", cfg["run_id"],
         res["duration_s"], res["status"]))
@@ -1724,9 +1725,11 @@ def parse_args(argv=None):
     g.add_argument("--crash-rate", type=float, default=0.0,
                    help="probability a worker abandons a claimed job silently (lease expiry)")
     g.add_argument("--batch", type=int, default=1, help="claim up to N at once")
-    g.add_argument("--separate-acks", action="store_true",
-                   help="fulfil in requests of their own (fulfill_many for a batch), as before "
-                        "0.4.0; by default the fulfils ride on the next claim")
+    g.add_argument("--acks", choices=("claim", "separate"),
+                   help="claim: each worker's fulfils go with its next claim (the default for a "
+                        "server it starts, whose finished_at times them: their answer may come a "
+                        "long poll later); separate: in requests of their own (fulfill_many for a "
+                        "batch), as before 0.4.0 (the default with --url: another clock)")
     g.add_argument("--submit-batch", type=int, default=1, help="submit N jobs per request (arrays)")
     g.add_argument("--rate", type=float, default=0.0, help="total submit rate, jobs/s (0: as fast as possible)")
     g.add_argument("--claim-wait", type=float, help="long-poll seconds per claim (default 1; 25 with --wakeup)")
@@ -1822,7 +1825,8 @@ def make_config(args):
         "procs": max(1, args.procs or min(4, args.workers)),
         "producer_procs": max(1, args.producer_procs or (1 if args.producers <= 4 else 2)),
         "batch": args.batch, "submit_batch": args.submit_batch, "rate": args.rate,
-        "separate_acks": args.separate_acks, "server_clock": not args.url,
+        "separate_acks": (args.acks or ("separate" if args.url else "claim")) == "separate",
+        "server_clock": not args.url,
         "claim_wait": args.claim_wait if args.claim_wait is not None else (25.0 if args.wakeup else 1.0),
         "lease": args.lease if args.lease else (chaos_lease(args.work_ms, args.batch) if chaos else None),
         "backoff": args.backoff, "max_attempts": args.max_attempts,
