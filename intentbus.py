@@ -1666,7 +1666,7 @@ class Queue:
             return [(view or claim_view)(c) for c in self.store.write(lambda: self._claim_now(request))]
         request.op = _Op(lambda: self._claim_now(request))
         self.store.enqueue(request.op)
-        return self._claimed(request, view)
+        return [(view or claim_view)(c) for c in self._claimed(request)]   # off the writer thread
 
     def fulfill_and_claim(self, body, scope=ROOT, view=None, alive=None):
         """Acknowledge finished intents and claim more in one request: one round trip per job
@@ -1685,22 +1685,24 @@ class Queue:
         fulfils = _Op(lambda: self._fulfil_outcomes(checked, scope))
         if request is None:   # shutting down: the fulfils still count (or are refused, 503)
             self.store.enqueue(fulfils)
+            claimed = []
         else:
             request.op = _Op(lambda: self._claim_now(request))
             self.store.enqueue(fulfils, request.op)   # one batch, the fulfils first
+            # Waited for once: the claim runs after the fulfils, so when it has found intents
+            # or parked and timed out, they are done (a thread switch fewer per long poll).
+            try:
+                claimed = self._claimed(request)
+            except StorageError:
+                # A batch that failed failed both; the claim alone fails only in a later one
+                # (parked, then woken), when the fulfils are committed: their outcomes count.
+                claimed = []
         fulfils.wait()
         if fulfils.error is not None:
-            if request is not None:
-                self._withdraw(request)
+            if claimed:   # the claim ran in a later batch than the undone fulfils
+                self.release_undelivered([(c[0][0], c[1]) for c in claimed])
             raise fulfils.error
-        if request is None:
-            return fulfils.value, []
-        try:
-            return fulfils.value, self._claimed(request, view)
-        except StorageError:
-            # Only a later transaction (the claim parked, then woke) can fail apart from the
-            # fulfils; they are committed, and their outcomes must reach the worker.
-            return fulfils.value, []
+        return fulfils.value, [(view or claim_view)(c) for c in claimed]
 
     def _claim_request(self, body, scope, alive):
         """The checked ClaimRequest of a claim's body, or None while the server shuts down."""
@@ -1726,8 +1728,9 @@ class Queue:
         request.wait = wait
         return request
 
-    def _claimed(self, request, view):
-        """Wait for a queued claim (a long poll: until it finds intents or its wait ends)."""
+    def _claimed(self, request):
+        """Wait for a queued claim (a long poll: until it finds intents or its wait ends); the
+        claimed rows."""
         op = request.op
         if not op.wait(request.wait) and self.store.cancel(op):
             return []
@@ -1736,16 +1739,7 @@ class Queue:
             raise op.error
         if op.value is PARK:   # the wait ran out while the claim was queued or running: it found nothing
             return []
-        return [(view or claim_view)(c) for c in op.value]   # built here, off the writer thread
-
-    def _withdraw(self, request):
-        """Take back a queued claim whose caller will not answer it: whatever it took goes back."""
-        op = request.op
-        if self.store.cancel(op):
-            return
-        op.wait()
-        if op.error is None and op.value not in (None, PARK) and op.value:
-            self.release_undelivered([(c[0][0], c[1]) for c in op.value])
+        return op.value
 
     def _claim_now(self, request):
         now = self.clock()
