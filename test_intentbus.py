@@ -2612,6 +2612,300 @@ class HTTPApi(ServerCase):
         self.assertIn("from-cli", listing.stdout)
 
 
+class FulfilWithClaim(ServerCase):
+    """POST /claim carrying "fulfill": [{id, token, result}]: every check before any change, the
+    fulfils committed before the claim waits, one outcome per item as /intents/fulfill's, always
+    200; Client.fulfill_and_claim; and Queue.fulfill_and_claim without HTTP."""
+    settings = {"token": ROOT, "auth_burst": 1000, "max_result": 1024}
+
+    def post_claim(self, body, token=ROOT):
+        """POST /claim with a JSON body, over http.client: (status, headers, decoded body or None)."""
+        status, headers, data = self.raw("POST", "/claim", json.dumps(body).encode(), {
+            "Authorization": "Bearer " + token, "Content-Type": "application/json"})
+        self.assertHardened(status, headers, data, "POST /claim")
+        return status, headers, json.loads(data) if data else None
+
+    def held(self, goal, count, client=None):
+        """count new intents of goal, claimed at once by one claim: their claims, in id order."""
+        ids = [i["id"] for i in self.c.submit_many([{"goal": goal, "payload": n} for n in range(count)])]
+        jobs = {j["id"]: j for j in (client or self.c).claim("holder", goals=[goal], max=count)}
+        self.assertEqual(sorted(jobs), sorted(ids))
+        return [jobs[i] for i in ids]
+
+    @staticmethod
+    def acks(jobs, result=None):
+        return [{"id": j["id"], "token": j["token"], "result": j["payload"] if result is None else result}
+                for j in jobs]
+
+    def alone(self, writer=False):
+        """A Storage and Queue of their own, built as RulesCase builds them (no HTTP; a writer
+        thread only if asked), on a controllable clock."""
+        store = Storage(os.path.join(self.dir, "alone-%s.db" % writer))
+        store.migrate()
+        if writer:
+            store.start_writer()
+        self.addCleanup(store.close)
+        return store, Queue(store, clock=Clock())
+
+    def test_two_fulfils_and_the_next_claim_in_one_request(self):
+        a, b = self.held("g", 2)
+        nxt = self.c.submit("g", {"n": "next"})
+        status, _, answer = self.post_claim({"worker": "phone", "goals": ["g"], "max": 5, "fulfill": [
+            {"id": a["id"], "token": a["token"], "result": {"r": "A"}},
+            {"id": b["id"], "token": b["token"], "result": "B"}]})
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(sorted(answer), ["intents", "results"])
+        self.assertEqual([(r["id"], r["ok"], r["status"]) for r in answer["results"]],
+                         [(a["id"], True, "fulfilled"), (b["id"], True, "fulfilled")])
+        self.assertEqual([sorted(r) for r in answer["results"]], [["finished_at", "id", "ok", "status"]] * 2)
+        [job] = answer["intents"]
+        self.assertEqual((job["id"], job["payload"], job["attempt"]), (nxt["id"], {"n": "next"}, 1))
+        self.assertEqual(set(job), {"id", "goal", "payload", "priority", "requires", "attempt",
+                                    "max_attempts", "token", "lease", "lease_expires_at"})
+        for done, outcome, result in ((a, answer["results"][0], {"r": "A"}), (b, answer["results"][1], "B")):
+            v = self.c.get(done["id"])
+            self.assertIsInstance(outcome["finished_at"], (int, float))
+            self.assertFalse(isinstance(outcome["finished_at"], bool))
+            self.assertEqual((v["status"], v["result"], v["finished_at"]),
+                             ("fulfilled", result, outcome["finished_at"]))
+            self.assertEqual([(h["outcome"], h["worker"]) for h in v["history"]], [("fulfilled", "holder")])
+        self.assertEqual(self.c.get(nxt["id"])["status"], "claimed")
+        self.assertEqual(self.c.get(nxt["id"])["worker"], "phone")
+        # The same request again (an answer lost on the way): nothing is fulfilled twice, and
+        # with nothing left to claim it is still a 200 with its outcomes.
+        status, _, again = self.post_claim({"worker": "phone", "goals": ["g"],
+                                            "fulfill": self.acks([a, b], "other")})
+        self.assertEqual((status, again["intents"]), (200, []))
+        self.assertEqual([(r["id"], r["ok"], r["error"]["code"]) for r in again["results"]],
+                         [(a["id"], False, "lease_lost"), (b["id"], False, "lease_lost")])
+        for r in again["results"]:   # how worker.py knows an earlier try got through
+            self.assertTrue(r["error"]["message"].endswith("(it is fulfilled)"), r)
+        self.assertEqual(self.c.get(b["id"])["result"], "B")
+        # POST /intents/fulfill's ok outcomes carry finished_at too.
+        v = self.c.fulfill_many(self.acks([job], "done"))
+        self.assertEqual([(r["id"], r["ok"], r["status"]) for r in v], [(nxt["id"], True, "fulfilled")])
+        self.assertEqual(v[0]["finished_at"], self.c.get(nxt["id"])["finished_at"])
+
+    def test_each_item_has_its_own_outcome_and_the_claim_still_claims(self):
+        [expired] = self.c.submit_many([{"goal": "s", "backoff": 0}])
+        [old] = self.c.claim("slow", goals=["s"], lease=0.2)
+        # Its lease runs out and another worker takes it: the first one's token is stale.
+        [new] = eventually(lambda: self.c.claim("quick", goals=["s"], lease=60), 10)
+        self.assertEqual((new["id"], new["attempt"]), (expired["id"], 2))
+        a, b = self.held("g", 2)
+        nxt = self.c.submit("next")
+        outcomes, jobs = self.c.fulfill_and_claim([
+            {"id": old["id"], "token": old["token"], "result": "late"},   # re-claimed since
+            {"id": "987654", "token": a["token"], "result": 1},            # no such intent
+            {"id": a["id"], "token": a["token"], "result": "A"},
+            {"id": b["id"], "token": "not-the-token", "result": 2},
+            {"id": None, "token": b["token"]},
+            {"id": a["id"], "token": a["token"], "result": "twice"}],     # already fulfilled above
+            worker="w", goals=["next"])
+        self.assertEqual([(o["id"], o["ok"], o.get("error", {}).get("code")) for o in outcomes],
+                         [(old["id"], False, "lease_lost"), ("987654", False, "not_found"),
+                          (a["id"], True, None), (b["id"], False, "lease_lost"),
+                          ("None", False, "invalid"), (a["id"], False, "lease_lost")])
+        self.assertEqual([j["id"] for j in jobs], [nxt["id"]])
+        # only the repeat may say it is done: the stale token's intent is another worker's now
+        self.assertEqual([o["error"]["message"].endswith("(it is fulfilled)")
+                          for o in outcomes if not o["ok"]], [False, False, False, False, True])
+        self.assertEqual((self.c.get(a["id"])["status"], self.c.get(a["id"])["result"]), ("fulfilled", "A"))
+        v = self.c.get(expired["id"])
+        self.assertEqual((v["status"], v["worker"], v["result"]), ("claimed", "quick", None))
+        self.assertEqual(self.c.get(b["id"])["status"], "claimed")
+        # the refused items changed nothing: their holders' tokens still work
+        self.assertEqual([o["ok"] for o in self.c.fulfill_many(self.acks([new, b]))], [True, True])
+
+    def test_a_refused_request_fulfils_nothing_and_claims_nothing(self):
+        a, b = self.held("g", 2)
+        nxt = self.c.submit("g", "next")
+        good = self.acks([a, b], "done")
+        claim = {"worker": "w", "goals": ["g"]}
+        ids = (a["id"], b["id"], nxt["id"])
+        before = [self.c.get(i) for i in ids]
+        # Each bad part comes after valid fulfils: checked as it went, those would be done.
+        cases = [
+            ("fulfill an object", dict(claim, fulfill=good[0]), 400, "invalid", "'fulfill'"),
+            ("fulfill a string", dict(claim, fulfill="%s,%s" % (a["id"], a["token"])), 400, "invalid",
+             "'fulfill'"),
+            ("an item not an object", dict(claim, fulfill=good + [[b["id"], b["token"]]]), 400, "invalid",
+             "'fulfill'"),
+            ("an item null", dict(claim, fulfill=good + [None]), 400, "invalid", "'fulfill'"),
+            ("an item with an unknown key", dict(claim, fulfill=good[:1] + [dict(good[1], error="x")]),
+             400, "invalid", "'fulfill'"),
+            ("1001 items", dict(claim, fulfill=good + [{"id": "987654", "token": "t"}] * 999), 400, "invalid",
+             "'fulfill'"),
+            ("a result over --max-result", dict(claim, fulfill=good[:1] + [dict(good[1], result="x" * 2000)]),
+             413, "too_large", "'result'"),
+            ("max 0", dict(claim, fulfill=good, max=0), 400, "invalid", "'max'"),
+            ("wait 99", dict(claim, fulfill=good, wait=99), 400, "invalid", "'wait'"),
+            ("a lease of 0", dict(claim, fulfill=good, lease=0), 400, "invalid", "'lease'"),
+            ("a bad worker name", dict(claim, fulfill=good, worker="two words"), 400, "invalid", "'worker'"),
+            ("an unknown claim field", dict(claim, fulfill=good, colour="red"), 400, "invalid", "'colour'"),
+        ]
+        for what, body, status, code, word in cases:
+            with self.subTest(what):
+                got, _, answer = self.post_claim(body)
+                self.assertEqual((got, answer["error"]["code"]), (status, code), answer)
+                self.assertIn(word, answer["error"]["message"])
+                self.assertEqual([self.c.get(i) for i in ids], before)
+        self.assertEqual(self.c.list(status="fulfilled")["intents"], [])
+        self.assertNotIn("w", [w["name"] for w in self.c.stats()["workers"]])   # not even seen
+        # The same fulfils, sent well: the tokens still hold, and the claim takes the next one.
+        outcomes, jobs = self.c.fulfill_and_claim(good, "w", goals=["g"])
+        self.assertEqual(([o["ok"] for o in outcomes], [j["id"] for j in jobs]), ([True, True], [nxt["id"]]))
+
+    def test_the_fulfils_are_done_before_the_long_poll_ends(self):
+        [job] = self.held("g", 1)
+        got = {}
+
+        def claimer():
+            try:
+                got["answer"] = waiting.fulfill_and_claim(self.acks([job], {"thumb": "a.jpg"}), "waiter",
+                                                          goals=["later"], wait=30)
+            except Exception as e:   # reported below, not lost on this thread
+                got["error"] = e
+        waiting = self.client(self.srv, ROOT)
+        t = threading.Thread(target=claimer, daemon=True)
+        t.start()
+        self.addCleanup(t.join, 40)
+        # Seen from another client while the claim waits: fulfilled, with its result.
+        self.assertTrue(eventually(lambda: self.c.get(job["id"])["status"] == "fulfilled", 10), got)
+        v = self.c.get(job["id"])
+        self.assertEqual(v["result"], {"thumb": "a.jpg"})
+        self.assertTrue(t.is_alive())
+        self.assertEqual(got, {})
+        self.assertEqual([r.worker for r in self.srv.queue._parked], ["waiter"])
+        later = self.c.submit("later", "wake up")
+        t.join(40)
+        self.assertFalse(t.is_alive())
+        self.assertNotIn("error", got)
+        outcomes, jobs = got["answer"]
+        self.assertEqual(outcomes, [{"id": job["id"], "ok": True, "status": "fulfilled",
+                                     "finished_at": v["finished_at"]}])
+        self.assertEqual([(j["id"], j["payload"]) for j in jobs], [(later["id"], "wake up")])
+        self.assertEqual(self.c.get(later["id"])["worker"], "waiter")
+
+    def test_an_empty_fulfill_is_a_200_with_no_results(self):
+        status, _, answer = self.post_claim({"fulfill": [], "goals": ["e"]})
+        self.assertEqual((status, answer), (200, {"intents": [], "results": []}))   # not a 204
+        status, _, data = self.raw("POST", "/claim", json.dumps({"goals": ["e"]}).encode(), {
+            "Authorization": "Bearer " + ROOT, "Content-Type": "application/json"})
+        self.assertEqual((status, data), (204, b""))   # without "fulfill": as ever
+        i = self.c.submit("e", 5)
+        status, _, answer = self.post_claim({"fulfill": [], "goals": ["e"], "max": 3})
+        self.assertEqual((status, answer["results"]), (200, []))
+        self.assertEqual([(j["id"], j["payload"]) for j in answer["intents"]], [(i["id"], 5)])
+        self.assertEqual(self.c.fulfill_and_claim([], goals=["e"]), ([], []))
+
+    def test_a_token_may_fulfil_only_what_it_can_see(self):
+        thumbs = self.client(self.srv, self.token(self.srv, "thumbs", "work", goals=["thumb"]))
+        other = self.client(self.srv, self.token(self.srv, "b-work", "work", "B"))
+        submitter = self.client(self.srv, self.token(self.srv, "cron", "submit"))
+        [mail] = self.held("mail", 1)              # held by the root's client
+        [mine] = self.held("thumb", 1, thumbs)     # held by the goal-limited token
+        nxt = self.c.submit("thumb", "next")
+        before = [self.c.get(i) for i in (mail["id"], mine["id"], nxt["id"])]
+        # A claim the token may not make is refused whole: its valid fulfil is not done either.
+        e = self.refused(lambda: thumbs.fulfill_and_claim(self.acks([mine]), goals=["mail"]), 403, "thumb")
+        self.assertEqual(e.code, "forbidden")
+        self.refused(lambda: submitter.fulfill_and_claim(self.acks([mail])), 403, "work")
+        self.assertEqual([self.c.get(i) for i in (mail["id"], mine["id"], nxt["id"])], before)
+        # Another goal's intent, and another namespace's: per item not_found, and left as it was.
+        outcomes, jobs = thumbs.fulfill_and_claim(self.acks([mail, mine], "stolen?"), "thumbs")
+        self.assertEqual([(o["id"], o["ok"], o.get("error", {}).get("code")) for o in outcomes],
+                         [(mail["id"], False, "not_found"), (mine["id"], True, None)])
+        self.assertEqual([j["id"] for j in jobs], [nxt["id"]])
+        outcomes, jobs = other.fulfill_and_claim(self.acks([mail], "stolen?"), "b-phone")
+        self.assertEqual(([(o["ok"], o["error"]["code"]) for o in outcomes], jobs),
+                         ([(False, "not_found")], []))
+        self.assertEqual(self.c.get(mail["id"]), before[0])
+        self.assertTrue(self.c.fulfill_many(self.acks([mail]))[0]["ok"])   # its holder's token still holds
+
+    def test_sixteen_workers_acknowledging_on_their_next_claims(self):
+        ids = [i["id"] for i in self.c.submit_many([{"goal": "many", "payload": n} for n in range(300)])]
+        clients = [self.client(self.srv, ROOT) for _ in range(16)]
+        outcomes, claimed, errors, lock = [], [], [], threading.Lock()
+
+        def work(n):
+            rng, held = random.Random(n), []
+            try:
+                for _ in range(400):   # bounded: 300 intents take far fewer rounds
+                    sent = self.acks(held, "by w%d" % n)
+                    results, jobs = clients[n].fulfill_and_claim(sent, "w%d" % n, goals=["many"],
+                                                                 max=rng.choice([1, 2, 3]))
+                    with lock:
+                        outcomes.extend((n, item["id"], result) for item, result in zip(sent, results))
+                        claimed.extend((n, j["id"]) for j in jobs)
+                    held = jobs
+                    if not jobs:   # and what it held went with this request
+                        return
+                errors.append("w%d never ran out of work" % n)
+            except Exception as e:
+                errors.append(repr(e))
+        in_threads(work, 16, timeout=60)
+        self.assertEqual(errors, [])
+        claimed_ids = [i for _, i in claimed]
+        self.assertEqual(len(claimed_ids), len(set(claimed_ids)), "an intent was handed out twice")
+        self.assertEqual(sorted(claimed_ids), sorted(ids))
+        self.assertEqual([(i, r) for _, i, r in outcomes if r["id"] != i or not r["ok"]], [])
+        self.assertEqual(sorted(i for _, i, _r in outcomes), sorted(ids))   # each one ok exactly once
+        by = dict((i, n) for n, i in claimed)
+        self.assertEqual(sorted((i, n) for n, i, _r in outcomes), sorted(by.items()))   # by its claimant
+        done = self.c.list(goal="many", status="fulfilled", limit=1000)["intents"]
+        self.assertEqual(sorted((i["id"], i["worker"], i["result"]) for i in done),
+                         sorted((i, "w%d" % n, "by w%d" % n) for i, n in by.items()))
+        self.assertEqual(self.c.stats()["counts"]["fulfilled"], 300)
+
+    def test_the_client_refuses_an_answer_without_an_outcome_for_each_fulfil(self):
+        ok = {"id": "1", "ok": True, "status": "fulfilled", "finished_at": 1.0}
+        bad = [{"intents": []}, {"intents": [], "results": []}, {"intents": [], "results": [ok, ok]},
+               {"intents": [], "results": {"1": ok}}, {"intents": [], "results": [{"id": "1"}]},
+               {"intents": [], "results": [dict(ok, ok="yes")]}]
+        f = FakeHTTP([[http_answer(200, body) for body in bad] + [
+            b"HTTP/1.1 204 No Content\r\n\r\n", http_answer(200, {"intents": [], "results": [ok]})]])
+        self.addCleanup(f.close)
+        c = self.client(f)
+        for body in bad + [None]:
+            with self.assertRaises(Unavailable, msg=body) as cm:
+                c.fulfill_and_claim([{"id": "1", "token": "t"}], "w")
+            self.assertEqual(cm.exception.code, "bad_answer", body)
+        self.assertEqual(c.fulfill_and_claim([{"id": "1", "token": "t"}], "w"), ([ok], []))
+        self.assertEqual(f.connections, 1)   # each answer was read whole: kept alive throughout
+
+    def test_the_queue_fulfils_and_claims_in_one_write(self):
+        store, q = self.alone()
+        a, b, c = (i["id"] for i in q.submit([{"goal": "g", "payload": n} for n in range(3)])[1])
+        held = {j["id"]: j for j in q.claim({"worker": "w", "goals": ["g"], "max": 2})}
+        self.assertEqual(sorted(held), sorted([a, b]))
+        q.clock.advance(5)
+        with unittest.mock.patch.object(store, "write", wraps=store.write) as write:
+            outcomes, claimed = q.fulfill_and_claim({"worker": "w", "goals": ["g"], "fulfill": [
+                {"id": a, "token": held[a]["token"], "result": "A"},
+                {"id": b, "token": "stale", "result": "B"}]})
+        self.assertEqual(write.call_count, 1)
+        self.assertEqual(outcomes, [{"id": a, "ok": True, "status": "fulfilled", "finished_at": q.clock.now},
+                                    {"id": b, "ok": False, "error": {
+                                        "code": "lease_lost", "message": outcomes[1]["error"]["message"]}}])
+        self.assertEqual([j["id"] for j in claimed], [c])
+        self.assertEqual((q.get(a)["status"], q.get(a)["result"], q.get(b)["status"]),
+                         ("fulfilled", "A", "claimed"))
+        self.assertEqual(q.get(c)["lease_expires_at"], q.clock.now + q.get(c)["lease"])
+
+    def test_a_closing_queue_still_fulfils_and_claims_nothing(self):
+        for writer in (False, True):
+            with self.subTest(writer=writer):
+                store, q = self.alone(writer)
+                ids = [i["id"] for i in q.submit([{"goal": "g", "payload": n} for n in range(3)])[1]]
+                held = q.claim({"worker": "w", "goals": ["g"], "max": 2})
+                q.closing = True
+                outcomes, claimed = q.fulfill_and_claim({"worker": "w", "goals": ["g"], "wait": 5,
+                                                         "fulfill": self.acks(held, "done")})
+                self.assertEqual(([o["ok"] for o in outcomes], claimed), ([True, True], []))
+                self.assertEqual([q.get(i)["status"] for i in ids], ["fulfilled", "fulfilled", "open"])
+
+
 class UniqueKeysOverHTTP(ServerCase):
     """unique_key over HTTP: curl's form fields, worker.Client, many threads, redrives, the CLI."""
 
