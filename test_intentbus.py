@@ -2799,6 +2799,18 @@ class FulfilWithClaim(ServerCase):
         self.assertEqual([(j["id"], j["payload"]) for j in answer["intents"]], [(i["id"], 5)])
         self.assertEqual(self.c.fulfill_and_claim([], goals=["e"]), ([], []))
 
+    def test_a_null_fulfill_counts_as_not_sent(self):
+        # README: "An optional field sent as `null` counts as not sent, and takes its default"
+        # (test_null_means_not_given holds the claim's other fields to it). A null "fulfill" is
+        # refused instead: 400 "'fulfill' must be a list of 0 to 1000 {id, token, result} objects".
+        status, _, answer = self.post_claim({"fulfill": None, "goals": ["n"]})
+        self.assertIn(status, (200, 204), answer)   # as a claim without it, or with an empty list
+        i = self.c.submit("n", 1)
+        status, _, answer = self.post_claim({"fulfill": None, "goals": ["n"]})
+        self.assertEqual(status, 200, answer)
+        self.assertEqual([j["id"] for j in answer["intents"]], [i["id"]])
+        self.assertEqual(answer.get("results", []), [])
+
     def test_a_token_may_fulfil_only_what_it_can_see(self):
         thumbs = self.client(self.srv, self.token(self.srv, "thumbs", "work", goals=["thumb"]))
         other = self.client(self.srv, self.token(self.srv, "b-work", "work", "B"))
