@@ -2970,6 +2970,7 @@ class ClaimAnswer(Answer):
 
     def __init__(self, claimed, outcomes=None):
         self.claimed = [(c.id, c.token) for c in claimed]
+        self.fulfilled_any = bool(outcomes)
         self.text = '{"intents":[' + ",".join(c.text for c in claimed) + "]" + (
             "}" if outcomes is None else ',"results":%s}' % dumps(outcomes))
 
@@ -3027,9 +3028,11 @@ class Api:
         return 200, self.queue.get(params["id"], params.get("wait"), scope, alive)
 
     def claim(self, scope, params, body, alive=None):
-        if isinstance(body, dict) and "fulfill" in body:   # always 200: the outcomes are the answer's
-            outcomes, claimed = self.queue.fulfill_and_claim(body, scope, claim_json, alive)
-            return 200, ClaimAnswer(claimed, outcomes)
+        if isinstance(body, dict) and "fulfill" in body:
+            if body["fulfill"] is not None:   # always 200: the outcomes are the answer's
+                outcomes, claimed = self.queue.fulfill_and_claim(body, scope, claim_json, alive)
+                return 200, ClaimAnswer(claimed, outcomes)
+            body = {k: v for k, v in body.items() if k != "fulfill"}   # null: not sent
         claimed = self.queue.claim(body, scope, claim_json, alive)
         return (200, ClaimAnswer(claimed)) if claimed else (204, None)
 
@@ -3331,12 +3334,14 @@ class Handler(BaseHTTPRequestHandler):
             log("storage error", request_id=self.request_id)
             raise HTTPError(503, "unavailable", "storage error; try again", {"Retry-After": "1"})
         if name == "claim":
-            if result:
+            if result and result.claimed:
                 self._claimed = result.claimed
             elif self.server.rate is not None and value.get("wait") and \
+                    not (result and result.fulfilled_any) and \
                     min(value["wait"], time.monotonic() - called) >= IDLE_POLL_REFUND:
-                # a long poll that sat idle costs nothing; the time a busy server took to answer
-                # is no idle wait (it made every claim with a tiny wait free under load)
+                # a long poll that sat idle (and fulfilled nothing) costs nothing; the time a
+                # busy server took to answer is no idle wait (it made every claim with a tiny
+                # wait free under load)
                 self.server.rate.refund(scope.name)
         elif minimal:
             return status, result, {"Preference-Applied": "return=minimal"}

@@ -6118,6 +6118,26 @@ class RateLimits(BusCase):
             phone.claim(worker="phone")
         self.assertEqual((cm.exception.status, cm.exception.code), (429, "rate_limited"))
 
+    def test_an_idle_long_poll_with_fulfils_costs_what_a_fulfil_would(self):
+        # A claim that carries fulfils did work: it costs a request, as the fulfils sent alone
+        # would have. One that carries an empty list and sits idle is a free long poll.
+        srv = self.start(token=ROOT, rate=0.2, burst=3)
+        self.frozen(srv)
+        phone = self.client(srv, self.token(srv, "phone", "work"))
+        for n in range(6):
+            self.assertEqual(phone.fulfill_and_claim([], worker="phone", wait=0.25), ([], []))
+        admin = self.client(srv, ROOT)
+        i = admin.submit("g")
+        job = phone.claim(worker="phone", goals=["g"])[0]   # the budget's first request
+        outcomes, _ = phone.fulfill_and_claim([{"id": job["id"], "token": job["token"]}],
+                                              worker="phone", goals=["g"], wait=0.25)
+        self.assertEqual([o["ok"] for o in outcomes], [True])   # idle after it: not refunded
+        self.assertEqual(phone.claim(worker="phone"), [])        # the third
+        with self.assertRaises(Unavailable) as cm:
+            phone.claim(worker="phone")
+        self.assertEqual((cm.exception.status, cm.exception.code), (429, "rate_limited"))
+        self.assertEqual(admin.get(i["id"])["status"], "fulfilled")
+
     def test_a_tiny_wait_is_not_a_free_claim(self):
         srv = self.start(token=ROOT, rate=0.2, burst=3)
         self.frozen(srv)
