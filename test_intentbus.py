@@ -3581,6 +3581,7 @@ class FakeHTTP:
     def __init__(self, scripts):
         self.scripts = list(scripts)
         self.connections = 0
+        self.heads = []   # each request's head, as received
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(8)
@@ -3605,6 +3606,7 @@ class FakeHTTP:
                             break
                         buf += data
                     head, _, buf = buf.partition(b"\r\n\r\n")
+                    self.heads.append(head)
                     for line in head.split(b"\r\n"):
                         if line.lower().startswith(b"content-length:"):
                             n = int(line.split(b":")[1])
@@ -3669,6 +3671,37 @@ class ClientConnections(unittest.TestCase):
             self.assertEqual(len(sent), 1)
             self.assertTrue(sent[0].endswith(b"\r\n\r\n"))
             conn.sock = None
+
+    def test_the_header_lines_written_out_once_are_the_request_s(self):
+        # The Client writes its header lines out once per set of headers instead of letting
+        # http.client check each one on every request: what goes out must not change.
+        f = self.fake([[http_answer(200, {"ok": True})] * 4, [http_answer(200, {"ok": True})]])
+        c = self.client(f.url, token="T0ken-123")
+        port = f.url.rsplit(":", 1)[1]
+        c.submit("g", 1, minimal=True)
+        c.submit("g", 2)
+        c.request("POST", "/intents/1/cancel")
+        c.health()
+        with self.assertRaises(Unavailable):   # no header injection: refused before sending
+            c.request("GET", "/health", headers={"X-Note": "a\r\nX-Injected: 1"})
+        c.health()
+        heads = [h.split(b"\r\n") for h in f.heads]
+        self.assertEqual(len(heads), 5)
+        self.assertEqual(heads[0][0], b"POST /intents HTTP/1.1")
+        self.assertEqual(sorted(heads[0][1:]), sorted([
+            b"Host: 127.0.0.1:" + port.encode(), b"Accept: application/json",
+            b"User-Agent: intentbus-worker/" + worker.__version__.encode(),
+            b"Authorization: Bearer T0ken-123", b"Content-Type: application/json",
+            b"Prefer: return=minimal", b"Content-Length: %d" % len(b'{"goal":"g","payload":1}')]))
+        self.assertNotIn(b"Prefer: return=minimal", heads[1])   # a set of its own, not mixed up
+        self.assertIn(b"Content-Length: 24", heads[1])
+        self.assertEqual(heads[2][0], b"POST /intents/1/cancel HTTP/1.1")
+        self.assertIn(b"Content-Length: 0", heads[2])             # as http.client says it
+        self.assertNotIn(b"Content-Type: application/json", heads[2])
+        self.assertEqual(heads[3][0], b"GET /health HTTP/1.1")
+        self.assertFalse(any(line.lower().startswith(b"content-length") for line in heads[3]))
+        self.assertEqual(heads[4], heads[3])
+        self.assertFalse(any(b"Injected" in h for h in f.heads))
 
     def test_retry_after_is_honoured_up_to_the_backoff_cap(self):
         # One 503 with "Retry-After: 900" from a proxy or captive portal must not park a phone
