@@ -1298,7 +1298,7 @@ SUBMIT_FIELDS = frozenset("goal payload priority requires delay run_at max_attem
                           "idempotency_key unique_key expires_in expires_at".split())
 TIMING_FIELDS = frozenset("delay run_at expires_in expires_at".split())
 CLAIM_FIELDS = frozenset("worker caps goals max wait lease".split())
-FULFIL_AND_CLAIM_FIELDS = CLAIM_FIELDS | {"fulfill"}
+FULFILL_AND_CLAIM_FIELDS = CLAIM_FIELDS | {"fulfill"}
 
 # The events /metrics counts from the server's start, by namespace and goal, as
 # intentbus_intents_<event>_total: (event, its # HELP). A new event is one line here and one
@@ -1671,38 +1671,38 @@ class Queue:
     def fulfill_and_claim(self, body, scope=ROOT, view=None, alive=None):
         """Acknowledge finished intents and claim more in one request: one round trip per job
         instead of two (50-300 ms each on a phone's link), and a third fewer requests for the
-        server. The fulfils commit before the claim waits, in the same transaction as its first
+        server. The fulfills commit before the claim waits, in the same transaction as its first
         look; their outcomes come with its answer. Returns (outcomes as fulfill_many's, claimed)."""
-        _only(body, FULFIL_AND_CLAIM_FIELDS, "a claim")
-        checked = self._checked_fulfils(body["fulfill"], "'fulfill'", 0)
+        _only(body, FULFILL_AND_CLAIM_FIELDS, "a claim")
+        checked = self._checked_fulfills(body["fulfill"], "'fulfill'", 0)
         request = self._claim_request(body, scope, alive)   # every check before any change
         if not self.store.has_writer:
             def run():
-                outcomes = self._fulfil_outcomes(checked, scope)
+                outcomes = self._fulfill_outcomes(checked, scope)
                 return outcomes, self._claim_now(request) if request else []
             outcomes, claimed = self.store.write(run)
             return outcomes, [(view or claim_view)(c) for c in claimed]
-        fulfils = _Op(lambda: self._fulfil_outcomes(checked, scope))
-        if request is None:   # shutting down: the fulfils still count (or are refused, 503)
-            self.store.enqueue(fulfils)
+        fulfills = _Op(lambda: self._fulfill_outcomes(checked, scope))
+        if request is None:   # shutting down: the fulfills still count (or are refused, 503)
+            self.store.enqueue(fulfills)
             claimed = []
         else:
-            request.op = _Op(lambda: self._claim_now(request))
-            self.store.enqueue(fulfils, request.op)   # one batch, the fulfils first
-            # Waited for once: the claim runs after the fulfils, so when it has found intents
+            # A claim requeued after its fulfills failed (a commit refused while it was parked)
+            # ends at once: its caller answers the error, not a long poll later.
+            request.op = _Op(lambda: [] if fulfills.error is not None else self._claim_now(request))
+            self.store.enqueue(fulfills, request.op)   # one batch, the fulfills first
+            # Waited for once: the claim runs after the fulfills, so when it has found intents
             # or parked and timed out, they are done (a thread switch fewer per long poll).
             try:
                 claimed = self._claimed(request)
             except StorageError:
                 # A batch that failed failed both; the claim alone fails only in a later one
-                # (parked, then woken), when the fulfils are committed: their outcomes count.
+                # (parked, then woken), when the fulfills are committed: their outcomes count.
                 claimed = []
-        fulfils.wait()
-        if fulfils.error is not None:
-            if claimed:   # the claim ran in a later batch than the undone fulfils
-                self.release_undelivered([(c[0][0], c[1]) for c in claimed])
-            raise fulfils.error
-        return fulfils.value, [(view or claim_view)(c) for c in claimed]
+        fulfills.wait()
+        if fulfills.error is not None:   # then the claim took nothing (it ran in the same failed
+            raise fulfills.error         # batch, or after, seeing the error)
+        return fulfills.value, [(view or claim_view)(c) for c in claimed]
 
     def _claim_request(self, body, scope, alive):
         """The checked ClaimRequest of a claim's body, or None while the server shuts down."""
@@ -1924,10 +1924,10 @@ class Queue:
 
     def fulfill_many(self, items, scope=ROOT):
         """Acknowledge many claims in one transaction; each item succeeds or fails on its own."""
-        checked = self._checked_fulfils(items, "'intents'", 1)
-        return self.store.write(lambda: self._fulfil_outcomes(checked, scope))
+        checked = self._checked_fulfills(items, "'intents'", 1)
+        return self.store.write(lambda: self._fulfill_outcomes(checked, scope))
 
-    def _checked_fulfils(self, items, field, least):
+    def _checked_fulfills(self, items, field, least):
         """[(id, token, result text)] of a list of {id, token, result}; Invalid or TooLarge for
         the whole list, before anything changes."""
         if not isinstance(items, list) or not least <= len(items) <= 1000:
@@ -1940,7 +1940,7 @@ class Queue:
                             _json_size(item.get("result"), "result", self.max_result)))
         return checked
 
-    def _fulfil_outcomes(self, checked, scope):
+    def _fulfill_outcomes(self, checked, scope):
         return [{"id": str(intent_id), "ok": True, "status": "fulfilled", "finished_at": row["finished_at"]}
                 if error is None else
                 {"id": str(intent_id), "ok": False, "error": {"code": error.code, "message": error.message}}
@@ -2970,7 +2970,7 @@ class ClaimAnswer(Answer):
 
     def __init__(self, claimed, outcomes=None):
         self.claimed = [(c.id, c.token) for c in claimed]
-        self.fulfilled_any = bool(outcomes)
+        self.fulfilled_any = any(o["ok"] for o in outcomes or ())
         self.text = '{"intents":[' + ",".join(c.text for c in claimed) + "]" + (
             "}" if outcomes is None else ',"results":%s}' % dumps(outcomes))
 

@@ -78,6 +78,8 @@ BACKLOG_CHUNK = 1000                       # the API's most per array submit
 
 FLUSH_EVERY = 0.2                          # child processes ship their events this often
 ACK_RETRY_FOR = 15.0                       # a worker retries an unacknowledged fulfill/fail this long
+RIDING_WAIT = 1.0                          # s: the longest poll of a claim that carries fulfills (its
+                                           # outcomes come with the answer, before the run ends)
 BACKOFF_MIN, BACKOFF_MAX = 0.02, 0.5       # on Unavailable: bounded exponential backoff
 
 
@@ -577,30 +579,30 @@ def _answered(ok, t_answer, retried):
 
 def worker_loop(client, cfg, name, sink, stop, rng=None, work=None):
     """One worker: claim -> (work) -> fulfill / fail / abandon, until stop is set. Unless
-    cfg["separate_acks"], the fulfils ride on the next claim (Client.fulfill_and_claim).
+    cfg["separate_acks"], the fulfills ride on the next claim (Client.fulfill_and_claim).
 
     cfg keys: goal, batch, claim_wait, lease, work_ms, fail_rate, crash_rate, separate_acks,
     server_clock. work: optional callable(job) replacing the --work-ms sleep (tests use it)."""
     rng = rng or random.Random()
     seq = 0
     delay = 0.0
-    riding = []   # [(base, id, token)]: fulfils to send with the next claim
+    riding = []   # [(base, id, token)]: fulfills to send with the next claim
     while not stop.is_set():
         seq += 1
         key = "%s#%d" % (name, seq)
         t0 = time.time()
         try:
-            if riding:
+            if riding:   # at most RIDING_WAIT: the outcomes must be in before the run ends
                 outcomes, jobs = client.fulfill_and_claim(
-                    _fulfil_items(riding, name), worker=name, caps=WORKER_CAPS, goals=[cfg["goal"]],
-                    max=cfg["batch"], wait=cfg["claim_wait"], lease=cfg.get("lease"))
+                    _fulfill_items(riding, name), worker=name, caps=WORKER_CAPS, goals=[cfg["goal"]],
+                    max=cfg["batch"], wait=min(cfg["claim_wait"], RIDING_WAIT), lease=cfg.get("lease"))
             else:
                 jobs = client.claim(worker=name, caps=WORKER_CAPS, goals=[cfg["goal"]],
                                     max=cfg["batch"], wait=cfg["claim_wait"], lease=cfg.get("lease"))
         except Exception as e:  # Unavailable (server restarting, overloaded) or anything else
             sink.err("claim", e, t0)
             if riding:   # perhaps done: sent again on their own, a refusal may only mean that
-                _fulfil_apart(client, name, riding, sink, stop, sent_before=True)
+                _fulfill_apart(client, name, riding, sink, stop, sent_before=True)
                 riding = []
             delay = backoff_delay(delay, e)
             stop.wait(delay)
@@ -608,7 +610,7 @@ def worker_loop(client, cfg, name, sink, stop, rng=None, work=None):
         t1 = time.time()
         delay = 0.0
         if riding:
-            # The claim's answer may come a long poll after the fulfils were done: on the same
+            # The claim's answer may come a long poll after the fulfills were done: on the same
             # machine, the server's finished_at is when each was (throughput, end-to-end).
             _record_outcomes(riding, True, outcomes, t0, t1, False, sink, "claim",
                              server_clock=cfg.get("server_clock"))
@@ -616,16 +618,16 @@ def worker_loop(client, cfg, name, sink, stop, rng=None, work=None):
         sink.add("claim", (name, key, t0, t1, cfg["claim_wait"], len(jobs)))
         if jobs:
             riding = _handle_jobs(client, cfg, name, key, t0, t1, jobs, sink, stop, rng, work)
-    if riding:   # stopping: the last fulfils go on their own
-        _fulfil_apart(client, name, riding, sink, stop)
+    if riding:   # stopping: the last fulfills go on their own
+        _fulfill_apart(client, name, riding, sink, stop)
 
 
-def _fulfil_items(to_fulfill, name):
+def _fulfill_items(to_fulfill, name):
     return [{"id": id_, "token": token, "result": {"by": name}} for _, id_, token in to_fulfill]
 
 
 def _handle_jobs(client, cfg, name, key, t0, t1, jobs, sink, stop, rng, work):
-    """Work the claimed jobs and fail or abandon some. Returns the fulfils for the next claim
+    """Work the claimed jobs and fail or abandon some. Returns the fulfills for the next claim
     to carry (none with cfg["separate_acks"]: they are sent here)."""
     to_fulfill = []
     for job in jobs:
@@ -651,15 +653,15 @@ def _handle_jobs(client, cfg, name, key, t0, t1, jobs, sink, stop, rng, work):
         to_fulfill.append((base, id_, job["token"]))
     if not to_fulfill or not cfg.get("separate_acks"):
         return to_fulfill
-    _fulfil_apart(client, name, to_fulfill, sink, stop)
+    _fulfill_apart(client, name, to_fulfill, sink, stop)
     return []
 
 
-def _fulfil_apart(client, name, to_fulfill, sink, stop, sent_before=False):
-    """Fulfil on their own: one request for many (fulfill_many), or one for one. sent_before:
+def _fulfill_apart(client, name, to_fulfill, sink, stop, sent_before=False):
+    """Fulfill on their own: one request for many (fulfill_many), or one for one. sent_before:
     they went with a claim that got no answer, so they may already be done."""
     if len(to_fulfill) > 1:
-        items = _fulfil_items(to_fulfill, name)
+        items = _fulfill_items(to_fulfill, name)
         ok, answer, ts, ta, retried = _acknowledge(lambda: client.fulfill_many(items), stop,
                                                    sink, "fulfill_many")
         _record_outcomes(to_fulfill, ok, answer, ts, ta, retried or sent_before, sink, "fulfill_many")
@@ -673,7 +675,7 @@ def _fulfil_apart(client, name, to_fulfill, sink, stop, sent_before=False):
 
 
 def _record_outcomes(to_fulfill, ok, answer, ts, ta, retried, sink, op, server_clock=False):
-    """A run per fulfil, from per-item outcomes (fulfill_many's, or a claim's). server_clock: an
+    """A run per fulfill, from per-item outcomes (fulfill_many's, or a claim's). server_clock: an
     acknowledged item's time is the server's finished_at (the server runs on this machine)."""
     outcome = {}
     if ok:
@@ -1726,7 +1728,7 @@ def parse_args(argv=None):
                    help="probability a worker abandons a claimed job silently (lease expiry)")
     g.add_argument("--batch", type=int, default=1, help="claim up to N at once")
     g.add_argument("--acks", choices=("claim", "separate"),
-                   help="claim: each worker's fulfils go with its next claim (the default for a "
+                   help="claim: each worker's fulfills go with its next claim (the default for a "
                         "server it starts, whose finished_at times them: their answer may come a "
                         "long poll later); separate: in requests of their own (fulfill_many for a "
                         "batch), as before 0.4.0 (the default with --url: another clock)")

@@ -2612,9 +2612,9 @@ class HTTPApi(ServerCase):
         self.assertIn("from-cli", listing.stdout)
 
 
-class FulfilWithClaim(ServerCase):
+class FulfillWithClaim(ServerCase):
     """POST /claim carrying "fulfill": [{id, token, result}]: every check before any change, the
-    fulfils committed before the claim waits, one outcome per item as /intents/fulfill's, always
+    fulfills committed before the claim waits, one outcome per item as /intents/fulfill's, always
     200; Client.fulfill_and_claim; and Queue.fulfill_and_claim without HTTP."""
     settings = {"token": ROOT, "auth_burst": 1000, "max_result": 1024}
 
@@ -2647,7 +2647,7 @@ class FulfilWithClaim(ServerCase):
         self.addCleanup(store.close)
         return store, Queue(store, clock=Clock())
 
-    def test_two_fulfils_and_the_next_claim_in_one_request(self):
+    def test_two_fulfills_and_the_next_claim_in_one_request(self):
         a, b = self.held("g", 2)
         nxt = self.c.submit("g", {"n": "next"})
         status, _, answer = self.post_claim({"worker": "phone", "goals": ["g"], "max": 5, "fulfill": [
@@ -2717,14 +2717,14 @@ class FulfilWithClaim(ServerCase):
         # the refused items changed nothing: their holders' tokens still work
         self.assertEqual([o["ok"] for o in self.c.fulfill_many(self.acks([new, b]))], [True, True])
 
-    def test_a_refused_request_fulfils_nothing_and_claims_nothing(self):
+    def test_a_refused_request_fulfills_nothing_and_claims_nothing(self):
         a, b = self.held("g", 2)
         nxt = self.c.submit("g", "next")
         good = self.acks([a, b], "done")
         claim = {"worker": "w", "goals": ["g"]}
         ids = (a["id"], b["id"], nxt["id"])
         before = [self.c.get(i) for i in ids]
-        # Each bad part comes after valid fulfils: checked as it went, those would be done.
+        # Each bad part comes after valid fulfills: checked as it went, those would be done.
         cases = [
             ("fulfill an object", dict(claim, fulfill=good[0]), 400, "invalid", "'fulfill'"),
             ("fulfill a string", dict(claim, fulfill="%s,%s" % (a["id"], a["token"])), 400, "invalid",
@@ -2752,11 +2752,11 @@ class FulfilWithClaim(ServerCase):
                 self.assertEqual([self.c.get(i) for i in ids], before)
         self.assertEqual(self.c.list(status="fulfilled")["intents"], [])
         self.assertNotIn("w", [w["name"] for w in self.c.stats()["workers"]])   # not even seen
-        # The same fulfils, sent well: the tokens still hold, and the claim takes the next one.
+        # The same fulfills, sent well: the tokens still hold, and the claim takes the next one.
         outcomes, jobs = self.c.fulfill_and_claim(good, "w", goals=["g"])
         self.assertEqual(([o["ok"] for o in outcomes], [j["id"] for j in jobs]), ([True, True], [nxt["id"]]))
 
-    def test_the_fulfils_are_done_before_the_long_poll_ends(self):
+    def test_the_fulfills_are_done_before_the_long_poll_ends(self):
         [job] = self.held("g", 1)
         got = {}
 
@@ -2811,7 +2811,7 @@ class FulfilWithClaim(ServerCase):
         self.assertEqual([j["id"] for j in answer["intents"]], [i["id"]])
         self.assertEqual(answer.get("results", []), [])
 
-    def test_a_token_may_fulfil_only_what_it_can_see(self):
+    def test_a_token_may_fulfill_only_what_it_can_see(self):
         thumbs = self.client(self.srv, self.token(self.srv, "thumbs", "work", goals=["thumb"]))
         other = self.client(self.srv, self.token(self.srv, "b-work", "work", "B"))
         submitter = self.client(self.srv, self.token(self.srv, "cron", "submit"))
@@ -2819,7 +2819,7 @@ class FulfilWithClaim(ServerCase):
         [mine] = self.held("thumb", 1, thumbs)     # held by the goal-limited token
         nxt = self.c.submit("thumb", "next")
         before = [self.c.get(i) for i in (mail["id"], mine["id"], nxt["id"])]
-        # A claim the token may not make is refused whole: its valid fulfil is not done either.
+        # A claim the token may not make is refused whole: its valid fulfill is not done either.
         e = self.refused(lambda: thumbs.fulfill_and_claim(self.acks([mine]), goals=["mail"]), 403, "thumb")
         self.assertEqual(e.code, "forbidden")
         self.refused(lambda: submitter.fulfill_and_claim(self.acks([mail])), 403, "work")
@@ -2870,7 +2870,7 @@ class FulfilWithClaim(ServerCase):
                          sorted((i, "w%d" % n, "by w%d" % n) for i, n in by.items()))
         self.assertEqual(self.c.stats()["counts"]["fulfilled"], 300)
 
-    def test_the_client_refuses_an_answer_without_an_outcome_for_each_fulfil(self):
+    def test_the_client_refuses_an_answer_without_an_outcome_for_each_fulfill(self):
         ok = {"id": "1", "ok": True, "status": "fulfilled", "finished_at": 1.0}
         bad = [{"intents": []}, {"intents": [], "results": []}, {"intents": [], "results": [ok, ok]},
                {"intents": [], "results": {"1": ok}}, {"intents": [], "results": [{"id": "1"}]},
@@ -2886,7 +2886,7 @@ class FulfilWithClaim(ServerCase):
         self.assertEqual(c.fulfill_and_claim([{"id": "1", "token": "t"}], "w"), ([ok], []))
         self.assertEqual(f.connections, 1)   # each answer was read whole: kept alive throughout
 
-    def test_the_queue_fulfils_and_claims_in_one_write(self):
+    def test_the_queue_fulfills_and_claims_in_one_write(self):
         store, q = self.alone()
         a, b, c = (i["id"] for i in q.submit([{"goal": "g", "payload": n} for n in range(3)])[1])
         held = {j["id"]: j for j in q.claim({"worker": "w", "goals": ["g"], "max": 2})}
@@ -2905,7 +2905,7 @@ class FulfilWithClaim(ServerCase):
                          ("fulfilled", "A", "claimed"))
         self.assertEqual(q.get(c)["lease_expires_at"], q.clock.now + q.get(c)["lease"])
 
-    def test_a_closing_queue_still_fulfils_and_claims_nothing(self):
+    def test_a_closing_queue_still_fulfills_and_claims_nothing(self):
         for writer in (False, True):
             with self.subTest(writer=writer):
                 store, q = self.alone(writer)
@@ -2917,6 +2917,44 @@ class FulfilWithClaim(ServerCase):
                 self.assertEqual(([o["ok"] for o in outcomes], claimed), ([True, True], []))
                 self.assertEqual([q.get(i)["status"] for i in ids], ["fulfilled", "fulfilled", "open"])
 
+
+    def test_a_failed_commit_answers_at_once_not_a_long_poll_later(self):
+        # The commit of the fulfills (and the claim's first look) fails while the claim is
+        # parked. The claim, requeued by the rollback, parked again and the error came a whole
+        # wait later (found by a review); now it ends at once, and nothing changed.
+        store, q = self.alone(writer=True)
+        ids = [i["id"] for i in q.submit([{"goal": "g", "payload": n} for n in range(2)])[1]]
+        held = q.claim({"worker": "w", "goals": ["g"], "max": 2})
+        real, failures = store._wconn, [1]
+
+        class FailingCommit:   # the writer's connection, with its next COMMIT refused
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            def execute(self, sql, *args):
+                if sql == "COMMIT" and failures:
+                    failures.pop()
+                    raise sqlite3.OperationalError("disk I/O error (injected)")
+                return real.execute(sql, *args)
+        store._wconn = FailingCommit()
+        self.addCleanup(setattr, store, "_wconn", real)
+        got = []
+        t = threading.Thread(target=lambda: got.append(self.raised(lambda: q.fulfill_and_claim(
+            {"worker": "w", "goals": ["g"], "wait": 60, "fulfill": self.acks(held, "r")}))))
+        t.start()
+        t.join(20)   # far less than the 60 s wait
+        self.assertFalse(t.is_alive())
+        self.assertIsInstance(got[0], intentbus.StorageError)
+        self.assertEqual([q.get(i)["status"] for i in ids], ["claimed", "claimed"])
+        outcomes, _ = q.fulfill_and_claim({"worker": "w", "goals": ["g"], "fulfill": self.acks(held, "r")})
+        self.assertEqual([o["ok"] for o in outcomes], [True, True])   # the next try goes through
+
+    @staticmethod
+    def raised(fn):
+        try:
+            return fn()
+        except Exception as e:
+            return e
 
 class UniqueKeysOverHTTP(ServerCase):
     """unique_key over HTTP: curl's form fields, worker.Client, many threads, redrives, the CLI."""
@@ -3684,12 +3722,15 @@ class ClientConnections(unittest.TestCase):
         c.health()
         with self.assertRaises(Unavailable):   # no header injection: refused before sending
             c.request("GET", "/health", headers={"X-Note": "a\r\nX-Injected: 1"})
+        with self.assertRaises(Unavailable):
+            c.request("GET", "/health", headers={"X-Note": b"a\nX-Injected: 1"})
         c.health()
         heads = [h.split(b"\r\n") for h in f.heads]
         self.assertEqual(len(heads), 5)
         self.assertEqual(heads[0][0], b"POST /intents HTTP/1.1")
         self.assertEqual(sorted(heads[0][1:]), sorted([
             b"Host: 127.0.0.1:" + port.encode(), b"Accept: application/json",
+            b"Accept-Encoding: identity",   # none would accept any coding (a compressing proxy)
             b"User-Agent: intentbus-worker/" + worker.__version__.encode(),
             b"Authorization: Bearer T0ken-123", b"Content-Type: application/json",
             b"Prefer: return=minimal", b"Content-Length: %d" % len(b'{"goal":"g","payload":1}')]))
@@ -5111,7 +5152,7 @@ class LibraryMode(WorkerCase):
         self.assertFalse(t.is_alive())
 
     def counting(self, name):
-        """Calls of Client.<name>, counted (each a list of its fulfil ids, or [])."""
+        """Calls of Client.<name>, counted (each a list of its fulfill ids, or [])."""
         calls, real = [], getattr(Client, name)
 
         def counted(client, *args, **kwargs):
@@ -5123,9 +5164,9 @@ class LibraryMode(WorkerCase):
         self.addCleanup(patcher.stop)
         return calls
 
-    def test_a_fulfil_goes_with_the_next_claim(self):
+    def test_a_fulfill_goes_with_the_next_claim(self):
         # A worker whose slots are all busy waits to claim; a slot that finishes then hands its
-        # fulfil to that claim instead of sending it alone: one round trip per job, not two.
+        # fulfill to that claim instead of sending it alone: one round trip per job, not two.
         logged = []
         w = worker.Worker(self.url, None, wait=1, log=logged.append)
         riding, alone = self.counting("fulfill_and_claim"), self.counting("fulfill")
@@ -5133,10 +5174,10 @@ class LibraryMode(WorkerCase):
 
         @w.handler("ride")
         def ride(payload):
-            # the claim loop waits for this slot (concurrency 1): the fulfil can go with its claim
+            # the claim loop waits for this slot (concurrency 1): the fulfill can go with its claim
             self.assertTrue(eventually(lambda: w._claim_waiting))
             if payload == 2:
-                w.stop()   # stopping: the last fulfil goes alone, at once
+                w.stop()   # stopping: the last fulfill goes alone, at once
             return {"n": payload}
         self.assertEqual(w.run(install_signals=False), 0)
         self.assertEqual(riding, [[ids[0]], [ids[1]]])
@@ -5147,9 +5188,9 @@ class LibraryMode(WorkerCase):
         self.assertEqual((w.completed, w.failures), (3, 0))
         self.assertEqual([line for line in logged if "lease lost" in line or "refused" in line], [])
 
-    def test_a_fulfil_on_a_long_poll_cut_by_stop_is_known_done(self):
-        # The fulfil commits before the claim that carries it waits; stop() then cuts that long
-        # poll, its answer lost. Sent again, the fulfil is refused "(it is fulfilled)": done.
+    def test_a_fulfill_on_a_long_poll_cut_by_stop_is_known_done(self):
+        # The fulfill commits before the claim that carries it waits; stop() then cuts that long
+        # poll, its answer lost. Sent again, the fulfill is refused "(it is fulfilled)": done.
         logged = []
         w = worker.Worker(self.url, None, wait=20, log=logged.append)
         alone = self.counting("fulfill")
@@ -5162,7 +5203,7 @@ class LibraryMode(WorkerCase):
         t = threading.Thread(target=lambda: w.run(install_signals=False))
         t.start()
         self.assertTrue(eventually(lambda: self.c.get(i["id"])["status"] == "fulfilled"))
-        w.stop()   # the claim carrying the fulfil long-polls an empty queue
+        w.stop()   # the claim carrying the fulfill long-polls an empty queue
         t.join(10)
         self.assertFalse(t.is_alive())
         self.assertEqual(alone, [[i["id"]]])
@@ -5171,9 +5212,68 @@ class LibraryMode(WorkerCase):
         v = self.c.get(i["id"])
         self.assertEqual((v["status"], v["result"], v["attempts"]), ("fulfilled", "done", 1))
 
-    def test_a_server_that_takes_no_fulfils_with_a_claim_gets_them_apart(self):
+    def test_a_fulfill_riding_on_a_claim_is_given_up_on_in_time_to_go_alone(self):
+        # A claim's answer was awaited as long as its long poll (35 s): a fulfill riding on it,
+        # lost to a dead connection, was sent again after its lease had run out, and the job
+        # ran twice (found by a review). Now the claim waits at most half the lease left.
+        logged, seen = [], []
+        w = worker.Worker(self.url, None, wait=25, log=logged.append)
+        i = self.c.submit("short", "x", lease=3)
+
+        def blackholed(client, fulfill, **kwargs):   # as if no answer came within the timeout
+            seen.append(kwargs)
+            raise Unavailable("no answer within %gs" % kwargs["timeout"], None, "timeout")
+        patcher = unittest.mock.patch.object(Client, "fulfill_and_claim", blackholed)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+        @w.handler("short")
+        def short(payload):
+            self.assertTrue(eventually(lambda: w._claim_waiting))
+            return "done"
+        t = threading.Thread(target=lambda: w.run(install_signals=False))
+        t.start()
+        self.assertTrue(eventually(lambda: self.c.get(i["id"])["status"] == "fulfilled"))
+        w.stop()
+        t.join(10)
+        self.assertFalse(t.is_alive())
+        self.assertEqual(len(seen), 1)
+        self.assertLessEqual(seen[0]["timeout"], 1.5)   # half of the 3 s lease, at most
+        self.assertEqual(seen[0]["wait"], 0.0)           # no room for a long poll
+        v = self.c.get(i["id"])
+        self.assertEqual((v["status"], v["result"], v["attempts"]), ("fulfilled", "done", 1))
+        self.assertEqual((w.completed, w.failures), (1, 0))
+
+    def test_a_stop_just_before_the_claim_is_sent_ends_its_long_poll(self):
+        # stop() aborts the claim client; a claim sent just after starts afresh and would
+        # long-poll its whole wait, while the shutdown waited for the fulfill riding on it.
+        w = worker.Worker(self.url, None, wait=20, log=None)
+        i = self.c.submit("race", "x")
+        calls = []
+        handlers = w.current_handlers
+
+        def stop_on_the_second_look():   # the claim loop looks before each claim
+            if threading.current_thread().name == "intentbus-claim":
+                calls.append(1)
+                if len(calls) == 2:
+                    w.stop()
+            return handlers()
+        w.current_handlers = stop_on_the_second_look
+
+        @w.handler("race")
+        def race(payload):
+            self.assertTrue(eventually(lambda: w._claim_waiting))
+            return "done"
+        t = threading.Thread(target=lambda: w.run(install_signals=False))
+        t.start()
+        t.join(10)   # not the 20 s long poll
+        self.assertFalse(t.is_alive())
+        self.assertEqual(self.c.get(i["id"])["status"], "fulfilled")
+        self.assertEqual((w.completed, w.failures), (1, 0))
+
+    def test_a_server_that_takes_no_fulfills_with_a_claim_gets_them_apart(self):
         # A server before 0.4.0 refuses the field (400 "unknown field 'fulfill' in a claim"):
-        # the worker fulfils apart from then on, and carries on claiming.
+        # the worker fulfills apart from then on, and carries on claiming.
         logged = []
         w = worker.Worker(self.url, None, wait=1, log=logged.append)
         alone = self.counting("fulfill")
@@ -5194,11 +5294,11 @@ class LibraryMode(WorkerCase):
                 w.stop()
             return payload
         self.assertEqual(w.run(install_signals=False), 0)
-        self.assertEqual(refused, [1])   # once: then no more fulfils ride
+        self.assertEqual(refused, [1])   # once: then no more fulfills ride
         self.assertEqual(alone, [[x] for x in ids])
         self.assertTrue(all(self.c.get(x)["status"] == "fulfilled" for x in ids))
         self.assertEqual((w.completed, w.failures), (3, 0))
-        self.assertTrue(any("takes no fulfils with a claim" in line for line in logged))
+        self.assertTrue(any("takes no fulfills with a claim" in line for line in logged))
 
 
 # =====================================================================================
@@ -6151,8 +6251,8 @@ class RateLimits(BusCase):
             phone.claim(worker="phone")
         self.assertEqual((cm.exception.status, cm.exception.code), (429, "rate_limited"))
 
-    def test_an_idle_long_poll_with_fulfils_costs_what_a_fulfil_would(self):
-        # A claim that carries fulfils did work: it costs a request, as the fulfils sent alone
+    def test_an_idle_long_poll_with_fulfills_costs_what_a_fulfill_would(self):
+        # A claim that carries fulfills did work: it costs a request, as the fulfills sent alone
         # would have. One that carries an empty list and sits idle is a free long poll.
         srv = self.start(token=ROOT, rate=0.2, burst=3)
         self.frozen(srv)
@@ -7650,7 +7750,7 @@ def run_against(bus, jobs=40, workers=3, fail_rate=0.0, crash_rate=0.0, batch=1,
 
 class HarnessAgainstFakes(unittest.TestCase):
     def test_clean_fake_passes(self):
-        for separate in (False, True):   # fulfils riding on the next claim, or on their own
+        for separate in (False, True):   # fulfills riding on the next claim, or on their own
             with self.subTest(separate_acks=separate):
                 v, submits, runs, _ = run_against(FakeBus(), jobs=60, separate_acks=separate)
                 self.assertEqual((v["lost"], v["fulfilled_twice"], v["double_run"], v["duplicates"]),

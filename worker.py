@@ -314,7 +314,7 @@ def _header_lines(headers):
     putheader refuses: a name that is no token, a value with a line break or a control."""
     lines = []
     for name, value in headers.items():
-        value = str(value)
+        value = value.decode("latin-1") if isinstance(value, bytes) else str(value)
         if not _HEADER_NAME.match(name) or any(c < " " and c != "\t" or c == "\x7f" for c in value):
             raise ValueError("invalid header %r" % name)
         lines.append("%s: %s" % (name, value))
@@ -441,7 +441,10 @@ class Client:
         self._idle_since = 0.0   # when the connection's last answer was read (monotonic)
         self._aborted = False
         self._sign_key = None
-        base = {"Accept": "application/json", "User-Agent": "intentbus-worker/" + __version__}
+        # identity: without Accept-Encoding any coding is acceptable (RFC 9110), and a proxy
+        # that compresses would send gzip this client cannot read
+        base = {"Accept": "application/json", "Accept-Encoding": "identity",
+                "User-Agent": "intentbus-worker/" + __version__}
         if token and sign_as:
             self._sign_key = token
             self._sign_as = str(sign_as)
@@ -681,20 +684,23 @@ class Client:
                                    timeout=max_(self.timeout, (wait or 0) + 10.0))
         return _claimed(status, obj)
 
-    def fulfill_and_claim(self, fulfill, worker=None, caps=(), goals=(), max=1, wait=0, lease=None):
+    def fulfill_and_claim(self, fulfill, worker=None, caps=(), goals=(), max=1, wait=0, lease=None,
+                          timeout=None):
         """Acknowledge finished intents and claim more in one request: one round trip per job
         instead of two. fulfill is a list of {id, token, result}, as fulfill_many takes. Returns
-        (outcomes, intents): an outcome per item, as fulfill_many's. The server fulfils at once;
+        (outcomes, intents): an outcome per item, as fulfill_many's. The server fulfills at once;
         with wait the outcomes come with the claim's answer, when it finds intents or the wait
-        ends. A network error leaves unknown whether the fulfils were done: sent again, one
-        that was done answers lease_lost."""
+        ends. A network error leaves unknown whether the fulfills were done: sent again, one
+        that was done answers lease_lost "(it is fulfilled)". timeout: for the answer (default:
+        the client's, or wait + 10 s if longer); keep it shorter than the leases' rest."""
         body = _claim_body(worker, caps, goals, max, wait, lease)
         body["fulfill"] = list(fulfill)
-        status, obj = self.request("POST", "/claim", body, timeout=max_(self.timeout, (wait or 0) + 10.0))
+        status, obj = self.request("POST", "/claim", body, timeout=timeout if timeout is not None
+                                   else max_(self.timeout, (wait or 0) + 10.0))
         outcomes = obj.get("results") if isinstance(obj, dict) else None
         if not isinstance(outcomes, list) or len(outcomes) != len(body["fulfill"]) or \
                 not all(isinstance(o, dict) and isinstance(o.get("ok"), bool) for o in outcomes):
-            raise Unavailable("the server's claim answer has no outcome for each fulfil (a server "
+            raise Unavailable("the server's claim answer has no outcome for each fulfill (a server "
                               "older than 0.4.0, or a proxy?)", status, "bad_answer")
         return outcomes, _claimed(status, obj)
 
@@ -952,7 +958,8 @@ class _Command:
         return " ".join(shlex.quote(a) for a in self.argv)
 
 
-RIDING = "riding"   # _run_job: the fulfil went to the claim loop, to go with its next claim
+RIDING = "riding"   # _run_job: the fulfill went to the claim loop, to go with its next claim
+RIDING_MARGIN = 2.0  # s: a claim carrying fulfills long-polls this much less than its timeout
 
 
 class Worker:
@@ -997,12 +1004,12 @@ class Worker:
         self._free = 0
         self._jobs = {}
         self._queue = []
-        # Fulfils handed to the claim loop, to go with its next claim: a slot hands one over
+        # Fulfills handed to the claim loop, to go with its next claim: a slot hands one over
         # only while that loop waits for a free slot, so it goes at once (never a long poll late)
         self._riding = []
         self._unsettled = 0          # handed over, their outcome not yet known
         self._claim_waiting = False  # the claim loop waits for a free slot
-        self._ride = True            # False once the server refused a claim's fulfils (before 0.4.0)
+        self._ride = True            # False once the server refused a claim's fulfills (before 0.4.0)
         self.failures = 0           # jobs that did not end fulfilled (for --once)
         self.completed = 0
         self.exit_code = 0
@@ -1221,7 +1228,9 @@ class Worker:
         os._exit(130)
 
     def _shutdown(self):
-        if not self._wait_idle(self.grace):
+        # A stop that lands just before the claim loop sends its claim is lost with the abort
+        # (a request starts afresh): poked again while waiting, the long poll ends all the same.
+        if not self._wait_idle(self.grace, poke=self.claim_client.abort):
             with self._cv:
                 jobs = list(self._jobs.values())
             self.log("grace period over: stopping %d job(s) and releasing them" % len(jobs))
@@ -1231,14 +1240,18 @@ class Worker:
             self._wait_idle(KILL_AFTER + 10.0)
         self.log("%s stopped" % self.name)
 
-    def _wait_idle(self, limit):
+    def _wait_idle(self, limit, poke=None):
+        """True once no job runs or waits and every fulfill handed over is settled; False after
+        limit seconds. poke, if given, is called every half second meanwhile."""
         deadline = None if limit is None else time.monotonic() + limit
         with self._cv:
-            while self._free < self.concurrency or self._queue or self._unsettled:
+            while self._free < self.concurrency or self._queue or self._unsettled > 0:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
-                self._cv.wait(left if left is not None else 1.0)
+                self._cv.wait(min(left if left is not None else 1.0, 0.5 if poke else 1.0))
+                if poke:
+                    poke()
         return True
 
     def _sleep(self, seconds):
@@ -1250,7 +1263,7 @@ class Worker:
     def _claim_loop(self, once):
         backoff = Backoff()
         outage = None
-        acks = []   # [(job, result, took)]: fulfils sent with this claim
+        acks = []   # [(job, result)]: fulfills sent with this claim
         try:
             while not self.stopping.is_set():
                 with self._cv:
@@ -1264,8 +1277,8 @@ class Worker:
                     return
                 goals = sorted(self.current_handlers())
                 if not goals:
-                    self._fulfil_apart(acks)
-                    acks = []
+                    pending, acks = acks, []
+                    self._fulfill_apart(pending)
                     if not self._no_handlers_logged:
                         self.log("no handlers left in %s; waiting for some" % self.handlers_dir)
                         self._no_handlers_logged = True
@@ -1276,21 +1289,27 @@ class Worker:
                 sent = time.monotonic()
                 try:
                     if acks:
+                        # The answer must come (or be given up on) while a fulfill sent again
+                        # alone can still arrive within every lease: as _deliver's timeout, half
+                        # the shortest lease left, and the long poll shorter by a margin.
+                        timeout = _lease_timeout(min(acks, key=lambda a: a[0].expires)[0],
+                                                 self.claim_client.timeout)
                         outcomes, intents = self.claim_client.fulfill_and_claim(
                             [{"id": job.id, "token": job.token, "result": result}
-                             for job, result, _ in acks],
+                             for job, result in acks],
                             worker=self.name, caps=self.caps, goals=goals, max=min(free, 100),
-                            wait=self.wait, lease=self.lease)
-                        self._settle(acks, outcomes)
-                        acks = []
+                            wait=max(0.0, min(self.wait, timeout - RIDING_MARGIN)),
+                            lease=self.lease, timeout=timeout)
+                        settled, acks = acks, []
+                        self._settle(settled, outcomes)
                     else:
                         intents = self.claim_client.claim(
                             worker=self.name, caps=self.caps, goals=goals, max=min(free, 100),
                             wait=self.wait, lease=self.lease)
                 except Unavailable as e:
-                    # The fulfils may have been done: sent again apart, "it is fulfilled" says so
-                    self._fulfil_apart(acks, sent_before=True)
-                    acks = []
+                    # The fulfills may have been done: sent again apart, "it is fulfilled" says so
+                    pending, acks = acks, []
+                    self._fulfill_apart(pending, sent_before=True)
                     if self.stopping.is_set():
                         return
                     if once:
@@ -1308,10 +1327,10 @@ class Worker:
                     if acks:   # perhaps refused for them: a result too large, a server before 0.4.0
                         if e.status == 400 and "fulfill" in e.message:
                             self._ride = False
-                            self.log("the server takes no fulfils with a claim (%s); fulfilling "
+                            self.log("the server takes no fulfills with a claim (%s); fulfilling "
                                      "apart" % e.message)
-                        self._fulfil_apart(acks)
-                        acks = []
+                        pending, acks = acks, []
+                        self._fulfill_apart(pending)
                         continue
                     if e.code == "tls" and not once:   # e.g. a captive portal on public Wi-Fi
                         delay = backoff.next()
@@ -1359,28 +1378,28 @@ class Worker:
             self.stop()
         finally:   # stopping: what was handed over, and not sent or not answered, goes apart
             with self._cv:
-                acks, self._riding = acks + self._riding, []
-            self._fulfil_apart(acks, sent_before=True)
+                pending, acks, self._riding = acks + self._riding, [], []
+            self._fulfill_apart(pending, sent_before=True)
 
     def _hand_over(self, job, result):
-        """Give a fulfil to the claim loop if it waits for a free slot: it is about to claim,
-        and the fulfil goes with that claim instead of costing a round trip of its own."""
+        """Give a fulfill to the claim loop if it waits for a free slot: it is about to claim,
+        and the fulfill goes with that claim instead of costing a round trip of its own."""
         with self._cv:
             if not (self._claim_waiting and self._ride) or self.stopping.is_set():
                 return False
-            self._riding.append((job, result, time.monotonic() - job.started))
+            self._riding.append((job, result))
             self._unsettled += 1
             return True
 
     def _settle(self, acks, outcomes):
-        """The outcomes of fulfils that went with a claim (one per item, in order)."""
+        """The outcomes of fulfills that went with a claim (one per item, in order)."""
         done = 0
-        for (job, _, _), outcome in zip(acks, outcomes):
+        for (job, _), outcome in zip(acks, outcomes):
             if outcome.get("ok"):
                 done += 1
                 continue
             error = outcome.get("error") if isinstance(outcome.get("error"), dict) else {}
-            self.log("lease lost on %s; its fulfill was refused: %s" % (
+            self.log("fulfill of %s refused: %s" % (
                 job.id, _one_line(str(error.get("message") or error.get("code") or "refused"))))
         with self._cv:
             self.completed += done
@@ -1388,15 +1407,15 @@ class Worker:
             self._unsettled -= len(acks)
             self._cv.notify_all()
 
-    def _fulfil_apart(self, acks, sent_before=False):
-        """Deliver handed-over fulfils one by one (the claim that carried them failed, or none
+    def _fulfill_apart(self, acks, sent_before=False):
+        """Deliver handed-over fulfills one by one (the claim that carried them failed, or none
         will be sent). sent_before: they went with a claim whose answer was lost, so may be done."""
         if not acks:
             return
         client = self._client()
         try:
             done = 0
-            for job, result, _ in acks:
+            for job, result in acks:
                 answer = self._deliver(job, client, "fulfill", result=result, sent_before=sent_before)
                 done += isinstance(answer, dict) and answer.get("status") == "fulfilled"
         finally:
@@ -1445,7 +1464,7 @@ class Worker:
 
     def _run_job(self, job, client):
         """Run one claimed intent and report it. Returns True if it was fulfilled, None if it
-        was snoozed (neither done nor failed), RIDING if its fulfil went to the claim loop (to
+        was snoozed (neither done nor failed), RIDING if its fulfill went to the claim loop (to
         go with the next claim), False otherwise."""
         if self.stopping.is_set():
             self._deliver(job, client, "release")
@@ -1769,7 +1788,10 @@ class Worker:
                         e.message.endswith("(it is fulfilled)"):
                     self.log("fulfill %s: an earlier try got through" % job.id)
                     return {"id": job.id, "status": "fulfilled"}
-                if (tries > 1 or sent_before) and "expired" not in e.message:
+                # A fulfill that got through is refused "(it is fulfilled)", above; another
+                # refusal of one means the lease was lost. A fail or a release that got through
+                # leaves the intent open (or dead) for all the token can tell.
+                if (tries > 1 or sent_before) and "expired" not in e.message and kind != "fulfill":
                     self.log("%s %s: %s (an earlier try probably got through)" % (kind, job.id, e))
                 else:
                     self.log("lease lost on %s; its %s was refused: %s" % (job.id, kind, e.message))
