@@ -5164,6 +5164,25 @@ class LibraryMode(WorkerCase):
         self.addCleanup(patcher.stop)
         return calls
 
+    def when_the_claim_waits(self, w, goal, result, then=None):
+        """A handler for goal that answers result(payload) once the claim loop waits for its slot
+        (concurrency 1), so that its fulfill can go with the next claim; then(payload) first."""
+        @w.handler(goal)
+        def handle(payload):
+            self.assertTrue(eventually(lambda: w._claim_waiting))
+            if then is not None:
+                then(payload)
+            return result(payload)
+
+    def run_until_fulfilled(self, w, intent_id):
+        """Run w on a thread until the intent is fulfilled, then stop it (and see it stop)."""
+        t = threading.Thread(target=lambda: w.run(install_signals=False))
+        t.start()
+        self.assertTrue(eventually(lambda: self.c.get(intent_id)["status"] == "fulfilled"))
+        w.stop()
+        t.join(10)
+        self.assertFalse(t.is_alive())
+
     def test_a_fulfill_goes_with_the_next_claim(self):
         # A worker whose slots are all busy waits to claim; a slot that finishes then hands its
         # fulfill to that claim instead of sending it alone: one round trip per job, not two.
@@ -5171,14 +5190,8 @@ class LibraryMode(WorkerCase):
         w = worker.Worker(self.url, None, wait=1, log=logged.append)
         riding, alone = self.counting("fulfill_and_claim"), self.counting("fulfill")
         ids = [self.c.submit("ride", n, priority=-n)["id"] for n in range(3)]
-
-        @w.handler("ride")
-        def ride(payload):
-            # the claim loop waits for this slot (concurrency 1): the fulfill can go with its claim
-            self.assertTrue(eventually(lambda: w._claim_waiting))
-            if payload == 2:
-                w.stop()   # stopping: the last fulfill goes alone, at once
-            return {"n": payload}
+        # the last job stops the worker: stopping, its fulfill goes alone, at once
+        self.when_the_claim_waits(w, "ride", lambda n: {"n": n}, then=lambda n: n == 2 and w.stop())
         self.assertEqual(w.run(install_signals=False), 0)
         self.assertEqual(riding, [[ids[0]], [ids[1]]])
         self.assertEqual(alone, [[ids[2]]])
@@ -5195,17 +5208,8 @@ class LibraryMode(WorkerCase):
         w = worker.Worker(self.url, None, wait=20, log=logged.append)
         alone = self.counting("fulfill")
         i = self.c.submit("cut", "x")
-
-        @w.handler("cut")
-        def cut(payload):
-            self.assertTrue(eventually(lambda: w._claim_waiting))
-            return "done"
-        t = threading.Thread(target=lambda: w.run(install_signals=False))
-        t.start()
-        self.assertTrue(eventually(lambda: self.c.get(i["id"])["status"] == "fulfilled"))
-        w.stop()   # the claim carrying the fulfill long-polls an empty queue
-        t.join(10)
-        self.assertFalse(t.is_alive())
+        self.when_the_claim_waits(w, "cut", lambda payload: "done")
+        self.run_until_fulfilled(w, i["id"])   # stopped while the carrying claim long-polls
         self.assertEqual(alone, [[i["id"]]])
         self.assertEqual((w.completed, w.failures), (1, 0))
         self.assertIn("fulfill %s: an earlier try got through" % i["id"], logged)
@@ -5226,17 +5230,8 @@ class LibraryMode(WorkerCase):
         patcher = unittest.mock.patch.object(Client, "fulfill_and_claim", blackholed)
         patcher.start()
         self.addCleanup(patcher.stop)
-
-        @w.handler("short")
-        def short(payload):
-            self.assertTrue(eventually(lambda: w._claim_waiting))
-            return "done"
-        t = threading.Thread(target=lambda: w.run(install_signals=False))
-        t.start()
-        self.assertTrue(eventually(lambda: self.c.get(i["id"])["status"] == "fulfilled"))
-        w.stop()
-        t.join(10)
-        self.assertFalse(t.is_alive())
+        self.when_the_claim_waits(w, "short", lambda payload: "done")
+        self.run_until_fulfilled(w, i["id"])
         self.assertEqual(len(seen), 1)
         self.assertLessEqual(seen[0]["timeout"], 1.5)   # half of the 3 s lease, at most
         self.assertEqual(seen[0]["wait"], 0.0)           # no room for a long poll
@@ -5259,11 +5254,7 @@ class LibraryMode(WorkerCase):
                     w.stop()
             return handlers()
         w.current_handlers = stop_on_the_second_look
-
-        @w.handler("race")
-        def race(payload):
-            self.assertTrue(eventually(lambda: w._claim_waiting))
-            return "done"
+        self.when_the_claim_waits(w, "race", lambda payload: "done")
         t = threading.Thread(target=lambda: w.run(install_signals=False))
         t.start()
         t.join(10)   # not the 20 s long poll
@@ -5286,13 +5277,7 @@ class LibraryMode(WorkerCase):
         patcher.start()
         self.addCleanup(patcher.stop)
         ids = [self.c.submit("old", n, priority=-n)["id"] for n in range(3)]
-
-        @w.handler("old")
-        def old(payload):
-            self.assertTrue(eventually(lambda: w._claim_waiting))
-            if payload == 2:
-                w.stop()
-            return payload
+        self.when_the_claim_waits(w, "old", lambda n: n, then=lambda n: n == 2 and w.stop())
         self.assertEqual(w.run(install_signals=False), 0)
         self.assertEqual(refused, [1])   # once: then no more fulfills ride
         self.assertEqual(alone, [[x] for x in ids])
