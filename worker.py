@@ -1378,8 +1378,9 @@ class Worker:
             self.stop()
         finally:   # stopping: what was handed over, and not sent or not answered, goes apart
             with self._cv:
-                pending, acks, self._riding = acks + self._riding, [], []
-            self._fulfill_apart(pending, sent_before=True)
+                unsent, self._riding = self._riding, []
+            self._fulfill_apart(acks, sent_before=True)   # perhaps sent (a crash mid-request)
+            self._fulfill_apart(unsent)
 
     def _hand_over(self, job, result):
         """Give a fulfill to the claim loop if it waits for a free slot: it is about to claim,
