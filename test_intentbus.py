@@ -2187,6 +2187,27 @@ class ConcurrentSoak(TempDirCase):
 # HTTP API, against a real server on 127.0.0.1 and a random port
 # =====================================================================================
 
+class RouteTable(unittest.TestCase):
+    def test_the_literal_routes_are_what_the_table_s_first_match_would_be(self):
+        # A request to a route without a variable part is found in one look, not by trying the
+        # table's patterns in turn: for every method and every path that could be such a route
+        # (or come near one), both ways must give the same route, or none.
+        def first_match(method, path):
+            for m, pattern, name, role in intentbus._COMPILED_ROUTES:
+                if m == method and pattern.match(path):
+                    return name, role
+            return None
+        paths = {p for _, p, _, _ in intentbus.ROUTES if "(" not in p}
+        paths |= {p + "/" for p in paths} | {"/intents/1", "/intents/fulfill/x", "/goals/g/pause"}
+        for method in ("GET", "POST", "PUT", "DELETE"):
+            for path in sorted(paths):
+                literal = intentbus._LITERAL_ROUTES.get((method, path))
+                if literal is not None:
+                    self.assertEqual(literal, first_match(method, path), (method, path))
+        self.assertEqual(intentbus._LITERAL_ROUTES[("POST", "/claim")], ("claim", "work"))
+        self.assertEqual(intentbus._NO_GROUPS.groupdict(), {})
+
+
 class HTTPApi(ServerCase):
     settings = {"backoff_base": 0.05}
 
