@@ -712,6 +712,35 @@ class QueueRules(RulesCase):
         self.assertEqual([c["id"] for c in self.claim()], [i["id"]])
         self.assertEqual(len(probes), 1)
 
+    def test_a_submit_that_wakes_a_parked_claim_looks_once(self):
+        # The wake-up looked whether the route had work before waking a claim, and again
+        # after it had taken it: three index probes on the writer per job instead of one.
+        store, q = self.with_writer()
+        probes = []
+        claimable = store.claimable
+        store.claimable = lambda route, limit: probes.append(limit) or claimable(route, limit)
+        got = []
+        t = threading.Thread(target=lambda: got.extend(q.claim({"worker": "w", "goals": ["g"],
+                                                                "wait": 30})))
+        t.start()
+        self.assertTrue(eventually(lambda: q._parked))   # its look found nothing: it waits
+        del probes[:]
+        i = q.submit([{"goal": "g"}])[1][0]
+        t.join(10)
+        self.assertEqual([c["id"] for c in got], [i["id"]])
+        self.assertEqual(probes, [2])   # the woken claim's own look: one row more than its max
+        # Two at once: the first woken claim sees a row more, so a second is woken for it
+        del probes[:], got[:]
+        threads = [threading.Thread(target=lambda: got.extend(q.claim(
+            {"worker": "w", "goals": ["g"], "wait": 30}))) for _ in range(2)]
+        for t in threads:
+            t.start()
+        self.assertTrue(eventually(lambda: sum(r.op.state == intentbus._PARKED for r in q._parked) == 2))
+        two = [x["id"] for x in q.submit([{"goal": "g"}, {"goal": "g"}])[1]]
+        for t in threads:
+            t.join(10)
+        self.assertEqual(sorted(c["id"] for c in got), sorted(two))
+
     def test_every_way_work_comes_back_is_seen_by_a_claim_that_found_none(self):
         # A route found empty is skipped until work is ready on it again: each way that makes
         # an intent claimable must say so, or its intent would sit open and never be claimed.
