@@ -74,6 +74,20 @@ def eventually(check, timeout=10.0, interval=0.02):
     return value
 
 
+def fulfill_items(jobs, result=None):
+    """{id, token, result} items fulfilling claimed jobs (their payload as the result, unless given)."""
+    return [{"id": j["id"], "token": j["token"], "result": j["payload"] if result is None else result}
+            for j in jobs]
+
+
+def raised(fn):
+    """What fn() returned, or the exception it raised (for a call made on another thread)."""
+    try:
+        return fn()
+    except Exception as e:
+        return e
+
+
 def in_threads(target, count, timeout=60.0):
     """Run target(n) for n in range(count), each on a thread of its own, and wait for them all
     (each join bounded by timeout)."""
@@ -711,6 +725,68 @@ class QueueRules(RulesCase):
         i = self.submit(goal="g7")
         self.assertEqual([c["id"] for c in self.claim()], [i["id"]])
         self.assertEqual(len(probes), 1)
+
+    def test_the_queue_fulfills_and_claims_in_one_write(self):
+        store, q = self.store, self.q
+        a, b, c = (i["id"] for i in q.submit([{"goal": "g", "payload": n} for n in range(3)])[1])
+        held = {j["id"]: j for j in q.claim({"worker": "w", "goals": ["g"], "max": 2})}
+        self.assertEqual(sorted(held), sorted([a, b]))
+        q.clock.advance(5)
+        with unittest.mock.patch.object(store, "write", wraps=store.write) as write:
+            outcomes, claimed = q.fulfill_and_claim({"worker": "w", "goals": ["g"], "fulfill": [
+                {"id": a, "token": held[a]["token"], "result": "A"},
+                {"id": b, "token": "stale", "result": "B"}]})
+        self.assertEqual(write.call_count, 1)
+        self.assertEqual(outcomes, [{"id": a, "ok": True, "status": "fulfilled", "finished_at": q.clock.now},
+                                    {"id": b, "ok": False, "error": {
+                                        "code": "lease_lost", "message": outcomes[1]["error"]["message"]}}])
+        self.assertEqual([j["id"] for j in claimed], [c])
+        self.assertEqual((q.get(a)["status"], q.get(a)["result"], q.get(b)["status"]),
+                         ("fulfilled", "A", "claimed"))
+        self.assertEqual(q.get(c)["lease_expires_at"], q.clock.now + q.get(c)["lease"])
+
+    def test_a_closing_queue_still_fulfills_and_claims_nothing(self):
+        for writer in (False, True):
+            with self.subTest(writer=writer):
+                q = self.with_writer()[1] if writer else self.q
+                ids = [i["id"] for i in q.submit([{"goal": "g", "payload": n} for n in range(3)])[1]]
+                held = q.claim({"worker": "w", "goals": ["g"], "max": 2})
+                q.closing = True
+                outcomes, claimed = q.fulfill_and_claim({"worker": "w", "goals": ["g"], "wait": 5,
+                                                         "fulfill": fulfill_items(held, "done")})
+                self.assertEqual(([o["ok"] for o in outcomes], claimed), ([True, True], []))
+                self.assertEqual([q.get(i)["status"] for i in ids], ["fulfilled", "fulfilled", "open"])
+
+    def test_a_failed_commit_answers_at_once_not_a_long_poll_later(self):
+        # The commit of the fulfills (and the claim's first look) fails while the claim is
+        # parked. The claim, requeued by the rollback, parked again and the error came a whole
+        # wait later (found by a review); now it ends at once, and nothing changed.
+        store, q = self.with_writer()
+        ids = [i["id"] for i in q.submit([{"goal": "g", "payload": n} for n in range(2)])[1]]
+        held = q.claim({"worker": "w", "goals": ["g"], "max": 2})
+        real, failures = store._wconn, [1]
+
+        class FailingCommit:   # the writer's connection, with its next COMMIT refused
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            def execute(self, sql, *args):
+                if sql == "COMMIT" and failures:
+                    failures.pop()
+                    raise sqlite3.OperationalError("disk I/O error (injected)")
+                return real.execute(sql, *args)
+        store._wconn = FailingCommit()
+        self.addCleanup(setattr, store, "_wconn", real)
+        got = []
+        t = threading.Thread(target=lambda: got.append(raised(lambda: q.fulfill_and_claim(
+            {"worker": "w", "goals": ["g"], "wait": 60, "fulfill": fulfill_items(held, "r")}))))
+        t.start()
+        t.join(20)   # far less than the 60 s wait
+        self.assertFalse(t.is_alive())
+        self.assertIsInstance(got[0], intentbus.StorageError)
+        self.assertEqual([q.get(i)["status"] for i in ids], ["claimed", "claimed"])
+        outcomes, _ = q.fulfill_and_claim({"worker": "w", "goals": ["g"], "fulfill": fulfill_items(held, "r")})
+        self.assertEqual([o["ok"] for o in outcomes], [True, True])   # the next try goes through
 
     def test_a_submit_that_wakes_a_parked_claim_looks_once(self):
         # The wake-up looked whether the route had work before waking a claim, and again
@@ -2682,21 +2758,6 @@ class FulfillWithClaim(ServerCase):
         self.assertEqual(sorted(jobs), sorted(ids))
         return [jobs[i] for i in ids]
 
-    @staticmethod
-    def acks(jobs, result=None):
-        return [{"id": j["id"], "token": j["token"], "result": j["payload"] if result is None else result}
-                for j in jobs]
-
-    def alone(self, writer=False):
-        """A Storage and Queue of their own, built as RulesCase builds them (no HTTP; a writer
-        thread only if asked), on a controllable clock."""
-        store = Storage(os.path.join(self.dir, "alone-%s.db" % writer))
-        store.migrate()
-        if writer:
-            store.start_writer()
-        self.addCleanup(store.close)
-        return store, Queue(store, clock=Clock())
-
     def test_two_fulfills_and_the_next_claim_in_one_request(self):
         a, b = self.held("g", 2)
         nxt = self.c.submit("g", {"n": "next"})
@@ -2724,7 +2785,7 @@ class FulfillWithClaim(ServerCase):
         # The same request again (an answer lost on the way): nothing is fulfilled twice, and
         # with nothing left to claim it is still a 200 with its outcomes.
         status, _, again = self.post_claim({"worker": "phone", "goals": ["g"],
-                                            "fulfill": self.acks([a, b], "other")})
+                                            "fulfill": fulfill_items([a, b], "other")})
         self.assertEqual((status, again["intents"]), (200, []))
         self.assertEqual([(r["id"], r["ok"], r["error"]["code"]) for r in again["results"]],
                          [(a["id"], False, "lease_lost"), (b["id"], False, "lease_lost")])
@@ -2732,7 +2793,7 @@ class FulfillWithClaim(ServerCase):
             self.assertTrue(r["error"]["message"].endswith("(it is fulfilled)"), r)
         self.assertEqual(self.c.get(b["id"])["result"], "B")
         # POST /intents/fulfill's ok outcomes carry finished_at too.
-        v = self.c.fulfill_many(self.acks([job], "done"))
+        v = self.c.fulfill_many(fulfill_items([job], "done"))
         self.assertEqual([(r["id"], r["ok"], r["status"]) for r in v], [(nxt["id"], True, "fulfilled")])
         self.assertEqual(v[0]["finished_at"], self.c.get(nxt["id"])["finished_at"])
 
@@ -2765,12 +2826,12 @@ class FulfillWithClaim(ServerCase):
         self.assertEqual((v["status"], v["worker"], v["result"]), ("claimed", "quick", None))
         self.assertEqual(self.c.get(b["id"])["status"], "claimed")
         # the refused items changed nothing: their holders' tokens still work
-        self.assertEqual([o["ok"] for o in self.c.fulfill_many(self.acks([new, b]))], [True, True])
+        self.assertEqual([o["ok"] for o in self.c.fulfill_many(fulfill_items([new, b]))], [True, True])
 
     def test_a_refused_request_fulfills_nothing_and_claims_nothing(self):
         a, b = self.held("g", 2)
         nxt = self.c.submit("g", "next")
-        good = self.acks([a, b], "done")
+        good = fulfill_items([a, b], "done")
         claim = {"worker": "w", "goals": ["g"]}
         ids = (a["id"], b["id"], nxt["id"])
         before = [self.c.get(i) for i in ids]
@@ -2812,7 +2873,7 @@ class FulfillWithClaim(ServerCase):
 
         def claimer():
             try:
-                got["answer"] = waiting.fulfill_and_claim(self.acks([job], {"thumb": "a.jpg"}), "waiter",
+                got["answer"] = waiting.fulfill_and_claim(fulfill_items([job], {"thumb": "a.jpg"}), "waiter",
                                                           goals=["later"], wait=30)
             except Exception as e:   # reported below, not lost on this thread
                 got["error"] = e
@@ -2870,20 +2931,20 @@ class FulfillWithClaim(ServerCase):
         nxt = self.c.submit("thumb", "next")
         before = [self.c.get(i) for i in (mail["id"], mine["id"], nxt["id"])]
         # A claim the token may not make is refused whole: its valid fulfill is not done either.
-        e = self.refused(lambda: thumbs.fulfill_and_claim(self.acks([mine]), goals=["mail"]), 403, "thumb")
+        e = self.refused(lambda: thumbs.fulfill_and_claim(fulfill_items([mine]), goals=["mail"]), 403, "thumb")
         self.assertEqual(e.code, "forbidden")
-        self.refused(lambda: submitter.fulfill_and_claim(self.acks([mail])), 403, "work")
+        self.refused(lambda: submitter.fulfill_and_claim(fulfill_items([mail])), 403, "work")
         self.assertEqual([self.c.get(i) for i in (mail["id"], mine["id"], nxt["id"])], before)
         # Another goal's intent, and another namespace's: per item not_found, and left as it was.
-        outcomes, jobs = thumbs.fulfill_and_claim(self.acks([mail, mine], "stolen?"), "thumbs")
+        outcomes, jobs = thumbs.fulfill_and_claim(fulfill_items([mail, mine], "stolen?"), "thumbs")
         self.assertEqual([(o["id"], o["ok"], o.get("error", {}).get("code")) for o in outcomes],
                          [(mail["id"], False, "not_found"), (mine["id"], True, None)])
         self.assertEqual([j["id"] for j in jobs], [nxt["id"]])
-        outcomes, jobs = other.fulfill_and_claim(self.acks([mail], "stolen?"), "b-phone")
+        outcomes, jobs = other.fulfill_and_claim(fulfill_items([mail], "stolen?"), "b-phone")
         self.assertEqual(([(o["ok"], o["error"]["code"]) for o in outcomes], jobs),
                          ([(False, "not_found")], []))
         self.assertEqual(self.c.get(mail["id"]), before[0])
-        self.assertTrue(self.c.fulfill_many(self.acks([mail]))[0]["ok"])   # its holder's token still holds
+        self.assertTrue(self.c.fulfill_many(fulfill_items([mail]))[0]["ok"])   # its holder's token still holds
 
     def test_sixteen_workers_acknowledging_on_their_next_claims(self):
         ids = [i["id"] for i in self.c.submit_many([{"goal": "many", "payload": n} for n in range(300)])]
@@ -2894,7 +2955,7 @@ class FulfillWithClaim(ServerCase):
             rng, held = random.Random(n), []
             try:
                 for _ in range(400):   # bounded: 300 intents take far fewer rounds
-                    sent = self.acks(held, "by w%d" % n)
+                    sent = fulfill_items(held, "by w%d" % n)
                     results, jobs = clients[n].fulfill_and_claim(sent, "w%d" % n, goals=["many"],
                                                                  max=rng.choice([1, 2, 3]))
                     with lock:
@@ -2935,76 +2996,6 @@ class FulfillWithClaim(ServerCase):
             self.assertEqual(cm.exception.code, "bad_answer", body)
         self.assertEqual(c.fulfill_and_claim([{"id": "1", "token": "t"}], "w"), ([ok], []))
         self.assertEqual(f.connections, 1)   # each answer was read whole: kept alive throughout
-
-    def test_the_queue_fulfills_and_claims_in_one_write(self):
-        store, q = self.alone()
-        a, b, c = (i["id"] for i in q.submit([{"goal": "g", "payload": n} for n in range(3)])[1])
-        held = {j["id"]: j for j in q.claim({"worker": "w", "goals": ["g"], "max": 2})}
-        self.assertEqual(sorted(held), sorted([a, b]))
-        q.clock.advance(5)
-        with unittest.mock.patch.object(store, "write", wraps=store.write) as write:
-            outcomes, claimed = q.fulfill_and_claim({"worker": "w", "goals": ["g"], "fulfill": [
-                {"id": a, "token": held[a]["token"], "result": "A"},
-                {"id": b, "token": "stale", "result": "B"}]})
-        self.assertEqual(write.call_count, 1)
-        self.assertEqual(outcomes, [{"id": a, "ok": True, "status": "fulfilled", "finished_at": q.clock.now},
-                                    {"id": b, "ok": False, "error": {
-                                        "code": "lease_lost", "message": outcomes[1]["error"]["message"]}}])
-        self.assertEqual([j["id"] for j in claimed], [c])
-        self.assertEqual((q.get(a)["status"], q.get(a)["result"], q.get(b)["status"]),
-                         ("fulfilled", "A", "claimed"))
-        self.assertEqual(q.get(c)["lease_expires_at"], q.clock.now + q.get(c)["lease"])
-
-    def test_a_closing_queue_still_fulfills_and_claims_nothing(self):
-        for writer in (False, True):
-            with self.subTest(writer=writer):
-                store, q = self.alone(writer)
-                ids = [i["id"] for i in q.submit([{"goal": "g", "payload": n} for n in range(3)])[1]]
-                held = q.claim({"worker": "w", "goals": ["g"], "max": 2})
-                q.closing = True
-                outcomes, claimed = q.fulfill_and_claim({"worker": "w", "goals": ["g"], "wait": 5,
-                                                         "fulfill": self.acks(held, "done")})
-                self.assertEqual(([o["ok"] for o in outcomes], claimed), ([True, True], []))
-                self.assertEqual([q.get(i)["status"] for i in ids], ["fulfilled", "fulfilled", "open"])
-
-
-    def test_a_failed_commit_answers_at_once_not_a_long_poll_later(self):
-        # The commit of the fulfills (and the claim's first look) fails while the claim is
-        # parked. The claim, requeued by the rollback, parked again and the error came a whole
-        # wait later (found by a review); now it ends at once, and nothing changed.
-        store, q = self.alone(writer=True)
-        ids = [i["id"] for i in q.submit([{"goal": "g", "payload": n} for n in range(2)])[1]]
-        held = q.claim({"worker": "w", "goals": ["g"], "max": 2})
-        real, failures = store._wconn, [1]
-
-        class FailingCommit:   # the writer's connection, with its next COMMIT refused
-            def __getattr__(self, name):
-                return getattr(real, name)
-
-            def execute(self, sql, *args):
-                if sql == "COMMIT" and failures:
-                    failures.pop()
-                    raise sqlite3.OperationalError("disk I/O error (injected)")
-                return real.execute(sql, *args)
-        store._wconn = FailingCommit()
-        self.addCleanup(setattr, store, "_wconn", real)
-        got = []
-        t = threading.Thread(target=lambda: got.append(self.raised(lambda: q.fulfill_and_claim(
-            {"worker": "w", "goals": ["g"], "wait": 60, "fulfill": self.acks(held, "r")}))))
-        t.start()
-        t.join(20)   # far less than the 60 s wait
-        self.assertFalse(t.is_alive())
-        self.assertIsInstance(got[0], intentbus.StorageError)
-        self.assertEqual([q.get(i)["status"] for i in ids], ["claimed", "claimed"])
-        outcomes, _ = q.fulfill_and_claim({"worker": "w", "goals": ["g"], "fulfill": self.acks(held, "r")})
-        self.assertEqual([o["ok"] for o in outcomes], [True, True])   # the next try goes through
-
-    @staticmethod
-    def raised(fn):
-        try:
-            return fn()
-        except Exception as e:
-            return e
 
 class UniqueKeysOverHTTP(ServerCase):
     """unique_key over HTTP: curl's form fields, worker.Client, many threads, redrives, the CLI."""
