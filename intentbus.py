@@ -1035,6 +1035,22 @@ class Storage:
         self._wconn.executemany("UPDATE api_tokens SET last_used_at = ? WHERE name = ?",
                                 [(t, n) for n, t in last_used.items()])
 
+    @staticmethod
+    def has_tokens(path):
+        """Whether the file at path holds any API token, looked at read-only before the server
+        opens it (a missing, unreadable or older file has none): without --token, a server may
+        listen beyond loopback only when its file has tokens."""
+        if not os.path.exists(path):
+            return False
+        try:
+            conn = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(path)), uri=True)
+            try:
+                return conn.execute("SELECT count(*) FROM api_tokens").fetchone()[0] > 0
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            return False
+
 
 _INTENT_KEYS = tuple(c.strip() for c in INTENT_COLUMNS.split(","))
 # What fulfill checks and changes (intents_for_update(whole=False)); not enough for fail, extend
@@ -3988,22 +4004,9 @@ def check_ranges(values, prefix, env_only=False):
 
 def check_exposure(config):
     if not config.token and not is_loopback(config.host):
-        if not _has_scoped_tokens(config.db):
+        if not Storage.has_tokens(config.db):
             raise SystemExit("intentbus: refusing to listen on %s without a token; set --token or "
                              "INTENTBUS_TOKEN (or listen on 127.0.0.1)" % config.host)
-
-
-def _has_scoped_tokens(path):
-    if not os.path.exists(path):
-        return False
-    try:
-        conn = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(path)), uri=True)
-        try:
-            return conn.execute("SELECT count(*) FROM api_tokens").fetchone()[0] > 0
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return False
 
 
 # =====================================================================================

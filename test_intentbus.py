@@ -4289,6 +4289,25 @@ class ServerLifecycle(BusCase):
             intentbus.start_server(db=self.db, host="0.0.0.0", port=0)
         self.assertIn("token", str(e.exception))
 
+    def test_a_file_with_tokens_may_be_served_on_a_public_address(self):
+        # Looked at read-only before the server opens the file: a missing file, one that is
+        # not SQLite, and one without tokens have none.
+        config = types.SimpleNamespace(token=None, host="0.0.0.0", db=self.db)
+        junk = os.path.join(self.dir, "notes.txt")
+        with open(junk, "w") as f:
+            f.write("not a database\n")
+        for path in (os.path.join(self.dir, "missing.db"), junk, self.db):
+            if path == self.db:
+                intentbus.open_storage(self.db).close()   # a queue file, no tokens yet
+            self.assertFalse(intentbus.Storage.has_tokens(path), path)
+            with self.assertRaises(SystemExit):
+                intentbus.check_exposure(types.SimpleNamespace(**dict(vars(config), db=path)))
+        store = intentbus.open_storage(self.db)
+        intentbus.add_token(store, "phone", "work")
+        store.close()
+        self.assertTrue(intentbus.Storage.has_tokens(self.db))
+        intentbus.check_exposure(config)   # no refusal
+
     def test_help_never_prints_the_token_from_the_environment(self):
         # Found by an audit: `serve --help` showed INTENTBUS_TOKEN's value as --token's default,
         # and so did `stress.py --help` (ArgumentDefaultsHelpFormatter).
