@@ -4275,6 +4275,18 @@ class ServerLifecycle(BusCase):
             self.assertEqual(e.exception.code, 2)
             self.assertIn(name, err.getvalue().splitlines()[-1])
 
+    def test_the_worker_reads_times_as_the_server_does(self):
+        # Found by an audit: INTENTBUS_LEASE=5m, valid for the server, stopped the worker
+        # ("not a valid --lease") when both read one environment file.
+        self.assertEqual(intentbus.parse_args(["serve", "--lease", "5m"]).lease, 300.0)
+        with unittest.mock.patch.dict(os.environ, {"INTENTBUS_LEASE": "5m", "INTENTBUS_GRACE": "1.5m"}):
+            args = worker.build_parser().parse_args(["--timeout", "2h", "--wait", "30s"])
+        self.assertEqual((args.lease, args.grace, args.timeout, args.wait), (300.0, 90.0, 7200.0, 30.0))
+        for raw in ("5x", "m", "-1s", "infs"):
+            with contextlib.redirect_stderr(io.StringIO()) as err, self.assertRaises(SystemExit):
+                worker.build_parser().parse_args(["--lease=" + raw])
+            self.assertIn("not a number of seconds", err.getvalue())
+
     def test_a_missing_directory_is_not_called_a_port_problem(self):
         # Found by an audit: it was refused as "cannot listen on 127.0.0.1:0: No such file or
         # directory", naming no --db (a bad certificate: see the test above).

@@ -2059,13 +2059,20 @@ def _env_typed(name, kind, flag, default=None):
         raise _bad_argument("worker: %s=%r is not a valid %s" % (name, raw, flag))
 
 
-def _positive(text):
+def _seconds(text):
+    """Seconds from '90', '1.5', '30s', '15m', '12h' or '7d': what the server's flags take, so
+    that one environment file (INTENTBUS_LEASE=5m) serves both."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    spelled = str(text).strip().lower()
     try:
-        value = float(text)
+        if spelled and spelled[-1] in units:
+            value = float(spelled[:-1]) * units[spelled[-1]]
+        else:
+            value = float(spelled)
     except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a number of seconds" % text)
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError("%r is not a number of seconds" % text)
+        value = None
+    if value is None or not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("%r is not a number of seconds (e.g. 30, 30s, 15m, 12h)" % text)
     return value
 
 
@@ -2132,19 +2139,20 @@ examples:
     a("--concurrency", type=int, metavar="N",
       default=_env_typed("INTENTBUS_CONCURRENCY", int, "--concurrency", 1),
       help="jobs run at once (env INTENTBUS_CONCURRENCY; default 1)")
-    a("--lease", type=_positive, metavar="S",
-      default=_env_typed("INTENTBUS_LEASE", _positive, "--lease"),
-      help="lease to ask for on each claim, in seconds (env INTENTBUS_LEASE; default: the "
+    a("--lease", type=_seconds, metavar="S",
+      default=_env_typed("INTENTBUS_LEASE", _seconds, "--lease"),
+      help="lease to ask for on each claim, in seconds or as 30s, 15m, 2h as the server takes "
+           "them (env INTENTBUS_LEASE; default: the "
            "intent's own lease, 60 s unless it was submitted with another)")
-    a("--wait", type=_positive, metavar="S", default=_env_typed("INTENTBUS_WAIT", _positive, "--wait"),
+    a("--wait", type=_seconds, metavar="S", default=_env_typed("INTENTBUS_WAIT", _seconds, "--wait"),
       help="long-poll each claim this long, at most 60 (env INTENTBUS_WAIT; default 25, "
            "or 0 with --once)")
-    a("--timeout", type=_positive, metavar="S",
-      default=_env_typed("INTENTBUS_TIMEOUT", _positive, "--timeout", 0.0),
+    a("--timeout", type=_seconds, metavar="S",
+      default=_env_typed("INTENTBUS_TIMEOUT", _seconds, "--timeout", 0.0),
       help="kill a job (its whole process group) running longer than this and fail it with "
            "'timed out' (env INTENTBUS_TIMEOUT; default 0: no limit)")
-    a("--grace", type=_positive, metavar="S",
-      default=_env_typed("INTENTBUS_GRACE", _positive, "--grace", 30.0),
+    a("--grace", type=_seconds, metavar="S",
+      default=_env_typed("INTENTBUS_GRACE", _seconds, "--grace", 30.0),
       help="on SIGTERM/Ctrl-C/SIGHUP, let running jobs finish this long before killing and releasing "
            "them (env INTENTBUS_GRACE; default 30)")
     a("--max-result", type=int, metavar="BYTES",
