@@ -2636,22 +2636,6 @@ def claim_view(claimed):
             "token": token, "lease": lease, "lease_expires_at": expires}
 
 
-ClaimJSON = collections.namedtuple("ClaimJSON", "id token text")
-
-
-def claim_json(claimed):
-    """claim_view as JSON text, the same text dumps() gives for it, with the id and token beside.
-    The payload and requires are stored as that same compact JSON, so they go out as they are
-    instead of being parsed and encoded again; for big payloads that is most of a claim's cost."""
-    (intent_id, priority, goal, payload, requires, attempts, max_attempts, _, _), token, lease, \
-        expires = claimed
-    return ClaimJSON(intent_id, token, (
-        '{"id":"%d","goal":%s,"payload":%s,"priority":%d,"requires":%s,"attempt":%d,'
-        '"max_attempts":%d,"token":%s,"lease":%s,"lease_expires_at":%s}' % (
-            intent_id, _json_scalar(goal), payload, priority, requires, attempts + 1, max_attempts,
-            _json_scalar(token), _json_scalar(lease), _json_scalar(expires))))
-
-
 def minimal_view(row):
     """Only what a worker or a batch producer needs back ("Prefer: return=minimal")."""
     return {"id": str(row["id"]), "status": row["status"]}
@@ -2999,6 +2983,22 @@ class Answer:
 
     def __init__(self, text):
         self.text = text
+
+
+ClaimJSON = collections.namedtuple("ClaimJSON", "id token text")
+
+
+def claim_json(claimed):
+    """claim_view as JSON text, the same text dumps() gives for it, with the id and token beside.
+    The payload and requires are stored as that same compact JSON, so they go out as they are
+    instead of being parsed and encoded again; for big payloads that is most of a claim's cost."""
+    (intent_id, priority, goal, payload, requires, attempts, max_attempts, _, _), token, lease, \
+        expires = claimed
+    return ClaimJSON(intent_id, token, (
+        '{"id":"%d","goal":%s,"payload":%s,"priority":%d,"requires":%s,"attempt":%d,'
+        '"max_attempts":%d,"token":%s,"lease":%s,"lease_expires_at":%s}' % (
+            intent_id, _json_scalar(goal), payload, priority, requires, attempts + 1, max_attempts,
+            _json_scalar(token), _json_scalar(lease), _json_scalar(expires))))
 
 
 class ClaimAnswer(Answer):
@@ -4190,7 +4190,8 @@ def _env_default(flag, kind, default):
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="intentbus.py", description="Intent Bus: a durable job queue on SQLite with an HTTP API. "
-        "Every flag also reads an INTENTBUS_* environment variable (e.g. --db: INTENTBUS_DB).")
+        "Every flag of serve, and --db, also reads an INTENTBUS_* environment variable (e.g. --db: "
+        "INTENTBUS_DB); an admin command's own flags are given on its command line.")
     parser.add_argument("--version", action="version", version="intentbus " + __version__)
     # --db may come before or after the command (and after a token action); the default is
     # filled in by parse_args below, so no level's default overwrites another's value.
