@@ -556,6 +556,30 @@ class Client:
             raise LeaseLost(message, status, code)
         raise IntentBusError(message, status, code, _retry_after(reply.getheader("Retry-After")))
 
+    def send_raw(self, method, path, data=None, headers=None, timeout=None):
+        """Send one request as given; return its answer uninterpreted: (status, {lower-case
+        header name: value}, body bytes). For tools and tests that must see an answer as it came:
+        no status raises, the body is not decoded, and no Content-Type is added. The path goes
+        under the server URL's path, as request()'s does; data is bytes or None. This client's
+        own headers (Accept, Accept-Encoding, User-Agent, and its token's Authorization or
+        signature if it has a token) are sent unless headers name them too. Network errors and
+        timeouts raise Unavailable, as request()'s do; a method, path or header that cannot be
+        written as given raises ValueError (a request for that is no client's to send)."""
+        if data is not None and not isinstance(data, bytes):
+            raise TypeError("data must be bytes, not %s" % type(data).__name__)
+        target = self._prefix + path
+        if not _HEADER_NAME.match(method) or any(c <= " " or c > "~" for c in target):
+            raise ValueError("invalid method or path: %r %r" % (method, target))
+        given = {name.lower() for name in headers or ()}
+        hdrs = {name: value for name, value in self._headers.items() if name.lower() not in given}
+        if self._sign_key is not None and "authorization" not in given:
+            hdrs["Authorization"] = self._signature(method, path, data)
+        hdrs.update(headers or ())
+        self._head_of(hdrs)   # refuses a bad header here: in _roundtrip it would look like no network
+        status, reply, raw = self._roundtrip(method, target, data, hdrs,
+                                             self.timeout if timeout is None else timeout)
+        return status, dict(reply.headers), raw
+
     def _signature(self, method, target, data):
         path, _, query = target.partition("?")
         stamp = str(int(time.time()))
