@@ -4,9 +4,9 @@ Client, real worker processes, security and hardening, and stress.py's own verif
     python3 test_intentbus.py        # or: make test
 
 Servers run in this process (intentbus.start_server) on 127.0.0.1 and a random port. Well-formed
-requests go through worker.Client; raw sockets and http.client only carry traffic a good client
-cannot send. No timed assertions: time-dependent rules use a controllable clock, or sub-second
-leases with bounded polling loops.
+requests go through worker.Client (Client.send_raw where a test must see the answer as it came);
+raw sockets and http.client only carry traffic a good client cannot send. No timed assertions:
+time-dependent rules use a controllable clock, or sub-second leases with bounded polling loops.
 """
 
 import argparse
@@ -299,19 +299,19 @@ class BusCase(TempDirCase):
         return (srv or self.srv).httpd.server_address[:2]
 
     def raw(self, method, path, body=None, headers=None, srv=None):
-        """http.client, for requests a good client cannot send. Returns (status, headers, body
-        bytes), or (None, {}, error text) if the server closed without any answer."""
-        host, port = self.address(srv)
-        conn = http.client.HTTPConnection(host, port, timeout=10)
+        """One request sent as given, on a new connection, by worker.Client.send_raw with no
+        token (callers pass their own Authorization), its answer as it came: (status, headers by
+        lower-case name, body bytes), or (None, {}, error text) if the server closed without
+        any answer."""
+        c = Client((srv or self.srv).url, timeout=10)
         try:
-            conn.request(method, path, body=body, headers=headers or {})
-            r = conn.getresponse()
-            data = r.read()
-            return r.status, {k.lower(): v for k, v in r.getheaders()}, data
-        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
-            return None, {}, repr(e)
+            return c.send_raw(method, path, body, headers)
+        except Unavailable as e:
+            if isinstance(e.__context__, (ConnectionResetError, BrokenPipeError)):   # incl. RemoteDisconnected
+                return None, {}, str(e)
+            raise
         finally:
-            conn.close()
+            c.close()
 
     def socket_to(self, srv=None, timeout=5.0):
         s = socket.create_connection(self.address(srv), timeout=timeout)
@@ -2745,7 +2745,8 @@ class FulfillWithClaim(ServerCase):
     settings = {"token": ROOT, "auth_burst": 1000, "max_result": 1024}
 
     def post_claim(self, body, token=ROOT):
-        """POST /claim with a JSON body, over http.client: (status, headers, decoded body or None)."""
+        """POST /claim with a JSON body, sent as given by raw() (worker.Client.send_raw), for the
+        answer's own status and headers: (status, headers, decoded body or None)."""
         status, headers, data = self.raw("POST", "/claim", json.dumps(body).encode(), {
             "Authorization": "Bearer " + token, "Content-Type": "application/json"})
         self.assertHardened(status, headers, data, "POST /claim")
@@ -3640,6 +3641,22 @@ class ClientAgainstServer(ServerCase):
         full = c.submit("g")   # without the preference: the whole intent
         self.assertIn("payload", full)
         self.assertIn("history", full)
+
+    def test_send_raw_returns_an_error_answer_as_it_came_and_takes_the_callers_headers(self):
+        c = self.client(self.srv, "wrong-token")
+        status, headers, body = c.send_raw("GET", "/stats")   # a 401: returned, not raised
+        self.assertEqual((status, headers["www-authenticate"]), (401, "Bearer"))
+        self.assertIsInstance(body, bytes)
+        self.assertEqual(json.loads(body)["error"]["code"], "unauthorized")
+        self.assertTrue(all(name == name.lower() for name in headers))
+        # the caller's header, in any case, replaces the client's own (here its token's)
+        status, _, body = c.send_raw("GET", "/stats", headers={"authorization": "Bearer " + ROOT})
+        self.assertEqual(status, 200, body)
+        self.assertIn("counts", json.loads(body))
+        status, _, body = c.send_raw("POST", "/intents", b'{"goal":"g"}', {"Authorization": "Bearer " + ROOT})
+        self.assertEqual((status, json.loads(body)["goal"]), (201, "g"))   # no Content-Type: JSON
+        with self.assertRaises(ValueError):   # a header no client may write is the caller's mistake
+            c.send_raw("GET", "/health", headers={"X-Bad": "a\r\nX-Evil: 1"})
 
     def test_the_token_is_never_shown(self):
         self.assertNotIn(ROOT, repr(self.c))
@@ -7417,15 +7434,23 @@ class TLS(unittest.TestCase):
         with Client(self.srv.url, ca_file=self.cert) as c:
             return c.health()["ok"]
 
-    def https(self, method, path, context):
-        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=context, timeout=10)
+    def https(self, method, path, ca_file):
+        """One request by worker.Client.send_raw trusting ca_file (None: only the system's
+        certificates): (status, Strict-Transport-Security, the connection's TLS version). A
+        certificate refused raises the ssl module's own error, which Client's "tls" error is
+        raised from."""
+        c = Client(self.srv.url, ca_file=ca_file, timeout=10)
         try:
-            conn.request(method, path)
-            r = conn.getresponse()
-            r.read()
-            return r.status, r.getheader("Strict-Transport-Security"), conn.sock.version()
+            try:
+                status, headers, _ = c.send_raw(method, path)
+            except IntentBusError as e:
+                if e.code == "tls" and isinstance(e.__context__, ssl.SSLError):
+                    raise e.__context__
+                raise
+            version = c._conn.sock.version() if c._conn is not None else None   # kept alive
+            return status, headers.get("strict-transport-security"), version
         finally:
-            conn.close()
+            c.close()
 
     def test_https_works_with_ca_file(self):
         self.assertTrue(self.srv.url.startswith("https://"))
@@ -7442,7 +7467,7 @@ class TLS(unittest.TestCase):
             i = c.submit("tls-wait")
         waiter.join(25)
         self.assertEqual([j["id"] for j in got], [i["id"]])
-        status, _, version = self.https("GET", "/health", ssl.create_default_context(cafile=self.cert))
+        status, _, version = self.https("GET", "/health", self.cert)
         self.assertEqual(status, 200)
         self.assertIn(version, ("TLSv1.2", "TLSv1.3"))
 
@@ -7465,7 +7490,7 @@ class TLS(unittest.TestCase):
             self.assertEqual(cm.exception.code, "tls", str(cm.exception))
             self.assertIsNone(cm.exception.status)
         with self.assertRaises(ssl.SSLCertVerificationError):
-            self.https("GET", "/health", ssl.create_default_context())
+            self.https("GET", "/health", None)
         with Client(self.srv.url.replace("https://", "http://")) as plain:   # plain HTTP to the TLS port
             with self.assertRaises(Unavailable):
                 plain.submit("tls", "must not arrive either")
@@ -7488,10 +7513,9 @@ class TLS(unittest.TestCase):
         self.assertIn("not signed by the --ca-file", cm.exception.message)
 
     def test_hsts_on_every_answer(self):
-        context = ssl.create_default_context(cafile=self.cert)
         for method, path, code in (("GET", "/health", 200), ("GET", "/nowhere", 404),
                                    ("DELETE", "/intents", 405), ("GET", "/intents/999999", 404)):
-            status, hsts, _ = self.https(method, path, context)
+            status, hsts, _ = self.https(method, path, self.cert)
             self.assertEqual(status, code)
             self.assertTrue(hsts and re.search(r"max-age=\d{7,}", hsts), (path, hsts))
 
