@@ -265,8 +265,10 @@ class _UndoBatch(Exception):
 
 class _Op:
     """One write waiting for its transaction, with the caller's wait handle (a lock held until
-    the op is done: cheaper than an Event, and each op is waited for once)."""
-    __slots__ = ("fn", "state", "value", "error", "withdrawn", "_done")
+    the op is done: cheaper than an Event, and each op is waited for once). An op may instead
+    carry `after`, called with it on the thread that committed it once it is done, so that
+    its caller need not wait at all (see Queue.submit)."""
+    __slots__ = ("fn", "state", "value", "error", "withdrawn", "_done", "after")
 
     def __init__(self, fn):
         self.fn = fn
@@ -274,6 +276,7 @@ class _Op:
         self.value = None
         self.error = None
         self.withdrawn = False   # its caller stopped waiting for it to park (see Storage.cancel)
+        self.after = None
         self._done = threading.Lock()
         self._done.acquire()
 
@@ -738,6 +741,11 @@ class Storage:
                 op.state = _DONE
         for op in done:
             op.finish()
+            if op.after is not None:
+                try:
+                    op.after(op)
+                except Exception as e:   # a bug: the other ops must still be answered
+                    log("after a write", error=repr(e)[:200])
 
     def _check_data_version(self, every=0.1):
         """Another process (an admin command) wrote to the file: tell the queue rules.
@@ -1576,9 +1584,15 @@ class Queue:
                                spec["expires_at"], spec["run_at"]))
         return delay, run_at, expires_in, expires_at
 
-    def submit(self, bodies, scope=ROOT, view=None):
+    def submit(self, bodies, scope=ROOT, view=None, answer=None):
         """Submit intents, all or nothing. Returns (created_any, [view(row)]); the view is
-        intent_view unless given (minimal_view: only the id and status)."""
+        intent_view unless given (minimal_view: only the id and status).
+
+        With answer, returns once the intents are checked (an invalid one still raises):
+        answer((created_any, views), None), or answer(None, error) for a refusal found in the
+        transaction (a conflict, the quota) or a failed write, is called on the thread that
+        commits it. The HTTP layer answers from there: the request's thread reads on instead of
+        waiting to be woken, and the answer leaves at the commit."""
         now = self.clock()
         specs = [self.validate(body, now) for body in bodies]
         namespace = scope.namespace or "default"
@@ -1586,12 +1600,25 @@ class Queue:
             for spec in specs:
                 if spec["goal"] not in scope.goals:
                     raise Forbidden("this token may not submit goal '%s'" % spec["goal"])
-        created, rows, made = self.store.write(lambda: self._submit_now(specs, namespace, scope, now))
-        views = [(view or intent_view)(r) for r in rows]   # built here, off the writer
-        for spec, shown, fresh in zip(specs, views, made):
-            if spec["unique_key"] is not None:   # "created" or "already there", item by item
-                shown["created"] = fresh
-        return created, views
+
+        def views_of(written):
+            created, rows, made = written
+            views = [(view or intent_view)(r) for r in rows]   # built off the writer, if waited for
+            for spec, shown, fresh in zip(specs, views, made):
+                if spec["unique_key"] is not None:   # "created" or "already there", item by item
+                    shown["created"] = fresh
+            return created, views
+        if answer is None:
+            return views_of(self.store.write(lambda: self._submit_now(specs, namespace, scope, now)))
+        op = _Op(lambda: self._submit_now(specs, namespace, scope, now))
+        if not self.store.has_writer:   # admin commands and storage tests: at once, here
+            try:
+                written = self.store.write(op.fn)
+            except (QueueError, StorageError) as e:
+                return answer(None, e)
+            return _answer_with(answer, views_of, written)
+        op.after = lambda op: _answer_with(answer, views_of, op.value, op.error)
+        self.store.enqueue(op)
 
     def _submit_now(self, specs, namespace, scope, now):
         # Every check first (idempotency, an expiry that could never run, unique keys, quota),
@@ -2567,6 +2594,19 @@ class Queue:
             event.set()
 
 
+def _answer_with(answer, shape, value, error=None):
+    """answer(shape(value), None), or answer(None, error): an answer callback is called once
+    whatever happens, a bug in shape included (its caller would otherwise wait for ever)."""
+    if error is None:
+        try:
+            value = shape(value)
+        except Exception as e:
+            error = e
+    if error is not None:
+        return answer(None, error)
+    return answer(value, None)
+
+
 def _past_expiry(row, now):
     return row["expires_at"] is not None and row["expires_at"] <= now
 
@@ -2833,8 +2873,7 @@ def add_token(store, name, role, namespace=None, goals=None, require_signature=F
 
 ERROR_STATUS = [   # most specific first
     (Invalid, 400), (TooLarge, 413), (NotFound, 404), (LeaseLost, 409), (Conflict, 409),
-    (Forbidden, 403), (QuotaExceeded, 429), (StorageFull, 507),
-    (StorageError, 503), (QueueError, 400),
+    (Forbidden, 403), (QuotaExceeded, 429), (QueueError, 400),
 ]
 
 
@@ -3046,14 +3085,20 @@ class Api:
     def health(self, scope, params, body):
         return 200, {"ok": not self.queue.closing, "version": __version__, "sqlite": sqlite3.sqlite_version}
 
-    def submit(self, scope, params, body, view=None):
-        if isinstance(body, list):
-            if not 1 <= len(body) <= 1000:
-                raise Invalid("a batch holds 1 to 1000 intents, not %d" % len(body))
-            created, intents = self.queue.submit(body, scope, view)
-            return (201 if created else 200), {"intents": intents}
-        created, intents = self.queue.submit([body], scope, view)
-        return (201 if created else 200), intents[0]
+    def submit(self, scope, params, body, view=None, answer=None):
+        """With answer, answer((status, value), None) or answer(None, error) comes once the
+        write commits (see Queue.submit), and this returns None."""
+        many = isinstance(body, list)
+        if many and not 1 <= len(body) <= 1000:
+            raise Invalid("a batch holds 1 to 1000 intents, not %d" % len(body))
+
+        def reply(result):
+            created, intents = result
+            return (201 if created else 200), ({"intents": intents} if many else intents[0])
+        if answer is None:
+            return reply(self.queue.submit(body if many else [body], scope, view))
+        self.queue.submit(body if many else [body], scope, view,
+                          lambda result, error: _answer_with(answer, reply, result, error))
 
     def list(self, scope, params, body):
         _only(params, {"status", "goal", "limit", "after"}, "the query")
@@ -3163,6 +3208,23 @@ def _http_date():
     return _DATE[1]
 
 
+ANSWERED_LATER = object()   # a request whose answer another thread sends (Handler._answer_later)
+
+
+def _http_error(e, request_id):
+    """The HTTP answer to a refusal of the queue rules (QueueError) or a failed write."""
+    if isinstance(e, StorageFull):
+        return HTTPError(507, "storage_full", "the database is full; writes are refused until "
+                                              "space is freed (reads still work)")
+    if isinstance(e, StorageError):
+        log("storage error", request_id=request_id)
+        return HTTPError(503, "unavailable", "storage error; try again", {"Retry-After": "1"})
+    for kind, code in ERROR_STATUS:
+        if isinstance(e, kind):
+            return HTTPError(code, e.code, e.message, {"Retry-After": "5"} if code in (429, 503) else None)
+    raise e   # not a refusal: a bug, answered 500 by the caller
+
+
 MAX_HEADER_LINE = 8192
 HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+\Z")   # an RFC 9110 token, lowercased
 SKIP_BODY_MAX = 65536      # a refused request's body up to this is read and dropped (keep-alive)
@@ -3185,7 +3247,8 @@ class Handler(BaseHTTPRequestHandler):
         self.connection.settimeout(None)
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.deadline = time.monotonic() + self.server.config.request_timeout
-        self.idle = True
+        self._idle = True
+        self._answer = None   # held until the answer another thread sends has gone
         self.close_connection = True
         self._claimed = None
         self._form = None
@@ -3202,6 +3265,7 @@ class Handler(BaseHTTPRequestHandler):
         self.rfile = self.connection.makefile("rb", 65536)
 
     def finish(self):
+        self._answered()   # never close the socket under an answer still to be sent
         self.server.track(self, False)
         try:
             self.rfile.close()
@@ -3217,6 +3281,19 @@ class Handler(BaseHTTPRequestHandler):
                 self._linger()
         except (OSError, ValueError):
             pass   # the client went away, or its deadline passed: nothing to answer
+
+    @property
+    def idle(self):
+        """Waiting for a request, with no answer still to go out (a drain may close it)."""
+        answer = self._answer
+        return self._idle and (answer is None or not answer.locked())
+
+    def _answered(self):
+        """Wait until the answer another thread sends (_answer_later) has gone."""
+        answer = self._answer
+        if answer is not None:
+            answer.acquire()
+            self._answer = None
 
     def _linger(self):
         """Closing with the client's bytes unread makes the kernel send RST, which can destroy
@@ -3234,13 +3311,15 @@ class Handler(BaseHTTPRequestHandler):
     def handle_one_request(self):
         config = self.server.config
         first = not hasattr(self, "started")
-        self.idle = True
+        self._idle = True
         if not first:   # a new connection keeps setup()'s --request-timeout for its first byte
             self.deadline = time.monotonic() + config.idle_timeout
-        if not self.rfile.peek(1):   # idle until the first byte; from then on the request clock runs
+        got = self.rfile.peek(1)   # idle until the first byte; from then on the request clock runs
+        self._answered()   # it may have closed the connection (a 500, a drain)
+        if not got or self.close_connection:
             self.close_connection = True
             return
-        self.idle = False
+        self._idle = False
         self.deadline = time.monotonic() + config.request_timeout
         line = self.rfile.readline(MAX_HEADER_LINE + 1)
         if not line:
@@ -3261,6 +3340,8 @@ class Handler(BaseHTTPRequestHandler):
             status, value, headers = 500, {"error": {"code": "internal", "message": "internal error; "
                                                      "see the server log"}}, None
             self.close_connection = True
+        if status is ANSWERED_LATER:
+            return
         self.deadline = time.monotonic() + config.request_timeout   # a slow reader gets as long
         self._respond(status, value, headers)
 
@@ -3355,6 +3436,14 @@ class Handler(BaseHTTPRequestHandler):
         minimal = name in _MINIMAL_ROUTES and "return=minimal" in headers.get("prefer", "").lower()
         called = time.monotonic()
         try:
+            if name == "submit" and self._may_answer_later():
+                answer = self._answer_later({"Preference-Applied": "return=minimal"} if minimal else None)
+                try:
+                    self.server.api.submit(scope, params, value, minimal_view if minimal else None, answer)
+                except BaseException:
+                    self._answer = None   # refused at once: answered below, as any request
+                    raise
+                return ANSWERED_LATER, None, None
             if minimal:
                 status, result = getattr(self.server.api, name)(scope, params, value, minimal_view)
             elif name in ("claim", "get"):
@@ -3362,18 +3451,8 @@ class Handler(BaseHTTPRequestHandler):
                                                                 self._peer_still_there)
             else:
                 status, result = getattr(self.server.api, name)(scope, params, value)
-        except QueueError as e:
-            for kind, code in ERROR_STATUS:
-                if isinstance(e, kind):
-                    raise HTTPError(code, e.code, e.message,
-                                    {"Retry-After": "5"} if code in (429, 503) else None)
-            raise
-        except StorageFull:
-            raise HTTPError(507, "storage_full", "the database is full; writes are refused until "
-                                                 "space is freed (reads still work)")
-        except StorageError:
-            log("storage error", request_id=self.request_id)
-            raise HTTPError(503, "unavailable", "storage error; try again", {"Retry-After": "1"})
+        except (QueueError, StorageError) as e:
+            raise _http_error(e, self.request_id)
         if name == "claim":
             if result and result.claimed:
                 self._claimed = result.claimed
@@ -3387,6 +3466,11 @@ class Handler(BaseHTTPRequestHandler):
         elif minimal:
             return status, result, {"Preference-Applied": "return=minimal"}
         return status, result, None
+
+    def _may_answer_later(self):
+        # Not over TLS: an SSL connection is not for two threads at once
+        return not self.close_connection and self.server.tls is None and \
+            self.server.queue.store.has_writer
 
     def _read_headers(self):
         headers = {}
@@ -3504,6 +3588,20 @@ class Handler(BaseHTTPRequestHandler):
             return False   # reset, or closed on this side
 
     def _respond(self, status, value, extra=None):
+        if self.server.draining:
+            self.close_connection = True
+        data = self._answer_bytes(status, value, extra, self.request_id, self.close_connection,
+                                  getattr(self, "command", None) == "HEAD")
+        claimed, self._claimed = self._claimed, None
+        try:
+            self.connection.sendall(data)
+        except OSError:
+            if claimed:   # the worker never saw its claim: give the intents back at once
+                self.server.queue.release_undelivered(claimed)
+            raise
+        self._log_answer(getattr(self, "command", None), status, self.request_id, self.started)
+
+    def _answer_bytes(self, status, value, extra, request_id, close, head=False):
         self.server.api.responses.add((status,))
         if isinstance(value, Answer):
             body, content_type = value.text.encode("utf-8"), value.content_type
@@ -3513,32 +3611,80 @@ class Handler(BaseHTTPRequestHandler):
                  "Date: " + _http_date()]
         if status != 204:   # RFC 9110 8.6: a 204 carries no Content-Length
             lines.append("Content-Length: %d" % len(body))
-        lines += ["X-Request-ID: %s" % (self.request_id or _new_request_id()),
+        lines += ["X-Request-ID: %s" % (request_id or _new_request_id()),
                   "X-Content-Type-Options: nosniff",
                   "Cache-Control: no-store"]
         if value is not None:
             lines.append("Content-Type: " + content_type)
         if self.server.tls:
             lines.append("Strict-Transport-Security: max-age=31536000")
-        if self.close_connection or self.server.draining:
+        if close:
             lines.append("Connection: close")
-            self.close_connection = True
         for name, text in (extra or {}).items():
             lines.append("%s: %s" % (name, text))
-        if getattr(self, "command", None) == "HEAD":
+        if head:
             body = b""   # RFC 9110 9.3.2: the headers a GET would get, never content
-        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-        claimed, self._claimed = self._claimed, None
-        try:
-            self.connection.sendall(data)
-        except OSError:
-            if claimed:   # the worker never saw its claim: give the intents back at once
-                self.server.queue.release_undelivered(claimed)
-            raise
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+    def _log_answer(self, method, status, request_id, started):
         if self.server.config.access_log or status >= 500:
-            log("%s %s" % (getattr(self, "command", None) or "-", status),
-                request_id=self.request_id,
-                ms="%.1f" % ((time.monotonic() - self.started) * 1000))
+            log("%s %s" % (method or "-", status), request_id=request_id,
+                ms="%.1f" % ((time.monotonic() - started) * 1000))
+
+    def _answer_later(self, extra):
+        """A submit's answer, sent by the thread that commits it (see Queue.submit) while this
+        one goes back to reading: no thread waits to be woken for it, and it leaves at the
+        commit. The next request on the connection waits for it (answers stay in order), and
+        the connection is not closed under it. Returns the queue's answer callback."""
+        sent = self._answer = threading.Lock()
+        sent.acquire()
+        request_id, started, conn = self.request_id, self.started, self.connection
+
+        def answer(result, error):
+            try:
+                if error is None:
+                    (status, value), headers = result, extra
+                else:
+                    e = _http_error(error, request_id)
+                    status, value, headers = e.status, {"error": {"code": e.code, "message": e.message}}, e.headers
+                close = self.server.draining
+                data = self._answer_bytes(status, value, headers, request_id, close)
+            except Exception as e:   # a bug: answer without leaking a trace, as the handler would
+                log("internal error", request_id=request_id, error=type(e).__name__)
+                status, close = 500, True
+                data = self._answer_bytes(500, {"error": {"code": "internal", "message": "internal error; "
+                                                          "see the server log"}}, None, request_id, close)
+            if close:
+                self.close_connection = True   # read by this handler once the answer has gone
+            self._send_answer(conn, data, sent, close)
+            self._log_answer("POST", status, request_id, started)
+        return answer
+
+    @staticmethod
+    def _send_answer(conn, data, sent, close):
+        """Send without ever blocking the committing thread: a client that does not read gets
+        the rest from a thread of its own (until the watchdog cuts the idle connection)."""
+        try:
+            done = conn.send(data, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            done = 0
+        except OSError:   # the client has gone; its handler's read ends too
+            done = len(data)
+
+        def rest():
+            try:
+                if done < len(data):
+                    conn.sendall(data[done:])
+                if close:   # the handler, waiting for the next request, reads the end instead
+                    conn.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+            finally:
+                sent.release()
+        if done < len(data):
+            threading.Thread(target=rest, name="intentbus-answer", daemon=True).start()
+        else:
+            rest()
 
     def log_message(self, format, *args):   # BaseHTTPRequestHandler's own logging: unused
         pass

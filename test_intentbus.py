@@ -397,6 +397,32 @@ class RulesCase(TempDirCase):
 
 
 class QueueRules(RulesCase):
+    def test_a_submit_answered_later_is_answered_once_after_its_commit(self):
+        # The HTTP layer sends a submit's answer from the thread that commits it: the answer
+        # must come after the commit (durable: another connection sees the intent), once,
+        # and carry the refusals found in the transaction; an invalid intent raises at once.
+        store, q = self.with_writer()
+        answers = []
+        done = threading.Semaphore(0)
+
+        def answer(result, error):
+            with contextlib.closing(sqlite3.connect(os.path.join(self.dir, "writer.db"))) as other:
+                seen = other.execute("SELECT count(*) FROM intents").fetchone()[0]
+            answers.append((result, error, seen))
+            done.release()
+        self.assertIsNone(q.submit([{"goal": "g", "idempotency_key": "k"}], answer=answer))
+        self.assertTrue(done.acquire(timeout=10))
+        (created, views), error, seen = answers[0]
+        self.assertEqual((created, views[0]["status"], error, seen), (True, "open", None, 1))
+        q.submit([{"goal": "g", "idempotency_key": "k", "priority": 3}], answer=answer)
+        self.assertTrue(done.acquire(timeout=10))
+        self.assertIsNone(answers[1][0])
+        self.assertIsInstance(answers[1][1], intentbus.Conflict)
+        with self.assertRaises(intentbus.Invalid):
+            q.submit([{"goal": 5}], answer=answer)
+        store.close()   # every queued write has run (and been answered) when close returns
+        self.assertEqual(len(answers), 2)
+
     def test_priority_then_first_come(self):
         a = self.submit(priority=0)
         b = self.submit(priority=5)
@@ -2315,6 +2341,113 @@ class RouteTable(unittest.TestCase):
 
 class HTTPApi(ServerCase):
     settings = {"backoff_base": 0.05}
+
+    def test_pipelined_answers_keep_their_order(self):
+        # A submit is answered by the thread that commits it, while the request's own thread
+        # reads on; the next request waits for that answer, so answers never overtake.
+        def post(rid, body):
+            return (b"POST /intents HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                    b"X-Request-ID: %s\r\nContent-Length: %d\r\n\r\n%s" % (rid, len(body), body))
+        data = (post(b"r1", b'{"goal": "g", "payload": 1}') + post(b"r2", b'{"goal": 5}') +
+                post(b"r3", b'[{"goal": "g"}, {"goal": "g"}]') +
+                b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-ID: r4\r\n\r\n")
+        responses, error = exchange(self.address(), data)
+        self.assertIsNone(error)
+        self.assertEqual([(r[0], r[1]["x-request-id"]) for r in responses],
+                         [(201, "r1"), (400, "r2"), (201, "r3"), (200, "r4")])
+        first, batch = json.loads(responses[0][2]), json.loads(responses[2][2])["intents"]
+        self.assertLess(int(first["id"]), int(batch[0]["id"]))
+
+    def test_a_request_after_a_submit_waits_for_its_answer(self):
+        # The submit's write waits behind a held transaction. The health check pipelined after
+        # it would open the hold (a broken order answers it first); it must not even start
+        # until the submit is answered, which here comes once the hold gives up (2 s).
+        hold = threading.Event()
+        held = threading.Thread(target=self.srv.store.write, args=(lambda: hold.wait(2),))
+        held.start()
+        self.addCleanup(held.join)
+        api = self.srv.httpd.api
+        health = api.health
+        api.health = lambda *a: (hold.set(), health(*a))[1]
+        self.addCleanup(setattr, api, "health", health)
+        body = b'{"goal": "g"}'
+        data = (b"POST /intents HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"X-Request-ID: first\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body) +
+                b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-ID: second\r\n\r\n")
+        responses, error = exchange(self.address(), data, timeout=10)
+        self.assertEqual([(r[0], r[1]["x-request-id"]) for r in responses], [(201, "first"), (200, "second")])
+
+    def test_an_answer_not_read_at_once_arrives_whole(self):
+        # An answer bigger than the socket buffers, to a client that reads it late: the
+        # committing thread never blocks on it (others are answered meanwhile), and it
+        # arrives whole.
+        srv = self.start(db=os.path.join(self.dir, "big.db"), max_payload=4 << 20)
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(self.address(srv))
+        self.addCleanup(s.close)
+        payload = {"blob": "x" * (3 << 20)}
+        body = json.dumps({"goal": "g", "payload": payload}).encode()
+        s.sendall(b"POST /intents HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        other = self.client(srv)
+        for n in range(3):   # while the big answer waits to be read
+            self.assertEqual(other.submit("g", {"n": n}, minimal=True)["status"], "open")
+        s.settimeout(10)
+        status, headers, raw, _ = read_response(s.makefile("rb"))
+        self.assertEqual(status, 201)
+        self.assertEqual(json.loads(raw)["payload"], payload)
+
+    def test_a_bug_in_a_later_answer_is_a_500_and_a_closed_connection(self):
+        # The submit is committed; building its answer fails (a stand-in bug): the client gets
+        # the handler's own 500, without a trace, on a connection then closed, and the server
+        # serves the next connection as ever.
+        def broken(row):
+            raise KeyError("bug")
+        with unittest.mock.patch.object(intentbus, "minimal_view", broken), \
+                contextlib.redirect_stderr(io.StringIO()) as err:
+            body = b'{"goal": "g"}'
+            responses, error = exchange(self.address(), (
+                b"POST /intents HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Prefer: return=minimal\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)) * 2,
+                shutdown=False, timeout=10)
+        self.assertEqual(len(responses), 1)   # the second request was not read: closed after the 500
+        status, headers, raw, _ = responses[0]
+        self.assertEqual((status, headers.get("connection")), (500, "close"))
+        self.assertEqual(json.loads(raw)["error"]["code"], "internal")
+        self.assertNotIn("bug", raw.decode())
+        self.assertIn("internal error", err.getvalue())
+        self.assertEqual(len(err.getvalue().strip().splitlines()), 2, err.getvalue())   # one line each
+        self.assertEqual(self.c.stats()["counts"]["open"], 1)
+        self.assertEqual(self.c.submit("g", minimal=True)["status"], "open")
+
+    def test_the_send_of_a_later_answer_never_blocks(self):
+        class Conn:
+            def __init__(self, takes):
+                self.takes, self.got, self.closed = takes, [], False
+
+            def send(self, data, flags):
+                self.flags = flags
+                if isinstance(self.takes, Exception):
+                    raise self.takes
+                self.got.append(data[:self.takes])
+                return len(self.got[-1])
+
+            def sendall(self, data):
+                self.got.append(data)
+
+            def shutdown(self, how):
+                self.closed = how
+        for takes, close in ((100, False), (3, False), (BlockingIOError(), True),
+                             (BrokenPipeError(), False)):
+            conn, sent = Conn(takes), threading.Lock()
+            sent.acquire()
+            intentbus.Handler._send_answer(conn, b"0123456789", sent, close)
+            self.assertTrue(sent.acquire(timeout=10))   # released once it has all gone
+            self.assertEqual(getattr(conn, "flags", socket.MSG_DONTWAIT), socket.MSG_DONTWAIT)
+            gone = b"".join(conn.got)
+            self.assertEqual(gone, b"" if isinstance(takes, BrokenPipeError) else b"0123456789")
+            self.assertEqual(conn.closed, socket.SHUT_RD if close else False)
 
     def test_submit_claim_fulfill_and_get(self):
         i = self.c.submit("thumb", {"f": "a.mp4"}, requires=["ffmpeg"], priority=2)
