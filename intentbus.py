@@ -430,13 +430,15 @@ class Storage:
     def _checkpoint_now(self):
         self._checkpoint_due = False
         conn = self._wconn
-        conn.execute("PRAGMA busy_timeout = 100")   # never hold writes up long for a slow reader
+        # Runs after a batch's ops are answered: it must not raise into the caller that led it
         try:
-            conn.execute("PRAGMA wal_checkpoint(RESTART)")
+            conn.execute("PRAGMA busy_timeout = 100")   # never hold writes up long for a slow reader
+            try:
+                conn.execute("PRAGMA wal_checkpoint(RESTART)")
+            finally:
+                conn.execute("PRAGMA busy_timeout = %d" % self.BUSY_TIMEOUT_MS)
         except sqlite3.Error:
             pass   # busy: next time
-        finally:
-            conn.execute("PRAGMA busy_timeout = %d" % self.BUSY_TIMEOUT_MS)
 
     def quick_check(self):
         rows = self._wconn.execute("PRAGMA quick_check").fetchall()
@@ -563,6 +565,9 @@ class Storage:
             self._run_batch(batch)
             if self._checkpoint_due:
                 self._checkpoint_now()
+        except Exception as e:   # a bug: the batch's ops are answered (or put back for the next
+            # one), so it is not the leading caller's to see, nor may it end the writer thread
+            log("write failed", error=repr(e)[:200])
         finally:
             with self._cv:
                 self._leading = False
@@ -642,10 +647,10 @@ class Storage:
             with self._cv:
                 while (self._leading or not self._pending) and not self._stopping:
                     self._cv.wait()
+                while self._leading:   # stopping: let the caller running a batch finish it (it
+                    self._cv.wait(0.01)   # may put ops back: too many for one, or undone)
                 if self._stopping and not self._pending:
                     return
-                while self._leading:   # stopping: let the caller running a batch finish it
-                    self._cv.wait(0.01)
                 self._leading = True
                 batch = self._pending
                 self._pending = collections.deque()
@@ -702,7 +707,10 @@ class Storage:
             conn.execute("COMMIT")
         except Exception as e:   # SQLite's errors, _UndoBatch, and a bug (see below)
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error as undo:   # the ops still fail (below), and are answered
+                    log("rollback failed", error=repr(undo)[:200])
             if failed is not None:
                 if not isinstance(e, _UndoBatch) or not isinstance(failed.error, QueueError):
                     log("write undone", error=repr(failed.error)[:200])
@@ -727,7 +735,10 @@ class Storage:
                         op.error = failure
             self._after_commit = []
             for callback in self.on_rollback:
-                callback()
+                try:
+                    callback()
+                except Exception as bug:
+                    log("after a rollback", error=repr(bug)[:200])
         finally:
             self._batch = None
             self.current_op = None
@@ -1614,7 +1625,7 @@ class Queue:
         if not self.store.has_writer:   # admin commands and storage tests: at once, here
             try:
                 written = self.store.write(op.fn)
-            except (QueueError, StorageError) as e:
+            except Exception as e:
                 return answer(None, e)
             return _answer_with(answer, views_of, written)
         op.after = lambda op: _answer_with(answer, views_of, op.value, op.error)
@@ -2886,6 +2897,15 @@ class HTTPError(Exception):
         self.headers = headers or {}
         self.close = close
 
+    def answer(self):
+        """(status, JSON value, headers) of this refusal."""
+        return self.status, {"error": {"code": self.code, "message": self.message}}, self.headers
+
+
+def _internal_error():
+    """A bug's answer: no trace or path leaks; the log line says more."""
+    return HTTPError(500, "internal", "internal error; see the server log", close=True)
+
 
 # (method, path pattern, handler name, access: a key of ROLE_RANK, or None for no token). A
 # request takes the first route whose method and path both match: GET /intents/{id} also matches
@@ -3221,7 +3241,7 @@ def _http_error(e, request_id):
         return HTTPError(503, "unavailable", "storage error; try again", {"Retry-After": "1"})
     for kind, code in ERROR_STATUS:
         if isinstance(e, kind):
-            return HTTPError(code, e.code, e.message, {"Retry-After": "5"} if code in (429, 503) else None)
+            return HTTPError(code, e.code, e.message, {"Retry-After": "5"} if code == 429 else None)
     raise e   # not a refusal: a bug, answered 500 by the caller
 
 
@@ -3249,6 +3269,7 @@ class Handler(BaseHTTPRequestHandler):
         self.deadline = time.monotonic() + self.server.config.request_timeout
         self._idle = True
         self._answer = None   # held until the answer another thread sends has gone
+        self._answer_deadline = None
         self.close_connection = True
         self._claimed = None
         self._form = None
@@ -3281,6 +3302,16 @@ class Handler(BaseHTTPRequestHandler):
                 self._linger()
         except (OSError, ValueError):
             pass   # the client went away, or its deadline passed: nothing to answer
+
+    @property
+    def cut_at(self):
+        """When the watchdog closes the connection: its deadline, but while an answer another
+        thread sends has not gone, the time its client has to read it (none before it is sent,
+        as for a request waiting for its write)."""
+        answer = self._answer
+        if answer is not None and answer.locked():
+            return self._answer_deadline
+        return self.deadline
 
     @property
     def idle(self):
@@ -3330,15 +3361,14 @@ class Handler(BaseHTTPRequestHandler):
         try:
             status, value, headers = self._serve(line)
         except HTTPError as e:
-            status, value, headers = e.status, {"error": {"code": e.code, "message": e.message}}, e.headers
+            status, value, headers = e.answer()
             if e.close:
                 self.close_connection = True
         except OSError:
             raise   # the connection itself failed
         except Exception as e:   # a bug: answer without leaking a trace or a path, log one line
             log("internal error", request_id=self.request_id, error=type(e).__name__)
-            status, value, headers = 500, {"error": {"code": "internal", "message": "internal error; "
-                                                     "see the server log"}}, None
+            status, value, headers = _internal_error().answer()
             self.close_connection = True
         if status is ANSWERED_LATER:
             return
@@ -3468,9 +3498,10 @@ class Handler(BaseHTTPRequestHandler):
         return status, result, None
 
     def _may_answer_later(self):
-        # Not over TLS: an SSL connection is not for two threads at once
+        # Not over TLS: an SSL connection is not for two threads at once. Not with
+        # --access-log: its line per request would be written on the writer's thread.
         return not self.close_connection and self.server.tls is None and \
-            self.server.queue.store.has_writer
+            not self.server.config.access_log and self.server.queue.store.has_writer
 
     def _read_headers(self):
         headers = {}
@@ -3638,6 +3669,7 @@ class Handler(BaseHTTPRequestHandler):
         the connection is not closed under it. Returns the queue's answer callback."""
         sent = self._answer = threading.Lock()
         sent.acquire()
+        self._answer_deadline = None   # none while the write waits, as for any request
         request_id, started, conn = self.request_id, self.started, self.connection
 
         def answer(result, error):
@@ -3645,19 +3677,19 @@ class Handler(BaseHTTPRequestHandler):
                 if error is None:
                     (status, value), headers = result, extra
                 else:
-                    e = _http_error(error, request_id)
-                    status, value, headers = e.status, {"error": {"code": e.code, "message": e.message}}, e.headers
+                    status, value, headers = _http_error(error, request_id).answer()
                 close = self.server.draining
                 data = self._answer_bytes(status, value, headers, request_id, close)
-            except Exception as e:   # a bug: answer without leaking a trace, as the handler would
+            except Exception as e:   # a bug: the handler's own answer to one, connection closed
                 log("internal error", request_id=request_id, error=type(e).__name__)
-                status, close = 500, True
-                data = self._answer_bytes(500, {"error": {"code": "internal", "message": "internal error; "
-                                                          "see the server log"}}, None, request_id, close)
+                status, value, headers = _internal_error().answer()
+                close = True
+                data = self._answer_bytes(status, value, headers, request_id, close)
             if close:
                 self.close_connection = True   # read by this handler once the answer has gone
+            self._log_answer("POST", status, request_id, started)   # a 5xx: before the next one's
+            self._answer_deadline = time.monotonic() + self.server.config.request_timeout
             self._send_answer(conn, data, sent, close)
-            self._log_answer("POST", status, request_id, started)
         return answer
 
     @staticmethod
@@ -3831,7 +3863,7 @@ class Server(ThreadingHTTPServer):
         while not self._closed.wait(0.5):
             now = time.monotonic()
             with self._conn_lock:
-                late = [h for h in self._handlers if h.deadline is not None and h.deadline < now]
+                late = [h for h in self._handlers if h.cut_at is not None and h.cut_at < now]
             for handler in late:
                 handler.deadline = None
                 try:

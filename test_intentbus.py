@@ -2421,6 +2421,39 @@ class HTTPApi(ServerCase):
         self.assertEqual(self.c.stats()["counts"]["open"], 1)
         self.assertEqual(self.c.submit("g", minimal=True)["status"], "open")
 
+    def test_a_later_answer_outlasts_the_idle_timeout(self):
+        # Found by a review: while the submit's write waited, its connection counted as idle
+        # and the watchdog closed it after --idle-timeout: a committed intent, no answer.
+        srv = self.start(db=os.path.join(self.dir, "idle.db"), idle_timeout=0.3)
+        hold = threading.Event()
+        held = threading.Thread(target=srv.store.write, args=(lambda: hold.wait(1.2),))
+        held.start()
+        self.addCleanup(held.join)
+        body = b'{"goal": "g"}'
+        responses, error = exchange(self.address(srv), (
+            b"POST /intents HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)), shutdown=False, timeout=10)
+        self.assertEqual([r[0] for r in responses], [201])
+
+    def test_a_failure_after_the_batch_does_not_answer_twice(self):
+        # Found by a review: the caller that ran its own batch saw an exception raised after it
+        # (a checkpoint), and answered 500 a submit already answered 201.
+        store = self.srv.store
+
+        def checkpoint():
+            store._checkpoint_due = False
+            raise RuntimeError("stand-in for a failure after the batch")
+        with unittest.mock.patch.object(store, "_checkpoint_now", checkpoint), \
+                contextlib.redirect_stderr(io.StringIO()) as err:
+            store._checkpoint_due = True
+            body = b'{"goal": "g"}'
+            responses, error = exchange(self.address(), (
+                b"POST /intents HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)), timeout=10)
+        self.assertEqual([r[0] for r in responses], [201])
+        self.assertIn("write failed", err.getvalue())
+        self.assertEqual(self.c.submit("g", minimal=True)["status"], "open")   # the writer lives on
+
     def test_the_send_of_a_later_answer_never_blocks(self):
         class Conn:
             def __init__(self, takes):
