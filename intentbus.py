@@ -1619,15 +1619,18 @@ class Queue:
                 if spec["unique_key"] is not None:   # "created" or "already there", item by item
                     shown["created"] = fresh
             return created, views
+
+        def write():
+            return self._submit_now(specs, namespace, scope, now)
         if answer is None:
-            return views_of(self.store.write(lambda: self._submit_now(specs, namespace, scope, now)))
-        op = _Op(lambda: self._submit_now(specs, namespace, scope, now))
+            return views_of(self.store.write(write))
         if not self.store.has_writer:   # admin commands and storage tests: at once, here
             try:
-                written = self.store.write(op.fn)
+                written = self.store.write(write)
             except Exception as e:
                 return answer(None, e)
             return _answer_with(answer, views_of, written)
+        op = _Op(write)
         op.after = lambda op: _answer_with(answer, views_of, op.value, op.error)
         self.store.enqueue(op)
 

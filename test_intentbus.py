@@ -2429,11 +2429,9 @@ class HTTPApi(ServerCase):
         held = threading.Thread(target=srv.store.write, args=(lambda: hold.wait(1.2),))
         held.start()
         self.addCleanup(held.join)
-        body = b'{"goal": "g"}'
-        responses, error = exchange(self.address(srv), (
-            b"POST /intents HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)), shutdown=False, timeout=10)
-        self.assertEqual([r[0] for r in responses], [201])
+        status, _, raw = self.raw("POST", "/intents", b'{"goal": "g"}', {"Content-Type": "application/json"},
+                                  srv=srv)
+        self.assertEqual(status, 201, raw)
 
     def test_a_failure_after_the_batch_does_not_answer_twice(self):
         # Found by a review: the caller that ran its own batch saw an exception raised after it
