@@ -606,7 +606,7 @@ class Storage:
                 return
             op.state = _DONE
         op.value = value
-        op.finish()
+        self._done_with(op)
 
     def after_commit(self, callback):
         """Run callback once the current write is durable; not at all if it is refused or undone."""
@@ -751,12 +751,17 @@ class Storage:
             for op in done:
                 op.state = _DONE
         for op in done:
-            op.finish()
-            if op.after is not None:
-                try:
-                    op.after(op)
-                except Exception as e:   # a bug: the other ops must still be answered
-                    log("after a write", error=repr(e)[:200])
+            self._done_with(op)
+
+    @staticmethod
+    def _done_with(op):
+        """Wake the op's caller, or run its `after`: every way an op ends comes through here."""
+        op.finish()
+        if op.after is not None:
+            try:
+                op.after(op)
+            except Exception as e:   # a bug: the other ops must still be answered
+                log("after a write", error=repr(e)[:200])
 
     def _check_data_version(self, every=0.1):
         """Another process (an admin command) wrote to the file: tell the queue rules.

@@ -397,6 +397,21 @@ class RulesCase(TempDirCase):
 
 
 class QueueRules(RulesCase):
+    def test_an_op_answered_without_running_still_runs_its_after(self):
+        # Found at the reread: a parked op answered without running (shutdown, a claimant gone)
+        # skipped its `after`, whose caller waits for nothing else.
+        store, _ = self.with_writer()
+        op = intentbus._Op(lambda: intentbus.PARK)
+        ran = []
+        op.after = lambda op: ran.append(op.value)
+        store.enqueue(op)
+        for _ in range(1000):   # parked by the writer at its next batch: bounded polling
+            if op.state == intentbus._PARKED:
+                break
+            time.sleep(0.005)
+        store.finish_parked(op, "answered")
+        self.assertEqual(ran, ["answered"])
+
     def test_a_submit_answered_later_is_answered_once_after_its_commit(self):
         # The HTTP layer sends a submit's answer from the thread that commits it: the answer
         # must come after the commit (durable: another connection sees the intent), once,
