@@ -493,7 +493,8 @@ class Client:
         Raises Unavailable on network errors, timeouts, 5xx, 408 and 429. With check=True (the default)
         other 4xx answers raise IntentBusError / LeaseLost / NotFound; with check=False they are
         returned as (status, error object). With text=True a 2xx answer must be text/plain, and
-        is returned as a string (GET /metrics); errors are JSON as ever."""
+        is returned as a string (GET /metrics); errors are JSON as ever. A header that cannot be
+        written (a line break in its value) raises ValueError, and nothing is sent."""
         target = self._prefix + path
         if query:
             pairs = []
@@ -575,7 +576,6 @@ class Client:
         if self._sign_key is not None and "authorization" not in given:
             hdrs["Authorization"] = self._signature(method, path, data)
         hdrs.update(headers or ())
-        self._head_of(hdrs)   # refuses a bad header here: in _roundtrip it would look like no network
         status, reply, raw = self._roundtrip(method, target, data, hdrs,
                                              self.timeout if timeout is None else timeout)
         return status, dict(reply.headers), raw
@@ -602,6 +602,8 @@ class Client:
 
     def _roundtrip(self, method, target, data, hdrs, timeout):
         self._aborted = False
+        head = self._head_of(hdrs)   # a header that cannot be written is the caller's mistake, not
+        # the network's: raised here as ValueError, never retried as Unavailable
         for attempt in (0, 1):
             conn = self._conn
             if conn is not None and conn.sock is not None and \
@@ -616,7 +618,7 @@ class Client:
                 conn.sock.settimeout(timeout)
             conn.response_class = functools.partial(_Response, deadline=time.monotonic() + timeout)
             try:
-                conn.send_request(method, target, data, self._head_of(hdrs))
+                conn.send_request(method, target, data, head)
                 reply = conn.getresponse()
             except _RESEND_ERRORS as e:
                 self.close()
