@@ -3934,6 +3934,45 @@ class ClientConnections(unittest.TestCase):
         self.assertEqual(c.health(), {"n": 2})     # the first connection died: sent again once
         self.assertEqual(f.connections, 2)
 
+    def test_answers_of_every_shape_are_read_alike(self):
+        # The Client splits an answer's head at once when all of it has come (ending at its first
+        # empty line), and reads it line by line otherwise: either way the answer is the same.
+        body = b'{"ok":1}'
+
+        def in_pieces(conn):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-")
+            time.sleep(0.05)
+            conn.sendall(b"Length: 8\r\nX-A: 1\r\n\r\n" + body)
+        shapes = [
+            b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nX-A: 1\r\n\r\n" + body,      # the usual
+            b"HTTP/1.1 200 OK\nContent-Length: 8\nX-A: 1\n\n" + body,               # bare LF line ends
+            # a bare LF ends the last header line: the head ends there, not at the body's CRLFs
+            b"HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 12\n\r\n" + body + b"\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 12\n\n" + body + b"\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\n\r\n" + body + b"\r\n\r\nX-A: 2\r\n\r\n",     # no headers at all
+            b"HTTP/1.1 200 OK\r\nX-Big: " + b"x" * 20000 + b"\r\nContent-Length: 8\r\nX-A: 1\r\n\r\n"
+            + body,                                                                  # over the buffer
+            in_pieces,
+        ]
+        f = self.fake([[shape] for shape in shapes])
+        for i, shape in enumerate(shapes):
+            c = Client(f.url, timeout=5)
+            status, reply, raw = c._roundtrip("GET", "/health", None, c._headers, 5)
+            c.close()
+            self.assertEqual((status, raw), (200, body + (b"\r\n\r\nX-A: 2\r\n\r\n" if i == 4 else
+                                                          b"\r\n\r\n" if i in (2, 3) else b"")), i)
+            self.assertEqual(reply.getheader("X-A"), None if i == 4 else "1", i)
+            self.assertNotIn("", reply.headers, i)
+
+    def test_the_host_header_is_the_one_http_client_would_write(self):
+        for host, port, https in (("127.0.0.1", 8080, False), ("::1", 8080, False),
+                                  ("example.com", 80, False), ("example.com", 443, True),
+                                  ("example.com", 8443, True), ("b\u00fccher.example", 80, False)):
+            made = (http.client.HTTPSConnection if https else http.client.HTTPConnection)(host, port)
+            made.putrequest("GET", "/", skip_accept_encoding=True)
+            ours = (worker._HTTPSConnection if https else worker._HTTPConnection)(host, port)
+            self.assertEqual(ours._host_line(), made._buffer[1], host)
+
     def test_a_request_goes_out_in_one_send_head_and_body_together(self):
         # http.client sends the head and the body apart: two packets with TCP_NODELAY, and a
         # server thread woken for the head may have to wait again for the body.

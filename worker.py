@@ -141,7 +141,25 @@ class Snooze(Exception):
 # 2. Client: one keep-alive HTTP connection to the server. Not shared across threads.
 # =====================================================================================
 
-_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
+def _one_encoder():
+    """_ENCODER.encode, but with its C encoder made once: encode() makes a new one on every
+    call, most of the cost of a small body. No cycle check: a value that holds itself raises
+    RecursionError instead of ValueError. Without CPython's _json, encode() itself."""
+    try:
+        encode = json.encoder.c_make_encoder(None, _ENCODER.default, json.encoder.encode_basestring_ascii,
+                                             None, ":", ",", False, False, False)
+        sample = {"a": [1, -2.5e-07, None, True, "\xe9 \u2028 \" \n"], "": {}}
+        if "".join(encode(sample, 0)) == _ENCODER.encode(sample):
+            return lambda value: "".join(encode(value, 0))
+    except Exception:
+        pass
+    return _ENCODER.encode
+
+
+_encode = _one_encoder()
 _encode_utf8 = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode  # sizes
 _RESEND_ERRORS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)  # incl. RemoteDisconnected
 MIN_ANSWER_RATE = 8192.0   # bytes/s: an answer slower than this is a stalled one
@@ -197,6 +215,19 @@ class _DeadlineReader(io.RawIOBase):
         super().close()
 
 
+class _DeadlineSocket:
+    """What HTTPResponse takes of a socket: makefile(), here the answer's reader, made once."""
+
+    def __init__(self, sock, deadline):
+        self._sock = sock
+        self._deadline = deadline
+
+    def makefile(self, mode):
+        raw = self._sock.makefile(mode, 0)   # unbuffered: the socket's own reader, counted as one
+        # of its files (a socket closed under an answer still being read stays open till then)
+        return io.BufferedReader(_DeadlineReader(raw, self._sock, self._deadline))
+
+
 def _clock_hint(date):
     """What a refused signature may mean, from the answer's Date: this machine's clock is off (a
     Pi without network time). Only said, never acted on: a Date header can be forged on plain
@@ -217,9 +248,9 @@ class _Response(http.client.HTTPResponse):
     193 -> 152 us)."""
 
     def __init__(self, sock, debuglevel=0, method=None, url=None, deadline=None):
-        super().__init__(sock, debuglevel, method, url)
         if deadline is not None:
-            self.fp = io.BufferedReader(_DeadlineReader(self.fp.detach(), sock, deadline))
+            sock = _DeadlineSocket(sock, deadline)   # only its makefile() is used
+        super().__init__(sock, debuglevel, method, url)
 
     def begin(self):
         if self.headers is not None:
@@ -239,16 +270,25 @@ class _Response(http.client.HTTPResponse):
         else:
             raise http.client.UnknownProtocol(version)
         headers = _Headers()
-        for _ in range(100):
-            line = self.fp.readline(65537)
-            if len(line) > 65536:
-                raise http.client.LineTooLong("header line")
-            if line in (b"\r\n", b"\n", b""):
-                break
-            name, _, value = line.decode("iso-8859-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
+        head = self.fp.peek()   # the rest of the head has usually come with the status line
+        end = head.find(b"\r\n\r\n")
+        if end > 0 and head.find(b"\n\r\n") == end + 1 and head.find(b"\n\n", 0, end) < 0 and \
+                not head.startswith((b"\r\n", b"\n")) and head.count(b"\n", 0, end) < 100:
+            # all of it, ending at its first empty line: split at once, not read line by line
+            for line in self.fp.read(end + 4)[:end].decode("iso-8859-1").split("\n"):
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
         else:
-            raise http.client.HTTPException("got more than 100 headers")
+            for _ in range(100):
+                line = self.fp.readline(65537)
+                if len(line) > 65536:
+                    raise http.client.LineTooLong("header line")
+                if line in (b"\r\n", b"\n", b""):
+                    break
+                name, _, value = line.decode("iso-8859-1").partition(":")
+                headers[name.strip().lower()] = value.strip()
+            else:
+                raise http.client.HTTPException("got more than 100 headers")
         self.headers = self.msg = headers
         self.chunked = headers.get("transfer-encoding", "").lower() == "chunked"
         self.chunk_left = None
@@ -280,13 +320,29 @@ class _OneSend:
         """request() with the header lines already written out (head: checked "Name: value"
         lines, joined by CRLF): http.client checks every name and value against a pattern on
         every request, a tenth of a small request's CPU (stress.py --probe health)."""
-        self.putrequest(method, url, skip_accept_encoding=True)
+        self.putrequest(method, url, skip_host=True, skip_accept_encoding=True)
+        head = self._host_line() + b"\r\n" + head if head else self._host_line()
         if body is not None:
             head += b"\r\nContent-Length: %d" % len(body)
         elif method in ("POST", "PUT", "PATCH"):
             head += b"\r\nContent-Length: 0"   # as request() says it
         self._output(head)
         self.endheaders(body)
+
+    def _host_line(self):
+        """The Host header as putrequest() writes it (RFC 9112 3.2), worked out once."""
+        line = self.__dict__.get("_host")
+        if line is None:
+            try:
+                host = self.host.encode("ascii")
+            except UnicodeEncodeError:
+                host = self.host.encode("idna")
+            if b":" in host:   # an IPv6 address
+                host = b"[" + host + b"]"
+            if self.port != self.default_port:
+                host += b":%d" % self.port
+            line = self._host = b"Host: " + host
+        return line
 
     def _send_output(self, message_body=None, encode_chunked=False):
         if isinstance(message_body, bytes) and not encode_chunked:
@@ -530,7 +586,7 @@ class Client:
         obj = None
         if raw:
             try:   # strict: NaN, Infinity or 1e999 from a proxy would crash a job later
-                obj = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+                obj = _decode_answer(raw)
             except (ValueError, RecursionError):
                 obj = None
                 if status < 300:
@@ -1979,6 +2035,15 @@ def _finite_float(text):
     if value - value != 0.0:   # infinite (NaN cannot come from digits)
         raise ValueError("%s is out of range" % text)
     return value
+
+
+def _decode_answer(raw):
+    """json.loads(raw) refusing NaN, Infinity and 1e999, with one decoder for every answer
+    (json.loads with options builds a new one each time)."""
+    return _ANSWER_DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
+
+
+_ANSWER_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
 
 
 def _str_of(error):
