@@ -4135,6 +4135,9 @@ def start_server(**settings):
     return Running(config, clock=clock)
 
 
+MIN_ROOT_TOKEN = 16   # characters; `token add` makes 32 (192 random bits)
+
+
 def is_loopback(host):
     if host in ("localhost", ""):
         return host == "localhost"
@@ -4193,6 +4196,16 @@ def check_exposure(config):
         if not Storage.has_tokens(config.db):
             raise SystemExit("intentbus: refusing to listen on %s without a token; set --token or "
                              "INTENTBUS_TOKEN (or listen on 127.0.0.1)" % config.host)
+
+
+def weak_token_warning(config):
+    """A warning for a short root token on a server others can reach (only said: refusing it
+    would stop an upgraded server that ran before), or None. Never shows the token."""
+    if config.token and len(config.token) < MIN_ROOT_TOKEN and not is_loopback(config.host):
+        return ("warning: the root token is %d characters, and anyone who guesses it is admin; "
+                "use %d or more random ones (python3 -c 'import secrets; "
+                "print(secrets.token_urlsafe(24))')" % (len(config.token), MIN_ROOT_TOKEN))
+    return None
 
 
 # =====================================================================================
@@ -4510,6 +4523,9 @@ def serve(args):
     log("intentbus %s listening on %s db=%s auth=%s sync=%s cpu=%s" % (
         __version__, running.url, os.path.abspath(config.db),
         "on" if running.tokens.enabled else "off", config.sync, cpu))
+    warning = weak_token_warning(config)
+    if warning:
+        log(warning)
     while not stop.wait(1.0):
         pass
     log("shutting down")

@@ -4566,6 +4566,17 @@ class ServerLifecycle(BusCase):
         self.assertTrue(intentbus.Storage.has_tokens(self.db))
         intentbus.check_exposure(config)   # no refusal
 
+    def test_a_short_root_token_on_a_reachable_address_is_warned_of_never_shown(self):
+        def warning(token, host):
+            return intentbus.weak_token_warning(types.SimpleNamespace(token=token, host=host))
+        said = warning("hunter2", "0.0.0.0")
+        self.assertIn("7 characters", said)
+        self.assertNotIn("hunter2", said)
+        self.assertIsNone(warning("hunter2", "127.0.0.1"))   # only this machine can try it
+        self.assertIsNone(warning(None, "0.0.0.0"))          # scoped tokens: refused or fine
+        self.assertIsNone(warning(ROOT, "192.168.1.10"))
+        self.assertIsNotNone(warning("x" * 15, "::"))
+
     def test_help_never_prints_the_token_from_the_environment(self):
         # Found by an audit: `serve --help` showed INTENTBUS_TOKEN's value as --token's default,
         # and so did `stress.py --help` (ArgumentDefaultsHelpFormatter).
