@@ -3972,6 +3972,46 @@ class ClientConnections(unittest.TestCase):
             made.putrequest("GET", "/", skip_accept_encoding=True)
             ours = (worker._HTTPSConnection if https else worker._HTTPConnection)(host, port)
             self.assertEqual(ours._host_line(), made._buffer[1], host)
+        zoned = worker._HTTPConnection("fe80::1%eth0", 8080)   # Python 3.9's http.client kept the zone
+        self.assertEqual(zoned._host_line(), b"Host: [fe80::1]:8080")
+
+    def test_an_answer_cut_short_in_its_head_is_no_answer(self):
+        # Found by a review: the end of the stream inside the head passed for its end, and a
+        # truncated or aborted answer came back as a 200 without a body
+        for cut in (b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"):
+            f = self.fake([[cut]])
+            c = self.client(f.url)
+            with self.assertRaises(Unavailable) as cm:
+                c.health()
+            self.assertIn("ended inside its headers", str(cm.exception))
+
+    def test_up_to_100_headers_are_read_however_they_come(self):
+        # http.client's own limit, whether the head is split at once or read line by line (one
+        # over the 8 KiB buffer is): found by a review, the two ways differed by one
+        def answer(count, size):
+            return (b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n" +
+                    b"".join(b"X-%d: %s\r\n" % (i, b"v" * size) for i in range(count - 1)) +
+                    b"\r\n" + b'{"ok":1}')
+        for count, size in ((100, 1), (101, 1), (100, 200), (101, 200)):
+            f = self.fake([[answer(count, size)]])
+            c = self.client(f.url)
+            if count <= 100:
+                self.assertEqual(c.health(), {"ok": 1}, (count, size))
+            else:
+                with self.assertRaises(Unavailable, msg=(count, size)):
+                    c.health()
+
+    def test_a_body_that_holds_itself_is_refused_as_before(self):
+        # A review found that a C encoder reused without its cycle check could crash Python 3.13
+        # on a thread's small stack: the encoder checks for cycles, and nothing is sent
+        f = self.fake([[http_answer(200, {"ok": True})]])
+        c = self.client(f.url)
+        looped = {"a": []}
+        looped["a"].append(looped)
+        with self.assertRaises(ValueError):
+            c.submit("g", looped)
+        self.assertEqual(c.health(), {"ok": True})
+        self.assertEqual(len(f.heads), 1)
 
     def test_a_request_goes_out_in_one_send_head_and_body_together(self):
         # http.client sends the head and the body apart: two packets with TCP_NODELAY, and a

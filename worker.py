@@ -141,25 +141,7 @@ class Snooze(Exception):
 # 2. Client: one keep-alive HTTP connection to the server. Not shared across threads.
 # =====================================================================================
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
-
-
-def _one_encoder():
-    """_ENCODER.encode, but with its C encoder made once: encode() makes a new one on every
-    call, most of the cost of a small body. No cycle check: a value that holds itself raises
-    RecursionError instead of ValueError. Without CPython's _json, encode() itself."""
-    try:
-        encode = json.encoder.c_make_encoder(None, _ENCODER.default, json.encoder.encode_basestring_ascii,
-                                             None, ":", ",", False, False, False)
-        sample = {"a": [1, -2.5e-07, None, True, "\xe9 \u2028 \" \n"], "": {}}
-        if "".join(encode(sample, 0)) == _ENCODER.encode(sample):
-            return lambda value: "".join(encode(value, 0))
-    except Exception:
-        pass
-    return _ENCODER.encode
-
-
-_encode = _one_encoder()
+_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 _encode_utf8 = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode  # sizes
 _RESEND_ERRORS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)  # incl. RemoteDisconnected
 MIN_ANSWER_RATE = 8192.0   # bytes/s: an answer slower than this is a stalled one
@@ -279,12 +261,14 @@ class _Response(http.client.HTTPResponse):
                 name, _, value = line.partition(":")
                 headers[name.strip().lower()] = value.strip()
         else:
-            for _ in range(100):
+            for _ in range(101):   # at most 100 headers, as http.client reads them, and the end
                 line = self.fp.readline(65537)
                 if len(line) > 65536:
                     raise http.client.LineTooLong("header line")
-                if line in (b"\r\n", b"\n", b""):
+                if line in (b"\r\n", b"\n"):
                     break
+                if not line:   # not an answer: it may have been cut short, or aborted
+                    raise http.client.HTTPException("the answer ended inside its headers")
                 name, _, value = line.decode("iso-8859-1").partition(":")
                 headers[name.strip().lower()] = value.strip()
             else:
@@ -337,8 +321,9 @@ class _OneSend:
                 host = self.host.encode("ascii")
             except UnicodeEncodeError:
                 host = self.host.encode("idna")
-            if b":" in host:   # an IPv6 address
-                host = b"[" + host + b"]"
+            if b":" in host:   # an IPv6 address, without its zone (it means nothing to the
+                # server; newer http.client leaves it out too)
+                host = b"[" + host.partition(b"%")[0] + b"]"
             if self.port != self.default_port:
                 host += b":%d" % self.port
             line = self._host = b"Host: " + host
