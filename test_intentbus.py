@@ -4340,6 +4340,31 @@ class ServerLifecycle(BusCase):
         self.assertEqual(got["claim"], [])
         self.assertEqual(self.client(self.start()).get(kept)["payload"], "kept")
 
+    def test_a_body_nested_past_any_limit_is_refused_even_on_a_small_stack(self):
+        # On Python 3.13 the C JSON parser recursed ~10,000 levels before refusing, and with
+        # 1 MiB thread stacks (ulimit -s 1024) a 10 KB body of "[" crashed the whole server
+        try:
+            import resource
+        except ImportError:
+            self.skipTest("no resource module (not Unix)")
+        limit = lambda: resource.setrlimit(resource.RLIMIT_STACK, (1 << 20, resource.RLIM_INFINITY))
+        p = subprocess.Popen([PY, SCRIPT, "serve", "--db", self.db, "--port", "0"],
+                             stderr=subprocess.PIPE, text=True, preexec_fn=limit)
+        try:
+            url = p.stderr.readline().split("listening on ")[1].split()[0]
+            c = Client(url)
+            for body in (b"[" * 200000, b'{"goal":"g","payload":' + b"[" * 100000):
+                status, _, answer = c.send_raw("POST", "/intents", body,
+                                               {"Content-Type": "application/json"})
+                self.assertEqual((status, json.loads(answer)["error"]["code"]), (400, "bad_json"))
+            self.assertTrue(c.health()["ok"])   # still there
+            p.send_signal(signal.SIGTERM)
+            self.assertEqual(p.wait(20), 0)
+        finally:
+            if p.poll() is None:
+                p.kill()
+            p.communicate(timeout=10)
+
     def test_settings_that_would_refuse_all_work_are_refused_at_start(self):
         # Found by an audit: --lease 0 started a server whose every claim expired on arrival,
         # and INTENTBUS_SYNC=fast (argparse checks choices only on the command line) crashed
