@@ -4314,11 +4314,21 @@ class ServerLifecycle(BusCase):
         self.assertEqual(c.resume("backup")["resumed"], True)
         self.assertEqual(len(c.claim("nas", goals=["backup"])), 1)
 
-    def test_sigterm_answers_long_polls_and_exits_cleanly(self):
-        p = subprocess.Popen([PY, SCRIPT, "serve", "--db", self.db, "--port", "0"],
-                             stderr=subprocess.PIPE, text=True)
+    @contextlib.contextmanager
+    def serve_process(self, *flags, **popen):
+        """`intentbus.py serve` in a process of its own: yields it and its first log line (which
+        names its URL), and kills it at the end if it is still running."""
+        p = subprocess.Popen([PY, SCRIPT, "serve", "--db", self.db, "--port", "0"] + list(flags),
+                             stderr=subprocess.PIPE, text=True, **popen)
         try:
-            line = p.stderr.readline()
+            yield p, p.stderr.readline()
+        finally:
+            if p.poll() is None:
+                p.kill()
+            p.communicate(timeout=10)
+
+    def test_sigterm_answers_long_polls_and_exits_cleanly(self):
+        with self.serve_process() as (p, line):
             self.assertIn("auth=off", line)
             url = line.split("listening on ")[1].split()[0]
             got = {}
@@ -4332,10 +4342,6 @@ class ServerLifecycle(BusCase):
             p.send_signal(signal.SIGTERM)
             self.assertEqual(p.wait(20), 0)
             t.join(20)
-        finally:
-            if p.poll() is None:
-                p.kill()
-            p.communicate(timeout=10)
         self.assertFalse(t.is_alive())        # the 60 s long poll was answered at shutdown
         self.assertEqual(got["claim"], [])
         self.assertEqual(self.client(self.start()).get(kept)["payload"], "kept")
@@ -4348,11 +4354,8 @@ class ServerLifecycle(BusCase):
         except ImportError:
             self.skipTest("no resource module (not Unix)")
         limit = lambda: resource.setrlimit(resource.RLIMIT_STACK, (1 << 20, resource.RLIM_INFINITY))
-        p = subprocess.Popen([PY, SCRIPT, "serve", "--db", self.db, "--port", "0"],
-                             stderr=subprocess.PIPE, text=True, preexec_fn=limit)
-        try:
-            url = p.stderr.readline().split("listening on ")[1].split()[0]
-            c = Client(url)
+        with self.serve_process(preexec_fn=limit) as (p, line):
+            c = Client(line.split("listening on ")[1].split()[0])
             for body in (b"[" * 200000, b'{"goal":"g","payload":' + b"[" * 100000):
                 status, _, answer = c.send_raw("POST", "/intents", body,
                                                {"Content-Type": "application/json"})
@@ -4360,10 +4363,6 @@ class ServerLifecycle(BusCase):
             self.assertTrue(c.health()["ok"])   # still there
             p.send_signal(signal.SIGTERM)
             self.assertEqual(p.wait(20), 0)
-        finally:
-            if p.poll() is None:
-                p.kill()
-            p.communicate(timeout=10)
 
     def test_settings_that_would_refuse_all_work_are_refused_at_start(self):
         # Found by an audit: --lease 0 started a server whose every claim expired on arrival,
@@ -4483,10 +4482,7 @@ class ServerLifecycle(BusCase):
         for flags, want in (([], fastest), (["--cpu", str(allowed[0])], str(allowed[0])),
                             (["--cpu", "off"], "any")):
             env = {k: v for k, v in os.environ.items() if not k.startswith("INTENTBUS_")}
-            p = subprocess.Popen([PY, SCRIPT, "serve", "--db", self.db, "--port", "0"] + flags,
-                                 stderr=subprocess.PIPE, text=True, env=env)
-            try:
-                line = p.stderr.readline()
+            with self.serve_process(*flags, env=env) as (p, line):
                 if not flags and "not kept on one CPU" in line:   # a cpuset or seccomp refused it
                     self.skipTest(line.strip())
                 if isinstance(want, set):   # auto: one of the fastest (the one it started on, if so)
@@ -4503,10 +4499,6 @@ class ServerLifecycle(BusCase):
                 c.close()
                 p.send_signal(signal.SIGTERM)
                 self.assertEqual(p.wait(20), 0)
-            finally:
-                if p.poll() is None:
-                    p.kill()
-                p.communicate(timeout=10)
         p = cli("serve", "--db", self.db, "--port", "0", "--cpu", "4096")
         self.assertEqual(p.returncode, 1)
         self.assertEqual(p.stderr.strip(), "intentbus: --cpu must be auto, off or a CPU this process "
