@@ -300,17 +300,21 @@ class _OneSend:
         super().connect()
         _nodelay(self.sock)
 
-    def send_request(self, method, url, body, head):
+    def send_request(self, method, url, body, head, host=True, length=True):
         """request() with the header lines already written out (head: checked "Name: value"
         lines, joined by CRLF): http.client checks every name and value against a pattern on
-        every request, a tenth of a small request's CPU (stress.py --probe health)."""
+        every request, a tenth of a small request's CPU (stress.py --probe health). Host and
+        Content-Length are added unless told not to (head has its own)."""
         self.putrequest(method, url, skip_host=True, skip_accept_encoding=True)
-        head = self._host_line() + b"\r\n" + head if head else self._host_line()
-        if body is not None:
-            head += b"\r\nContent-Length: %d" % len(body)
-        elif method in ("POST", "PUT", "PATCH"):
-            head += b"\r\nContent-Length: 0"   # as request() says it
-        self._output(head)
+        lines = [self._host_line()] if host else []
+        if head:
+            lines.append(head)
+        if length and body is not None:
+            lines.append(b"Content-Length: %d" % len(body))
+        elif length and method in ("POST", "PUT", "PATCH"):
+            lines.append(b"Content-Length: 0")   # as request() says it
+        if lines:
+            self._output(b"\r\n".join(lines))
         self.endheaders(body)
 
     def _host_line(self):
@@ -348,6 +352,7 @@ class _HTTPSConnection(_OneSend, http.client.HTTPSConnection):
 
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")   # an RFC 9110 token
+_TARGET = re.compile(r"[!-~]+\Z")   # a request target: printable ASCII, no space
 
 
 def _header_lines(headers):
@@ -603,15 +608,13 @@ class Client:
         header name: value}, body bytes). For tools and tests that must see an answer as it came:
         no status raises, the body is not decoded, and no Content-Type is added. The path goes
         under the server URL's path, as request()'s does; data is bytes or None. This client's
-        own headers (Accept, Accept-Encoding, User-Agent, and its token's Authorization or
-        signature if it has a token) are sent unless headers name them too. Network errors and
+        own headers (Host, Content-Length, Accept, Accept-Encoding, User-Agent, and its token's
+        Authorization or signature if it has a token) are sent unless headers name them too. Network errors and
         timeouts raise Unavailable, as request()'s do; a method, path or header that cannot be
         written as given raises ValueError (a request for that is no client's to send)."""
         if data is not None and not isinstance(data, bytes):
             raise TypeError("data must be bytes, not %s" % type(data).__name__)
         target = self._prefix + path
-        if not _HEADER_NAME.match(method) or any(c <= " " or c > "~" for c in target):
-            raise ValueError("invalid method or path: %r %r" % (method, target))
         given = {name.lower() for name in headers or ()}
         hdrs = {name: value for name, value in self._headers.items() if name.lower() not in given}
         if self._sign_key is not None and "authorization" not in given:
@@ -643,8 +646,11 @@ class Client:
 
     def _roundtrip(self, method, target, data, hdrs, timeout):
         self._aborted = False
-        head = self._head_of(hdrs)   # a header that cannot be written is the caller's mistake, not
-        # the network's: raised here as ValueError, never retried as Unavailable
+        # A method, path or header that cannot be written is the caller's mistake, not the
+        # network's: raised here as ValueError, never retried as Unavailable
+        if not (_HEADER_NAME.match(method) and _TARGET.match(target)):
+            raise ValueError("invalid method or path: %r %r" % (method, target))
+        head, names = self._head_of(hdrs)
         for attempt in (0, 1):
             conn = self._conn
             if conn is not None and conn.sock is not None and \
@@ -659,7 +665,8 @@ class Client:
                 conn.sock.settimeout(timeout)
             conn.response_class = functools.partial(_Response, deadline=time.monotonic() + timeout)
             try:
-                conn.send_request(method, target, data, head)
+                conn.send_request(method, target, data, head, "host" not in names,
+                                  "content-length" not in names)
                 reply = conn.getresponse()
             except _RESEND_ERRORS as e:
                 self.close()
@@ -692,10 +699,11 @@ class Client:
         raise Unavailable("unreachable", None, "network")   # not reached
 
     def _head_of(self, headers):
+        """(the header lines, written out and checked; the names they give, in lower case)."""
         key = tuple(headers.items())
         head = self._heads.get(key)
         if head is None:
-            head = _header_lines(headers)
+            head = _header_lines(headers), frozenset(name.lower() for name in headers)
             if self._sign_key is None and len(self._heads) < 16:   # a signature is new each time
                 self._heads[key] = head
         return head
@@ -1340,7 +1348,9 @@ class Worker:
                     self._claim_waiting = False
                     free = self._free
                     acks, self._riding = self._riding, []
-                if self.stopping.is_set():
+                if self.stopping.is_set():   # never sent: they go alone as such (a refusal is
+                    pending, acks = acks, []   # then a lost lease, not an earlier try done)
+                    self._fulfill_apart(pending)
                     return
                 goals = sorted(self.current_handlers())
                 if not goals:
