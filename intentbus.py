@@ -3474,7 +3474,10 @@ class Handler(BaseHTTPRequestHandler):
         minimal = name in _MINIMAL_ROUTES and "return=minimal" in headers.get("prefer", "").lower()
         called = time.monotonic()
         try:
-            if name == "submit" and self._may_answer_later():
+            # An array's whole answer (every intent, payloads and all) is built by its own
+            # thread: on the writer, a big one would hold up every other write meanwhile
+            if name == "submit" and (minimal or not isinstance(value, list)) and \
+                    self._may_answer_later():
                 answer = self._answer_later({"Preference-Applied": "return=minimal"} if minimal else None)
                 try:
                     self.server.api.submit(scope, params, value, minimal_view if minimal else None, answer)
@@ -3507,9 +3510,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def _may_answer_later(self):
         # Not over TLS: an SSL connection is not for two threads at once. Not with
-        # --access-log: its line per request would be written on the writer's thread.
+        # --access-log: its line per request would be written on the writer's thread. Not
+        # without MSG_DONTWAIT (Windows): the writer must never block on a client.
         return not self.close_connection and self.server.tls is None and \
-            not self.server.config.access_log and self.server.queue.store.has_writer
+            not self.server.config.access_log and self.server.queue.store.has_writer and \
+            hasattr(socket, "MSG_DONTWAIT")
 
     def _read_headers(self):
         headers = {}
@@ -3697,19 +3702,27 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True   # read by this handler once the answer has gone
             self._log_answer("POST", status, request_id, started)   # a 5xx: before the next one's
             self._answer_deadline = time.monotonic() + self.server.config.request_timeout
-            self._send_answer(conn, data, sent, close)
+            self._send_answer(conn, data, sent, close, self._idle_again)
         return answer
 
+    def _idle_again(self):
+        """A later answer has gone: an idle connection's --idle-timeout runs from now, not from
+        when it began to wait (a write may have taken longer than that)."""
+        if self._idle:
+            self.deadline = max(self.deadline or 0.0,
+                                time.monotonic() + self.server.config.idle_timeout)
+
     @staticmethod
-    def _send_answer(conn, data, sent, close):
+    def _send_answer(conn, data, sent, close, then=None):
         """Send without ever blocking the committing thread: a client that does not read gets
-        the rest from a thread of its own (until the watchdog cuts the idle connection)."""
-        try:
-            done = conn.send(data, socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            done = 0
-        except OSError:   # the client has gone; its handler's read ends too
-            done = len(data)
+        the rest from a thread of its own (until the watchdog cuts the idle connection). Then
+        `then()`, and `sent` is released: always, or the handler would wait for it for ever."""
+        def finish():
+            try:
+                if then is not None:
+                    then()
+            finally:
+                sent.release()
 
         def rest():
             try:
@@ -3720,11 +3733,25 @@ class Handler(BaseHTTPRequestHandler):
             except OSError:
                 pass
             finally:
-                sent.release()
-        if done < len(data):
-            threading.Thread(target=rest, name="intentbus-answer", daemon=True).start()
-        else:
-            rest()
+                finish()
+        try:
+            try:
+                done = conn.send(data, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                done = 0
+            except OSError:   # the client has gone; its handler's read ends too
+                done = len(data)
+            if done < len(data):
+                threading.Thread(target=rest, name="intentbus-answer", daemon=True).start()
+                return
+        except BaseException:   # a bug, or no thread to be had: the connection ends unanswered
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            finish()
+            raise
+        rest()
 
     def log_message(self, format, *args):   # BaseHTTPRequestHandler's own logging: unused
         pass

@@ -2448,6 +2448,41 @@ class HTTPApi(ServerCase):
                                   srv=srv)
         self.assertEqual(status, 201, raw)
 
+    def test_a_kept_connection_stays_open_after_a_late_answer(self):
+        # Found by a reread: the idle clock ran from when the connection began to wait for its
+        # next request, so after a write slower than --idle-timeout the watchdog cut it as soon
+        # as the answer had gone
+        srv = self.start(db=os.path.join(self.dir, "idle2.db"), idle_timeout=1.0)
+        held = threading.Thread(target=srv.store.write, args=(lambda: threading.Event().wait(1.6),))
+        held.start()
+        self.addCleanup(held.join)
+        with socket.create_connection(srv.httpd.server_address[:2], timeout=10) as sock:
+            f = sock.makefile("rb")
+            body = b'{"goal": "g"}'
+            sock.sendall(b"POST /intents HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+                         b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            self.assertEqual(read_response(f)[0], 201)
+            time.sleep(0.6)   # longer than a round of the watchdog, shorter than --idle-timeout
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            answer = read_response(f)
+            self.assertEqual(answer and answer[0], 200)
+
+    def test_only_small_answers_are_built_on_the_committing_thread(self):
+        # Found by a reread: a big array's whole answer (every intent, payloads and all) was
+        # built on the writer thread, holding up every other write meanwhile
+        later = []
+        original = intentbus.Handler._answer_later
+
+        def noted(handler, extra):
+            later.append(extra)
+            return original(handler, extra)
+        with unittest.mock.patch.object(intentbus.Handler, "_answer_later", noted):
+            self.c.submit("g")
+            self.c.submit_many([{"goal": "g"}] * 3, minimal=True)
+            self.assertEqual(len(later), 2)
+            self.assertEqual(len(self.c.submit_many([{"goal": "g", "payload": "x" * 100}] * 3)), 3)
+            self.assertEqual(len(later), 2)   # answered by its own thread, as before 0.4.1
+
     def test_a_failure_after_the_batch_does_not_answer_twice(self):
         # Found by a review: the caller that ran its own batch saw an exception raised after it
         # (a checkpoint), and answered 500 a submit already answered 201.
@@ -2494,6 +2529,17 @@ class HTTPApi(ServerCase):
             gone = b"".join(conn.got)
             self.assertEqual(gone, b"" if isinstance(takes, BrokenPipeError) else b"0123456789")
             self.assertEqual(conn.closed, socket.SHUT_RD if close else False)
+        # Found by a reread: whatever fails, the handler waiting for this answer is let go, its
+        # connection ended (a platform without MSG_DONTWAIT, no thread to be had)
+        for takes, fails in ((AttributeError("MSG_DONTWAIT"), None), (3, RuntimeError("can't start"))):
+            conn, sent, then = Conn(takes), threading.Lock(), []
+            sent.acquire()
+            with unittest.mock.patch.object(threading.Thread, "start", side_effect=fails) if fails \
+                    else contextlib.nullcontext():
+                with self.assertRaises(type(fails or takes)):
+                    intentbus.Handler._send_answer(conn, b"0123456789", sent, False, lambda: then.append(1))
+            self.assertTrue(sent.acquire(timeout=0))
+            self.assertEqual((conn.closed, then), (socket.SHUT_RDWR, [1]))
 
     def test_submit_claim_fulfill_and_get(self):
         i = self.c.submit("thumb", {"f": "a.mp4"}, requires=["ffmpeg"], priority=2)
@@ -3837,6 +3883,17 @@ class ClientAgainstServer(ServerCase):
         with self.assertRaises(ValueError):   # a header no client may write is the caller's mistake
             c.send_raw("GET", "/health", headers={"X-Bad": "a\r\nX-Evil: 1"})
 
+    def test_a_path_no_client_may_write_is_the_callers_mistake_not_the_networks(self):
+        # Found by a reread: send_raw refused it, request() let http.client's ValueError pass
+        # for a network error, which callers retry
+        before = self.c.stats()["counts"]
+        for path in ("/intents/1 2", "/intents/\u00e9", "/x\r\nX-Evil: 1"):
+            with self.assertRaises(ValueError):
+                self.c.request("POST", path, {"goal": "g"})
+        with self.assertRaises(ValueError):
+            self.c.request("GET /health", "/health")
+        self.assertEqual(self.c.stats()["counts"], before)
+
     def test_a_header_no_client_may_write_is_the_callers_mistake_not_the_networks(self):
         # Unavailable would be retried (the worker's loop, stress.py) for ever; nothing is sent
         before = self.c.stats()["counts"]
@@ -3963,6 +4020,18 @@ class ClientConnections(unittest.TestCase):
                                                           b"\r\n\r\n" if i in (2, 3) else b"")), i)
             self.assertEqual(reply.getheader("X-A"), None if i == 4 else "1", i)
             self.assertNotIn("", reply.headers, i)
+
+    def test_send_raw_sends_the_callers_host_and_length_instead_of_its_own(self):
+        # Found by a reread: both went out twice, the client's and the caller's
+        f = self.fake([[http_answer(200, {"ok": True})] * 2])
+        c = self.client(f.url)
+        c.send_raw("POST", "/intents", b"abc", {"Host": "other.example", "content-length": "3"})
+        c.send_raw("POST", "/intents", b"abc")
+        mine, own = [h.split(b"\r\n")[1:] for h in f.heads]
+        self.assertEqual([h for h in mine if h.lower().startswith((b"host:", b"content-length:"))],
+                         [b"Host: other.example", b"content-length: 3"])
+        self.assertEqual(sorted(h for h in own if h.lower().startswith((b"host:", b"content-length:"))),
+                         [b"Content-Length: 3", b"Host: " + f.url.split("//")[1].encode()])
 
     def test_the_host_header_is_the_one_http_client_would_write(self):
         for host, port, https in (("127.0.0.1", 8080, False), ("::1", 8080, False),
@@ -4966,6 +5035,20 @@ class WorkerProcesses(WorkerCase):
 
 
 class WorkerSetup(WorkerCase):
+    def test_the_worker_reads_times_as_the_server_does(self):
+        # worker.py must stand alone, so it has its own copy of the server's duration parser:
+        # one environment file (INTENTBUS_LEASE=5m) serves both only while they agree
+        import argparse
+        for text in ("90", "1.5", "30s", "15m", "12h", "7d", " 5M ", "0", "0.1s", "-1", "-1s",
+                     "abc", "", "s", "5x", "inf", "nan", "1e999", "1e3", "2.5h"):
+            answers = []
+            for parse in (intentbus.duration, worker._seconds):
+                try:
+                    answers.append(parse(text))
+                except argparse.ArgumentTypeError:
+                    answers.append("refused")
+            self.assertEqual(answers[0], answers[1], text)
+
     def test_token_file_must_be_private_and_not_a_symlink(self):
         path = os.path.join(self.dir, "token")
         with open(path, "w") as f:
@@ -5174,6 +5257,24 @@ class LibraryMode(WorkerCase):
         self.assertLessEqual(len(waits), 2)
         job._wake.close()
         w.claim_client.close()
+
+    def test_fulfills_handed_over_as_it_stops_go_alone_as_never_sent(self):
+        # Found by a reread: the claim loop took the fulfills handed to it, then saw the stop,
+        # and they went as "perhaps sent with a claim": a refusal then passed for an earlier try
+        # that got through, though none was made
+        class StopsOnSecondLook:
+            looks = 0
+
+            def is_set(self):
+                self.looks += 1
+                return self.looks > 1
+        w = worker.Worker(self.url, None, wait=0, log=None)
+        self.addCleanup(w.claim_client.close)
+        sent = []
+        w._fulfill_apart = lambda acks, sent_before=False: sent.append((list(acks), sent_before))
+        w.stopping, w._free, w._riding = StopsOnSecondLook(), 1, [("job", "result")]
+        w._claim_loop(once=False)
+        self.assertEqual([(acks, before) for acks, before in sent if acks], [([("job", "result")], False)])
 
     def test_a_result_is_resent_over_a_new_connection_when_the_kept_one_went_silent(self):
         # A NAT or proxy drops a phone's idle keep-alive connection without a word: the
