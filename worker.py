@@ -609,9 +609,10 @@ class Client:
         no status raises, the body is not decoded, and no Content-Type is added. The path goes
         under the server URL's path, as request()'s does; data is bytes or None. This client's
         own headers (Host, Content-Length, Accept, Accept-Encoding, User-Agent, and its token's
-        Authorization or signature if it has a token) are sent unless headers name them too. Network errors and
-        timeouts raise Unavailable, as request()'s do; a method, path or header that cannot be
-        written as given raises ValueError (a request for that is no client's to send)."""
+        Authorization or signature if it has a token) are sent unless headers name them too.
+        Network errors and timeouts raise Unavailable, as request()'s do; a method, path or
+        header that cannot be written as given raises ValueError (a request for that is no
+        client's to send)."""
         if data is not None and not isinstance(data, bytes):
             raise TypeError("data must be bytes, not %s" % type(data).__name__)
         target = self._prefix + path
