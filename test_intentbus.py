@@ -4033,6 +4033,18 @@ class ClientConnections(unittest.TestCase):
         self.assertEqual(sorted(h for h in own if h.lower().startswith((b"host:", b"content-length:"))),
                          [b"Content-Length: 3", b"Host: " + f.url.split("//")[1].encode()])
 
+    def test_a_callers_header_replaces_the_clients_own_in_any_case(self):
+        # Found by a reread: request() merged case-sensitively and sent "Accept" and "accept"
+        f = self.fake([[http_answer(200, {"ok": True})] * 2])
+        c = self.client(f.url, token="T0ken-123")
+        c.request("GET", "/health", headers={"accept": "text/plain", "AUTHORIZATION": "Bearer other"})
+        c.send_raw("GET", "/health", headers={"user-agent": "probe"})
+        for head, name, value in ((f.heads[0], b"accept", b"text/plain"),
+                                  (f.heads[0], b"authorization", b"Bearer other"),
+                                  (f.heads[1], b"user-agent", b"probe")):
+            lines = [h for h in head.split(b"\r\n")[1:] if h.lower().startswith(name + b":")]
+            self.assertEqual([h.split(b": ", 1)[1] for h in lines], [value], name)
+
     def test_the_host_header_is_the_one_http_client_would_write(self):
         for host, port, https in (("127.0.0.1", 8080, False), ("::1", 8080, False),
                                   ("example.com", 80, False), ("example.com", 443, True),

@@ -355,6 +355,17 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")   # an RFC 9110 toke
 _TARGET = re.compile(r"[!-~]+\Z")   # a request target: printable ASCII, no space
 
 
+def _merged(base, headers):
+    """base with headers over it: a name headers give, in any case, replaces base's (whose
+    names are written Title-Case, as the Client's own are)."""
+    merged = dict(base)
+    for name, value in headers.items():
+        if name not in merged:
+            merged.pop(name.title(), None)
+        merged[name] = value
+    return merged
+
+
 def _header_lines(headers):
     """Headers as the request's lines (bytes, joined by CRLF), refusing what http.client's
     putheader refuses: a name that is no token, a value with a line break or a control."""
@@ -560,12 +571,11 @@ class Client:
         else:
             data = None
             hdrs = self._headers
-        if headers or self._sign_key is not None:
-            hdrs = dict(hdrs)
-            if headers:
-                hdrs.update(headers)
-            if self._sign_key is not None:   # the path as the server sees it: a proxy strips a prefix
-                hdrs["Authorization"] = self._signature(method, target[len(self._prefix):], data)
+        if headers:
+            hdrs = _merged(hdrs, headers)
+        if self._sign_key is not None:   # the path as the server sees it: a proxy strips a prefix
+            hdrs = {name: value for name, value in hdrs.items() if name.lower() != "authorization"}
+            hdrs["Authorization"] = self._signature(method, target[len(self._prefix):], data)
         status, reply, raw = self._roundtrip(method, target, data, hdrs,
                                              self.timeout if timeout is None else timeout)
         if text and 200 <= status < 300:
@@ -616,11 +626,11 @@ class Client:
         if data is not None and not isinstance(data, bytes):
             raise TypeError("data must be bytes, not %s" % type(data).__name__)
         target = self._prefix + path
-        given = {name.lower() for name in headers or ()}
-        hdrs = {name: value for name, value in self._headers.items() if name.lower() not in given}
-        if self._sign_key is not None and "authorization" not in given:
-            hdrs["Authorization"] = self._signature(method, path, data)
-        hdrs.update(headers or ())
+        hdrs = self._headers
+        if self._sign_key is not None and \
+                "authorization" not in {name.lower() for name in headers or ()}:
+            hdrs = dict(hdrs, Authorization=self._signature(method, path, data))
+        hdrs = _merged(hdrs, headers or {})
         status, reply, raw = self._roundtrip(method, target, data, hdrs,
                                              self.timeout if timeout is None else timeout)
         return status, dict(reply.headers), raw
