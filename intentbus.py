@@ -4373,8 +4373,8 @@ SERVE_FLAGS = [
     ("--host", str, "address to listen on"),
     ("--port", int, "port to listen on (0: any free port)"),
     ("--token", str, "root (admin) token; clients send 'Authorization: Bearer <token>'. Required "
-                     "to listen beyond loopback, unless scoped tokens exist; one under 16 "
-                     "characters there is warned of"),
+                     "to listen beyond loopback, unless scoped tokens exist; one under %d "
+                     "characters there is warned of" % MIN_ROOT_TOKEN),
     ("--sync", str, "full: every acknowledged write survives a power cut; normal: it survives a "
                     "crash of the server process, not of the machine"),
     ("--lease", duration, "default lease of a claim, in seconds"),
