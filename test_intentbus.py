@@ -4604,6 +4604,73 @@ class ServerLifecycle(BusCase):
                 self.assertEqual(cm.exception.code, "intentbus: --cpu 1: the system refused it (%s); "
                                  "use --cpu off (also read from INTENTBUS_CPU)" % os.strerror(errno.EPERM))
 
+    @unittest.skipUnless(hasattr(os, "SCHED_BATCH") and os.path.isdir("/proc/self/task"),
+                         "needs Linux")
+    def test_connection_threads_are_batch_threads_unless_told_otherwise(self):
+        # Why it exists: a connection thread woken by its client preempted the writer mid-batch
+        # (they share one CPU under --cpu), ran until it needed the GIL the writer held, and gave
+        # the CPU back: 8.9 thread switches per heavy job against 3.5 (README, Performance).
+        # Only the connection threads: the writer, the sweeper and the accept loop stay as they
+        # were, so that the one that commits is never the one kept waiting.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("INTENTBUS_")}
+        for flags, policy, connection_threads in (([], "batch", 1),
+                                                  (["--request-threads", "normal"], "normal", 0)):
+            with self.serve_process(*flags, env=env) as (p, line):
+                self.assertIn(" request_threads=%s" % policy, line)
+                c = Client(line.split("listening on ")[1].split()[0])
+                c.submit("g", 1)
+                c.claim("w", goals=["g"], wait=0)   # the writer has written; one connection
+                policies = collections.Counter()
+                for tid in os.listdir("/proc/%d/task" % p.pid):
+                    policies[os.sched_getscheduler(int(tid))] += 1
+                c.close()
+                if connection_threads and policies[os.SCHED_BATCH] == 0:
+                    p.send_signal(signal.SIGTERM)
+                    if "keep the normal scheduling policy" in p.communicate(timeout=20)[1]:
+                        self.skipTest("this system refuses SCHED_BATCH")
+                self.assertEqual(policies[os.SCHED_BATCH], connection_threads, flags)
+                self.assertGreater(policies[os.SCHED_OTHER], 3)   # main, accept, writer, sweeper
+                p.send_signal(signal.SIGTERM)
+                self.assertEqual(p.wait(20), 0)
+
+    def test_a_system_that_refuses_batch_threads_is_told_once_and_served_as_usual(self):
+        # A seccomp filter may refuse sched_setscheduler: every connection is still served,
+        # the refusal is logged once (not once per connection), and it is not asked again.
+        asked = []
+
+        def refused(*args):
+            asked.append(args)
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+        with unittest.mock.patch.object(os, "sched_setscheduler", refused, create=True), \
+                unittest.mock.patch.object(os, "SCHED_BATCH", 3, create=True), \
+                unittest.mock.patch.object(os, "sched_param", lambda n: n, create=True), \
+                contextlib.redirect_stderr(io.StringIO()) as err:
+            srv = self.start()
+            for _ in range(3):   # three connections, one after another
+                c = self.client(srv)
+                self.assertTrue(c.health()["ok"])
+                c.close()
+        self.assertEqual(len(asked), 1)
+        self.assertEqual(err.getvalue().count("connection threads keep the normal scheduling "
+                                              "policy (--request-threads batch) error=%s"
+                                              % os.strerror(errno.EPERM)), 1)
+        self.assertFalse(srv.httpd.batch_policy)
+
+    def test_the_request_threads_setting_takes_batch_or_normal(self):
+        for raw, want in (("batch", "batch"), (" Normal ", "normal"), ("BATCH", "batch")):
+            self.assertEqual(intentbus.request_threads_setting(raw), want)
+        for raw in ("idle", "", "fifo", "0"):
+            with self.assertRaises(argparse.ArgumentTypeError, msg=raw):
+                intentbus.request_threads_setting(raw)
+        p = cli("serve", "--db", self.db, "--port", "0", env={"INTENTBUS_REQUEST_THREADS": "fast"})
+        self.assertEqual(p.returncode, 1)
+        self.assertEqual(p.stderr.strip(), "intentbus: INTENTBUS_REQUEST_THREADS='fast' is not valid")
+        with self.assertRaises(SystemExit) as cm:
+            intentbus.start_server(db=self.db, port=0, request_threads="fifo")
+        self.assertEqual(cm.exception.code, "intentbus: --request-threads must be batch or normal, "
+                         "not 'fifo' (also read from INTENTBUS_REQUEST_THREADS)")
+        self.assertFalse(os.path.exists(self.db))   # refused before the database was opened
+
     def test_help_shows_a_duration_that_reads_back_as_the_same_value(self):
         # %g kept 6 digits: INTENTBUS_KEEP_DONE=1234567 showed as "1.23457e+06s", another value.
         for seconds, text in ((1234567.0, "1234567s"), (0.25, "0.25s"), (86400.0 * 400, "400d"),
