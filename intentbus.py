@@ -3834,7 +3834,8 @@ class Server(ThreadingHTTPServer):
         self._nonce_lock = threading.Lock()
         self.clock = time.time    # the wall clock signatures are checked against
         self._loopback_hosts = set()   # Host headers already found to name this machine
-        self.batch_policy = config.request_threads == "batch" and hasattr(os, "SCHED_BATCH")
+        # whether connection threads take SCHED_BATCH, and the word the start-up line shows
+        self.batch_policy, self.request_threads = request_threads_policy(config.request_threads)
         ThreadingHTTPServer.__init__(self, (config.host, config.port), Handler)
 
     def server_bind(self):
@@ -3887,19 +3888,17 @@ class Server(ThreadingHTTPServer):
                 self._active -= 1
 
     def _take_batch_policy(self):
-        """Make this connection thread SCHED_BATCH (--request-threads): woken by its client, it
-        waits for the running thread's time slice to end instead of preempting it. Only one of
-        the server's threads runs Python at a time, and with --cpu they share one CPU: a
-        connection thread that preempted the writer mid-batch, or whichever thread held the GIL,
-        ran only until it needed the GIL too, then the preempted thread ran on; two thread
-        switches for nothing, and a longer wait for every write behind that batch."""
+        """Make this connection thread SCHED_BATCH (see request_threads_policy). A thread it
+        starts inherits it: only an 'intentbus-answer' thread, which just sends the rest of an
+        answer."""
         try:
             os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-        except OSError as e:   # a seccomp filter: the usual policy, and asked no more
-            if self.batch_policy:
-                self.batch_policy = False
+        except OSError as e:   # allowed at start, refused now: the usual policy, asked no more
+            with self._conn_lock:
+                first, self.batch_policy = self.batch_policy, False
+            if first:
                 log("connection threads keep the normal scheduling policy (--request-threads "
-                    "batch)", error=e.strerror)
+                    "batch)", error=e.strerror or e)
 
     def handle_error(self, request, client_address):
         log("unexpected error in a request", error=repr(sys.exc_info()[1])[:200])
@@ -4360,6 +4359,45 @@ def request_threads_setting(text):
     raise argparse.ArgumentTypeError("%r is not batch or normal" % text)
 
 
+def request_threads_policy(setting):
+    """(whether connection threads are to take SCHED_BATCH, the word the start-up line shows),
+    for --request-threads. Call it on the thread that starts the server's threads.
+
+    Why: a thread woken by its client (SCHED_OTHER) preempts the running one. Only one of the
+    server's threads runs Python at a time, and with --cpu they share one CPU: a connection
+    thread that preempted the writer mid-batch, or whichever thread held the GIL, ran only
+    until it needed the GIL too, and the preempted thread ran on: two thread switches for
+    nothing, and a longer wait for every write behind that batch. A SCHED_BATCH thread waits
+    for the running one to block or use up its time slice. The writer, the sweeper and the
+    accept loop keep their policy; a batch that a connection thread runs itself (no other one
+    under way: a quiet server) runs under SCHED_BATCH."""
+    if setting != "batch":
+        return False, "normal"
+    if not (hasattr(os, "SCHED_BATCH") and hasattr(os, "sched_setscheduler")) or \
+            not getattr(sys, "_is_gil_enabled", lambda: True)():
+        return False, "normal"   # not Linux; a free-threaded Python has no GIL to hold
+    try:
+        if os.sched_getscheduler(0) != os.SCHED_OTHER:
+            return False, "inherited"   # started under chrt (real-time, idle): left as chosen
+    except OSError:
+        return False, "normal"
+    refused = []
+
+    def probe():   # on a thread of its own, so that the caller's policy is left alone
+        try:
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        except OSError as e:   # a seccomp filter; musl (Alpine) does not implement it
+            refused.append(e)
+    thread = threading.Thread(target=probe, name="intentbus-probe", daemon=True)
+    thread.start()
+    thread.join()
+    if refused:
+        log("connection threads keep the normal scheduling policy (--request-threads batch)",
+            error=refused[0].strerror or refused[0])
+        return False, "normal"
+    return True, "batch"
+
+
 def pin_to_cpu(setting):
     """Keep the calling thread, and so every thread it starts later, on one CPU; return which
     ("any" if none). Call it before the server starts a thread: Linux pins one thread, and
@@ -4603,7 +4641,7 @@ def serve(args):
     log("intentbus %s listening on %s db=%s auth=%s sync=%s cpu=%s request_threads=%s" % (
         __version__, running.url, os.path.abspath(config.db),
         "on" if running.tokens.enabled else "off", config.sync, cpu,
-        "batch" if running.httpd.batch_policy else "normal"))
+        running.httpd.request_threads))
     warning = weak_token_warning(config)
     if warning:
         log(warning)
