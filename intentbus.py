@@ -45,7 +45,7 @@ import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-__version__ = "0.4.2"
+__version__ = "0.4.3"
 
 # RETURNING is avoided so that Debian 11 / Ubuntu 20.04 era SQLite still works; UPSERT is used.
 MIN_SQLITE = (3, 24, 0)

@@ -66,7 +66,7 @@ import time
 import traceback
 import urllib.parse
 
-__version__ = "0.4.2"
+__version__ = "0.4.3"
 
 __all__ = ["IntentBusError", "LeaseLost", "NotFound", "Unavailable", "PermanentError",
            "Snooze", "Client", "Worker", "Job", "main", "sign_request"]
