@@ -4638,6 +4638,19 @@ class ServerLifecycle(BusCase):
                 p.send_signal(signal.SIGTERM)
                 self.assertEqual(p.wait(20), 0)
 
+    @staticmethod
+    @contextlib.contextmanager
+    def scheduler_calls(setscheduler):
+        """os's scheduling calls as on Linux, in a process of the normal policy, with
+        sched_setscheduler replaced; yields what is logged meanwhile."""
+        with unittest.mock.patch.object(os, "sched_setscheduler", setscheduler, create=True), \
+                unittest.mock.patch.object(os, "sched_getscheduler", lambda pid: 0, create=True), \
+                unittest.mock.patch.object(os, "SCHED_OTHER", 0, create=True), \
+                unittest.mock.patch.object(os, "SCHED_BATCH", 3, create=True), \
+                unittest.mock.patch.object(os, "sched_param", lambda n: n, create=True), \
+                contextlib.redirect_stderr(io.StringIO()) as err:
+            yield err
+
     def test_a_system_that_refuses_batch_threads_is_told_once_and_served_as_usual(self):
         # A seccomp filter may refuse sched_setscheduler, and musl does not implement it: the
         # start-up line says so (a probe at start), and every connection is served as usual.
@@ -4646,12 +4659,7 @@ class ServerLifecycle(BusCase):
         def refused(*args):
             asked.append(args)
             raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
-        with unittest.mock.patch.object(os, "sched_setscheduler", refused, create=True), \
-                unittest.mock.patch.object(os, "sched_getscheduler", lambda pid: 0, create=True), \
-                unittest.mock.patch.object(os, "SCHED_OTHER", 0, create=True), \
-                unittest.mock.patch.object(os, "SCHED_BATCH", 3, create=True), \
-                unittest.mock.patch.object(os, "sched_param", lambda n: n, create=True), \
-                contextlib.redirect_stderr(io.StringIO()) as err:
+        with self.scheduler_calls(refused) as err:
             srv = self.start()
             for _ in range(3):   # three connections, one after another
                 c = self.client(srv)
@@ -4671,12 +4679,7 @@ class ServerLifecycle(BusCase):
             asked.append(args)
             if next(answers, "refuse") == "refuse":
                 raise OSError(errno.EPERM, os.strerror(errno.EPERM))
-        with unittest.mock.patch.object(os, "sched_setscheduler", later, create=True), \
-                unittest.mock.patch.object(os, "sched_getscheduler", lambda pid: 0, create=True), \
-                unittest.mock.patch.object(os, "SCHED_OTHER", 0, create=True), \
-                unittest.mock.patch.object(os, "SCHED_BATCH", 3, create=True), \
-                unittest.mock.patch.object(os, "sched_param", lambda n: n, create=True), \
-                contextlib.redirect_stderr(io.StringIO()) as err:
+        with self.scheduler_calls(later) as err:
             srv = self.start()
             self.assertEqual(srv.httpd.request_threads, "batch")
             clients = [self.client(srv) for _ in range(4)]
