@@ -1357,12 +1357,10 @@ class Worker:
                         self._claim_waiting = True
                         self._cv.wait()
                     self._claim_waiting = False
+                    if self.stopping.is_set():   # what was handed over goes alone, as never
+                        return                   # sent (finally): a refusal is a lost lease
                     free = self._free
                     acks, self._riding = self._riding, []
-                if self.stopping.is_set():   # never sent: they go alone as such (a refusal is
-                    pending, acks = acks, []   # then a lost lease, not an earlier try done)
-                    self._fulfill_apart(pending)
-                    return
                 goals = sorted(self.current_handlers())
                 if not goals:
                     pending, acks = acks, []
