@@ -3897,8 +3897,7 @@ class Server(ThreadingHTTPServer):
             with self._conn_lock:
                 first, self.batch_policy = self.batch_policy, False
             if first:
-                log("connection threads keep the normal scheduling policy (--request-threads "
-                    "batch)", error=e.strerror or e)
+                log(BATCH_REFUSED, error=e.strerror or e)
 
     def handle_error(self, request, client_address):
         log("unexpected error in a request", error=repr(sys.exc_info()[1])[:200])
@@ -4228,9 +4227,10 @@ def check_settings(config):
     if config.sync not in ("full", "normal"):
         raise SystemExit("intentbus: --sync must be full or normal, not %r (also read from "
                          "INTENTBUS_SYNC)" % (config.sync,))
-    if config.request_threads not in ("batch", "normal"):
-        raise SystemExit("intentbus: --request-threads must be batch or normal, not %r (also read "
-                         "from INTENTBUS_REQUEST_THREADS)" % (config.request_threads,))
+    try:   # flags and INTENTBUS_* come checked by the parser; start_server's settings do not
+        config.request_threads = request_threads_setting(config.request_threads)
+    except argparse.ArgumentTypeError as e:
+        raise SystemExit("intentbus: --request-threads: %s" % e)
     check_ranges(vars(config), "intentbus: ")
     for name in ("max_open", "max_db_mb"):
         if getattr(config, name) == 0:
@@ -4359,6 +4359,9 @@ def request_threads_setting(text):
     raise argparse.ArgumentTypeError("%r is not batch or normal" % text)
 
 
+BATCH_REFUSED = "connection threads keep the normal scheduling policy (--request-threads batch)"
+
+
 def request_threads_policy(setting):
     """(whether connection threads are to take SCHED_BATCH, the word the start-up line shows),
     for --request-threads. Call it on the thread that starts the server's threads.
@@ -4392,8 +4395,7 @@ def request_threads_policy(setting):
     thread.start()
     thread.join()
     if refused:
-        log("connection threads keep the normal scheduling policy (--request-threads batch)",
-            error=refused[0].strerror or refused[0])
+        log(BATCH_REFUSED, error=refused[0].strerror or refused[0])
         return False, "normal"
     return True, "batch"
 

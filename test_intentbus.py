@@ -4729,9 +4729,10 @@ class ServerLifecycle(BusCase):
         self.assertEqual(p.stderr.strip(), "intentbus: INTENTBUS_REQUEST_THREADS='fast' is not valid")
         with self.assertRaises(SystemExit) as cm:
             intentbus.start_server(db=self.db, port=0, request_threads="fifo")
-        self.assertEqual(cm.exception.code, "intentbus: --request-threads must be batch or normal, "
-                         "not 'fifo' (also read from INTENTBUS_REQUEST_THREADS)")
+        self.assertEqual(cm.exception.code, "intentbus: --request-threads: 'fifo' is not batch or normal")
         self.assertFalse(os.path.exists(self.db))   # refused before the database was opened
+        self.assertEqual(self.start(request_threads="BATCH").httpd.request_threads,   # as the CLI
+                         intentbus.request_threads_policy("batch")[1])
 
     def test_help_shows_a_duration_that_reads_back_as_the_same_value(self):
         # %g kept 6 digits: INTENTBUS_KEEP_DONE=1234567 showed as "1.23457e+06s", another value.
