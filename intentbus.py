@@ -3482,7 +3482,7 @@ class Handler(BaseHTTPRequestHandler):
             # An array's whole answer (every intent, payloads and all) is built by its own
             # thread: on the writer, a big one would hold up every other write meanwhile
             if name == "submit" and (minimal or not isinstance(value, list)) and \
-                    self._may_answer_later():
+                    self.server.answers_later and not self.close_connection:
                 answer = self._answer_later({"Preference-Applied": "return=minimal"} if minimal else None)
                 try:
                     self.server.api.submit(scope, params, value, minimal_view if minimal else None, answer)
@@ -3512,14 +3512,6 @@ class Handler(BaseHTTPRequestHandler):
         elif minimal:
             return status, result, {"Preference-Applied": "return=minimal"}
         return status, result, None
-
-    def _may_answer_later(self):
-        # Not over TLS: an SSL connection is not for two threads at once. Not with
-        # --access-log: its line per request would be written on the writer's thread. Not
-        # without MSG_DONTWAIT (Windows): the writer must never block on a client.
-        return not self.close_connection and self.server.tls is None and \
-            not self.server.config.access_log and self.server.queue.store.has_writer and \
-            hasattr(socket, "MSG_DONTWAIT")
 
     def _read_headers(self):
         headers = {}
@@ -3836,6 +3828,13 @@ class Server(ThreadingHTTPServer):
         self._loopback_hosts = set()   # Host headers already found to name this machine
         # whether connection threads take SCHED_BATCH, and the word the start-up line shows
         self.batch_policy, self.request_threads = request_threads_policy(config.request_threads)
+        # Whether a submit may be answered by the thread that commits it (Handler._answer_later;
+        # not on a connection that closes after it). Not over TLS: an SSL connection is not for
+        # two threads at once. Not with --access-log: its line per request would be written on
+        # the writer's thread. Not without MSG_DONTWAIT (Windows): the writer must never block
+        # on a client. Not without a writer thread (Running starts it before this).
+        self.answers_later = tls is None and not config.access_log and store.has_writer and \
+            hasattr(socket, "MSG_DONTWAIT")
         ThreadingHTTPServer.__init__(self, (config.host, config.port), Handler)
 
     def server_bind(self):
