@@ -314,7 +314,7 @@ class Storage:
     # A checkpoint restarts the WAL, and commits then overwrite it in place as far as the file
     # still reaches: SQLite cuts it back to this size. At 16 MiB, heavy load wrote about 22 MB
     # between two checkpoints, so a quarter of the commits grew the file, and an fdatasync that
-    # must also journal newly allocated blocks took about twice as long (README, Performance).
+    # must also record newly allocated blocks took about twice as long (README, Performance).
     WAL_KEPT = 64 << 20
 
     def __init__(self, path, sync="full", max_db_mb=None):
