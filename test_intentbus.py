@@ -5412,6 +5412,7 @@ class LibraryMode(WorkerCase):
                 return self.looks > 1
         w = worker.Worker(self.url, None, wait=0, log=None)
         self.addCleanup(w.claim_client.close)
+        w.handler("g")(lambda job: None)   # a goal to claim: the stop is all that ends the loop
         sent = []
         w._fulfill_apart = lambda acks, sent_before=False: sent.append((list(acks), sent_before))
         w.stopping, w._free, w._riding = StopsOnSecondLook(), 1, [("job", "result")]
