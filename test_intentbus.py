@@ -4044,6 +4044,16 @@ class ClientConnections(unittest.TestCase):
                                   (f.heads[1], b"user-agent", b"probe")):
             lines = [h for h in head.split(b"\r\n")[1:] if h.lower().startswith(name + b":")]
             self.assertEqual([h.split(b": ", 1)[1] for h in lines], [value], name)
+        # Signing: request()'s signature replaces a caller's authorization in any case (the
+        # server would refuse any other); send_raw sends the caller's as given
+        f = self.fake([[http_answer(200, {"ok": True})] * 2])
+        c = self.client(f.url, token="T0ken-123", sign_as="signer")
+        c.request("GET", "/health", headers={"authorization": "Bearer other"})
+        c.send_raw("GET", "/health", headers={"authorization": "Bearer other"})
+        for head, signed in ((f.heads[0], True), (f.heads[1], False)):
+            lines = [h for h in head.split(b"\r\n")[1:] if h.lower().startswith(b"authorization:")]
+            self.assertEqual(len(lines), 1, head)
+            self.assertEqual(lines[0].split(b": ", 1)[1] != b"Bearer other", signed, head)
 
     def test_the_host_header_is_the_one_http_client_would_write(self):
         for host, port, https in (("127.0.0.1", 8080, False), ("::1", 8080, False),

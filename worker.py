@@ -356,13 +356,11 @@ _TARGET = re.compile(r"[!-~]+\Z")   # a request target: printable ASCII, no spac
 
 
 def _merged(base, headers):
-    """base with headers over it: a name headers give, in any case, replaces base's (whose
-    names are written Title-Case, as the Client's own are)."""
-    merged = dict(base)
-    for name, value in headers.items():
-        if name not in merged:
-            merged.pop(name.title(), None)
-        merged[name] = value
+    """base with headers over it: a name headers give replaces base's, whatever the case of
+    either (HTTP names are case-insensitive; sending both would send the header twice)."""
+    given = {name.lower() for name in headers}
+    merged = {name: value for name, value in base.items() if name.lower() not in given}
+    merged.update(headers)
     return merged
 
 
@@ -574,8 +572,8 @@ class Client:
         if headers:
             hdrs = _merged(hdrs, headers)
         if self._sign_key is not None:   # the path as the server sees it: a proxy strips a prefix
-            hdrs = {name: value for name, value in hdrs.items() if name.lower() != "authorization"}
-            hdrs["Authorization"] = self._signature(method, target[len(self._prefix):], data)
+            hdrs = _merged(hdrs, {"Authorization": self._signature(method, target[len(self._prefix):],
+                                                                   data)})
         status, reply, raw = self._roundtrip(method, target, data, hdrs,
                                              self.timeout if timeout is None else timeout)
         if text and 200 <= status < 300:
@@ -627,8 +625,7 @@ class Client:
             raise TypeError("data must be bytes, not %s" % type(data).__name__)
         target = self._prefix + path
         hdrs = self._headers
-        if self._sign_key is not None and \
-                "authorization" not in {name.lower() for name in headers or ()}:
+        if self._sign_key is not None:   # the caller's own Authorization, if any, replaces it
             hdrs = dict(hdrs, Authorization=self._signature(method, path, data))
         hdrs = _merged(hdrs, headers or {})
         status, reply, raw = self._roundtrip(method, target, data, hdrs,
