@@ -3128,9 +3128,10 @@ class Api:
         def reply(result):
             created, intents = result
             return (201 if created else 200), ({"intents": intents} if many else intents[0])
+        bodies = body if many else [body]
         if answer is None:
-            return reply(self.queue.submit(body if many else [body], scope, view))
-        self.queue.submit(body if many else [body], scope, view,
+            return reply(self.queue.submit(bodies, scope, view))
+        self.queue.submit(bodies, scope, view,
                           lambda result, error: _answer_with(answer, reply, result, error))
 
     def list(self, scope, params, body):
@@ -3241,6 +3242,7 @@ def _http_date():
     return _DATE[1]
 
 
+_MINIMAL_APPLIED = {"Preference-Applied": "return=minimal"}   # never changed: shared
 ANSWERED_LATER = object()   # a request whose answer another thread sends (Handler._answer_later)
 
 
@@ -3483,7 +3485,7 @@ class Handler(BaseHTTPRequestHandler):
             # thread: on the writer, a big one would hold up every other write meanwhile
             if name == "submit" and (minimal or not isinstance(value, list)) and \
                     self.server.answers_later and not self.close_connection:
-                answer = self._answer_later({"Preference-Applied": "return=minimal"} if minimal else None)
+                answer = self._answer_later(_MINIMAL_APPLIED if minimal else None)
                 try:
                     self.server.api.submit(scope, params, value, minimal_view if minimal else None, answer)
                 except BaseException:
@@ -3510,7 +3512,7 @@ class Handler(BaseHTTPRequestHandler):
                 # wait free under load)
                 self.server.rate.refund(scope.name)
         elif minimal:
-            return status, result, {"Preference-Applied": "return=minimal"}
+            return status, result, _MINIMAL_APPLIED
         return status, result, None
 
     def _read_headers(self):
